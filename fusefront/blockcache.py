@@ -1,0 +1,67 @@
+"""Clean block data kept in memory, shared by every file of the mount.
+
+How this works
+--------------
+Objects are immutable, so clean data is cached by object id and never goes
+stale: a file whose block changes points at a new object id.  The cache is an
+LRU bounded in bytes.  Concurrent requests for one object share a single
+fetch (``inflight``), which is also how read-ahead and a reader meet.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Awaitable, Callable
+
+import trio
+
+from storagenode.ids import ObjectId
+
+
+class BlockCache:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.size = 0
+        self._lru: OrderedDict[ObjectId, bytes] = OrderedDict()
+        self._inflight: dict[ObjectId, trio.Event] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def put(self, oid: ObjectId, data: bytes) -> None:
+        if oid in self._lru or len(data) > self.capacity:
+            return
+        self._lru[oid] = data
+        self.size += len(data)
+        while self.size > self.capacity:
+            _, old = self._lru.popitem(last=False)
+            self.size -= len(old)
+
+    def peek(self, oid: ObjectId) -> bytes | None:
+        data = self._lru.get(oid)
+        if data is not None:
+            self._lru.move_to_end(oid)
+        return data
+
+    def fetching(self, oid: ObjectId) -> bool:
+        return oid in self._inflight
+
+    async def get(self, oid: ObjectId, fetch: Callable[[], Awaitable[bytes]]) -> bytes:
+        """The data of ``oid``, from memory or by one shared call of ``fetch``."""
+        while True:
+            data = self.peek(oid)
+            if data is not None:
+                self.hits += 1
+                return data
+            event = self._inflight.get(oid)
+            if event is None:
+                break
+            await event.wait()   # then look again: cached, or failed and ours to fetch
+        self.misses += 1
+        event = self._inflight[oid] = trio.Event()
+        try:
+            data = await fetch()
+            self.put(oid, data)
+            return data
+        finally:
+            del self._inflight[oid]
+            event.set()

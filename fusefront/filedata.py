@@ -1,0 +1,214 @@
+"""The data of one regular file as this mount sees it: committed blocks plus
+buffered writes.
+
+How this works
+--------------
+A file is a sequence of blocks of ``block_size`` bytes.  ``refs`` is the
+committed block map (index -> object id, valid length, holders) loaded from
+the metadata node when first needed; an absent index is a hole (zeros).
+Bytes of a block past its valid length, or past the file size, read as zeros.
+
+Writes go into ``dirty`` (index -> bytearray holding the block's bytes from
+its start; shorter than a block when the tail is zeros).  A block written
+only in part is first filled from its committed content.  ``flush`` uploads
+every dirty block (all-zero blocks become holes and are not stored), then
+commits the new block map, size and mtime in one metadata operation, so
+another reader sees either the old or the new file, never a mix.
+Buffered data is bounded: a file with ``FLUSH_BLOCKS`` full dirty blocks
+flushes them before the write returns (backpressure).
+
+``lock`` serialises writes, truncates and flushes of one file; reads take no
+lock: they read dirty buffers synchronously and committed objects, which
+never change.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from storagenode.ids import InodeId, ObjectId
+from storagenode.metaclient import MetaClient
+
+from .blockcache import BlockCache
+from .datapath import BlockStore
+
+FLUSH_BLOCKS = 8
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    oid: ObjectId
+    length: int
+    holders: tuple[str, ...]
+
+
+class Volume:
+    """What every file of the mount shares."""
+
+    def __init__(self, vol: int, block_size: int, meta: MetaClient, store: BlockStore,
+                 cache: BlockCache, readahead: int = 4, upload_slots: int = 8) -> None:
+        self.vol = vol
+        self.block_size = block_size
+        self.meta = meta
+        self.store = store
+        self.cache = cache
+        self.readahead = readahead
+        self.upload_slots = trio.CapacityLimiter(upload_slots)
+        self._zeros = bytes(block_size)
+
+    def is_zero(self, data: bytes | bytearray) -> bool:
+        return data == self._zeros[:len(data)]
+
+
+class FileData:
+    def __init__(self, volume: Volume, ino: InodeId, size: int, mtime_ns: int) -> None:
+        self.v = volume
+        self.ino = ino
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.bs = volume.block_size
+        self.refs: dict[int, BlockRef] | None = None
+        self.dirty: dict[int, bytearray] = {}
+        self.changed = False          # size or mtime differ from the metadata node
+        self.lock = trio.Lock()
+        self.opens = 0
+        self.last_read = -2
+
+    # ----- the committed block map
+    async def _map(self) -> dict[int, BlockRef]:
+        if self.refs is None:
+            rows = await self.v.meta.call("get_blocks", vol=self.v.vol, ino=self.ino,
+                                          first=0, last=(1 << 62))
+            self.refs = {r[0]: BlockRef(r[1], r[2], tuple(r[3])) for r in rows}
+        return self.refs
+
+    async def _committed(self, idx: int) -> bytes:
+        """Committed bytes of block ``idx`` up to its valid length (b"" for a hole)."""
+        ref = (await self._map()).get(idx)
+        if ref is None:
+            return b""
+        data = await self.v.cache.get(ref.oid, lambda: self.v.store.download(ref.oid, ref.holders))
+        return data[:ref.length]
+
+    async def _content(self, idx: int) -> bytes | bytearray:
+        buf = self.dirty.get(idx)
+        return buf if buf is not None else await self._committed(idx)
+
+    # ----- reading
+    async def read(self, offset: int, length: int,
+                   prefetch: Callable[[Callable[[], Awaitable[Any]]], None]) -> bytes:
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        first, last = offset // self.bs, (end - 1) // self.bs
+        parts = []
+        for idx in range(first, last + 1):
+            start = idx * self.bs
+            lo, hi = max(offset, start) - start, min(end, start + self.bs) - start
+            piece = bytes((await self._content(idx))[lo:hi])
+            parts.append(piece + bytes(hi - lo - len(piece)))
+        self._read_ahead(first, last, prefetch)
+        return b"".join(parts)
+
+    def _read_ahead(self, first: int, last: int,
+                    prefetch: Callable[[Callable[[], Awaitable[Any]]], None]) -> None:
+        sequential = first in (self.last_read, self.last_read + 1)
+        self.last_read = last
+        if not sequential or self.refs is None:
+            return
+        final = (self.size - 1) // self.bs
+        for idx in range(last + 1, min(last + 1 + self.v.readahead, final + 1)):
+            ref = self.refs.get(idx)
+            if ref and idx not in self.dirty and self.v.cache.peek(ref.oid) is None \
+                    and not self.v.cache.fetching(ref.oid):
+                prefetch(lambda r=ref: self.v.cache.get(
+                    r.oid, lambda: self.v.store.download(r.oid, r.holders)))
+
+    # ----- writing
+    async def write(self, offset: int, data: bytes) -> None:
+        async with self.lock:
+            pos = 0
+            while pos < len(data):
+                idx, boff = divmod(offset + pos, self.bs)
+                n = min(self.bs - boff, len(data) - pos)
+                buf = await self._dirty_block(idx, whole=(boff == 0 and n == self.bs))
+                if len(buf) < boff:
+                    buf.extend(bytes(boff - len(buf)))
+                buf[boff:boff + n] = data[pos:pos + n]
+                pos += n
+            self.size = max(self.size, offset + len(data))
+            self.mtime_ns = time.time_ns()
+            self.changed = True
+            full = [i for i, b in self.dirty.items() if len(b) == self.bs]
+            if len(full) >= FLUSH_BLOCKS:
+                await self._flush_blocks(sorted(full))
+
+    async def _dirty_block(self, idx: int, whole: bool) -> bytearray:
+        buf = self.dirty.get(idx)
+        if buf is None:
+            base = b"" if whole else await self._committed(idx)
+            valid = max(0, min(len(base), self.size - idx * self.bs))
+            buf = self.dirty[idx] = bytearray(base[:valid])
+        return buf
+
+    def dirty_bytes(self) -> int:
+        return sum(len(b) for b in self.dirty.values())
+
+    # ----- flushing
+    async def flush(self) -> dict[str, Any] | None:
+        """Upload buffered blocks and commit them; the new attrs, or None if clean."""
+        async with self.lock:
+            if not self.dirty and not self.changed:
+                return None
+            return await self._flush_blocks(sorted(self.dirty))
+
+    async def _flush_blocks(self, indexes: list[int]) -> dict[str, Any]:
+        snapshot = {i: bytes(self.dirty[i]) for i in indexes}
+        refs: dict[int, BlockRef | None] = {}
+
+        async def upload(idx: int, data: bytes) -> None:
+            if self.v.is_zero(data):
+                refs[idx] = None
+                return
+            async with self.v.upload_slots:
+                oid, nodes = await self.v.store.upload(data)
+            self.v.cache.put(oid, data)
+            refs[idx] = BlockRef(oid, len(data), tuple(nodes))
+
+        async with trio.open_nursery() as nursery:
+            for idx, data in snapshot.items():
+                nursery.start_soon(upload, idx, data)
+        blocks = [[i, r.oid if r else None, r.length if r else 0, list(r.holders) if r else []]
+                  for i, r in sorted(refs.items())]
+        attrs: dict[str, Any] = await self.v.meta.call(
+            "commit_blocks", vol=self.v.vol, ino=self.ino, size=self.size,
+            blocks=blocks, mtime_ns=self.mtime_ns)
+        cmap = await self._map()
+        for idx, ref in refs.items():
+            del self.dirty[idx]
+            if ref is None:
+                cmap.pop(idx, None)
+            else:
+                cmap[idx] = ref
+        self.changed = bool(self.dirty)
+        return attrs
+
+    # ----- truncating
+    async def truncate(self, size: int, commit: Callable[[], Awaitable[dict[str, Any]]]
+                       ) -> dict[str, Any]:
+        """Cut or extend to ``size``; ``commit`` sends the change to the metadata node."""
+        async with self.lock:
+            for idx in [i for i in self.dirty if i * self.bs >= size]:
+                del self.dirty[idx]
+            last = size // self.bs
+            if last in self.dirty:
+                del self.dirty[last][size - last * self.bs:]
+            attrs = await commit()
+            self.size = size
+            self.mtime_ns = attrs["mtime_ns"]
+            self.refs = None      # the metadata node dropped and clipped blocks
+            return attrs

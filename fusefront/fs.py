@@ -1,0 +1,397 @@
+"""The FUSE operations of an objfs mount.
+
+How this works
+--------------
+Every handler is an ``@fuse_op``: the one boundary where the errors of the
+layers below (``MetaError`` with an errno, node and data failures, bugs)
+become ``FUSEError``; pyfuse3 ends the mount on any other exception.
+
+Namespace operations go to the metadata node, one atomic operation each.
+File data goes through ``FileData`` (buffered writes, committed block maps,
+shared clean cache).  ``files`` holds the FileData of every inode open in
+this mount; it is kept while any handle is open or data is unflushed, and
+its size and mtime override the metadata node's in ``getattr`` while writes
+are buffered.  ``flush`` (every close) and ``fsync`` commit buffered data,
+which gives close-to-open consistency.
+
+An unlinked file that is still open here stays on the metadata node as an
+orphan (the unlink names the open inodes); the last ``release`` purges it.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+import trio
+
+from storagenode.dataclient import NodeError
+from storagenode.ids import InodeId
+from storagenode.metaclient import MetaClient, MetaError, MetaUnavailable
+
+from .datapath import DataUnavailable, NoSpace
+from .filedata import FileData, Volume
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+NAME_MAX = 255
+XATTR_CREATE, XATTR_REPLACE = 1, 2
+
+
+def fuse_op(fn: F) -> F:
+    """Translate every failure below into a FUSEError, once, here."""
+
+    @functools.wraps(fn)
+    async def handler(*args: Any) -> Any:
+        try:
+            return await fn(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except MetaError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except NoSpace:
+            raise pyfuse3.FUSEError(errno.ENOSPC) from None
+        except (MetaUnavailable, DataUnavailable, NodeError) as exc:
+            log.error("%s failed: %s: %s", fn.__name__, type(exc).__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as exc:
+            log.error("%s failed: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("bug in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handler  # type: ignore[return-value]
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, volume: Volume, *, attr_timeout: float, entry_timeout: float,
+                 replicas: int) -> None:
+        super().__init__()
+        self.v = volume
+        self.meta: MetaClient = volume.meta
+        self.attr_timeout = attr_timeout
+        self.entry_timeout = entry_timeout
+        self.replicas = replicas
+        self.files: dict[int, FileData] = {}
+        self.handles: dict[int, FileData] = {}
+        self.dirs: dict[int, int] = {}
+        self.next_fh = 1
+        self.nursery: trio.Nursery | None = None
+
+    # ----- helpers
+    async def call(self, method: str, **args: Any) -> Any:
+        return await self.meta.call(method, vol=self.v.vol, **args)
+
+    def entry(self, a: dict[str, Any]) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a["ino"]
+        e.generation = a["generation"]
+        e.st_mode = a["mode"]
+        e.st_nlink = a["nlink"]
+        e.st_uid = a["uid"]
+        e.st_gid = a["gid"]
+        e.st_rdev = a["rdev"]
+        e.st_size = a["size"]
+        e.st_blocks = a["blocks"]
+        e.st_blksize = 128 * 1024
+        e.st_atime_ns = a["atime_ns"]
+        e.st_mtime_ns = a["mtime_ns"]
+        e.st_ctime_ns = a["ctime_ns"]
+        e.attr_timeout = self.attr_timeout
+        e.entry_timeout = self.entry_timeout
+        return e
+
+    def merged(self, a: dict[str, Any]) -> pyfuse3.EntryAttributes:
+        """Attributes with this mount's unflushed size and mtime applied."""
+        f = self.files.get(a["ino"])
+        if f is not None and f.changed:
+            a = dict(a, size=f.size, mtime_ns=f.mtime_ns)
+            a["blocks"] = max(a["blocks"], (f.size + 511) // 512)
+        return self.entry(a)
+
+    def open_inos(self) -> list[int]:
+        return sorted(ino for ino, f in self.files.items() if f.opens > 0)
+
+    @staticmethod
+    def check_name(name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+
+    def spawn(self, job: Callable[[], Awaitable[Any]]) -> None:
+        """Run background work (read-ahead); its failures are only logged."""
+        async def run() -> None:
+            try:
+                await job()
+            except Exception as exc:
+                log.debug("background job failed: %s", exc)
+        if self.nursery is not None:
+            self.nursery.start_soon(run)
+
+    async def flush_inode(self, ino: int) -> None:
+        f = self.files.get(ino)
+        if f is not None:
+            await f.flush()
+
+    # ----- namespace
+    @fuse_op
+    async def lookup(self, parent: InodeId, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        self.check_name(name)
+        return self.merged(await self.call("lookup", parent=parent, name=name))
+
+    @fuse_op
+    async def forget(self, inode_list: list[tuple[InodeId, int]]) -> None:
+        return None
+
+    @fuse_op
+    async def getattr(self, ino: InodeId, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self.merged(await self.call("getattr", ino=ino))
+
+    @fuse_op
+    async def setattr(self, ino: InodeId, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+        changes: dict[str, Any] = {}
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        await self.flush_inode(ino)
+        if fields.update_size:
+            return self.merged(await self.truncate(ino, attr.st_size, changes))
+        return self.merged(await self.call("setattr", ino=ino, **changes))
+
+    async def truncate(self, ino: int, size: int, changes: dict[str, Any]) -> dict[str, Any]:
+        async def commit() -> dict[str, Any]:
+            attrs: dict[str, Any] = await self.call("setattr", ino=ino, size=size, **changes)
+            return attrs
+        f = self.files.get(ino)
+        if f is None:
+            return await commit()
+        return await f.truncate(size, commit)
+
+    @fuse_op
+    async def readlink(self, ino: InodeId, ctx: Any) -> bytes:
+        target: bytes = await self.call("readlink", ino=ino)
+        return target
+
+    @fuse_op
+    async def mknod(self, parent: InodeId, name: bytes, mode: int, rdev: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        self.check_name(name)
+        return self.entry(await self.call("mknod", parent=parent, name=name,
+                                          mode=mode & ~ctx.umask, rdev=rdev,
+                                          uid=ctx.uid, gid=ctx.gid))
+
+    @fuse_op
+    async def mkdir(self, parent: InodeId, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        self.check_name(name)
+        return self.entry(await self.call("mkdir", parent=parent, name=name,
+                                          mode=mode & ~ctx.umask, uid=ctx.uid, gid=ctx.gid))
+
+    @fuse_op
+    async def symlink(self, parent: InodeId, name: bytes, target: bytes,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        self.check_name(name)
+        return self.entry(await self.call("symlink", parent=parent, name=name, target=target,
+                                          uid=ctx.uid, gid=ctx.gid))
+
+    @fuse_op
+    async def link(self, ino: InodeId, new_parent: InodeId, new_name: bytes,
+                   ctx: Any) -> pyfuse3.EntryAttributes:
+        self.check_name(new_name)
+        return self.merged(await self.call("link", ino=ino, parent=new_parent, name=new_name))
+
+    @fuse_op
+    async def unlink(self, parent: InodeId, name: bytes, ctx: Any) -> None:
+        self.check_name(name)
+        await self.call("unlink", parent=parent, name=name, open_inos=self.open_inos())
+
+    @fuse_op
+    async def rmdir(self, parent: InodeId, name: bytes, ctx: Any) -> None:
+        self.check_name(name)
+        await self.call("rmdir", parent=parent, name=name)
+
+    @fuse_op
+    async def rename(self, parent_old: InodeId, name_old: bytes, parent_new: InodeId,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        self.check_name(name_old)
+        self.check_name(name_new)
+        await self.call("rename", parent=parent_old, name=name_old, new_parent=parent_new,
+                        new_name=name_new, flags=flags, open_inos=self.open_inos())
+
+    # ----- extended attributes
+    @fuse_op
+    async def setxattr(self, ino: InodeId, name: bytes, value: bytes, ctx: Any) -> None:
+        await self.call("setxattr", ino=ino, name=name, value=value, flags=0)
+
+    @fuse_op
+    async def getxattr(self, ino: InodeId, name: bytes, ctx: Any) -> bytes:
+        value: bytes = await self.call("getxattr", ino=ino, name=name)
+        return value
+
+    @fuse_op
+    async def listxattr(self, ino: InodeId, ctx: Any) -> list[bytes]:
+        names: list[bytes] = await self.call("listxattr", ino=ino)
+        return names
+
+    @fuse_op
+    async def removexattr(self, ino: InodeId, name: bytes, ctx: Any) -> None:
+        await self.call("removexattr", ino=ino, name=name)
+
+    # ----- directories
+    @fuse_op
+    async def opendir(self, ino: InodeId, ctx: Any) -> int:
+        a = await self.call("getattr", ino=ino)
+        if not stat.S_ISDIR(a["mode"]):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self.next_fh
+        self.next_fh += 1
+        self.dirs[fh] = ino
+        return fh
+
+    @fuse_op
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        ino = self.dirs[fh]
+        if start_id == 0:
+            me = self.entry(await self.call("getattr", ino=ino))
+            if not pyfuse3.readdir_reply(token, b".", me, 1):
+                return
+            start_id = 1
+        if start_id == 1:
+            if not pyfuse3.readdir_reply(token, b"..", me if ino == pyfuse3.ROOT_INODE
+                                         else self.entry(await self.call("getattr", ino=ino)), 2):
+                return
+            start_id = 2
+        after = start_id - 2
+        while True:
+            rows = await self.call("readdir", ino=ino, after=after, limit=256)
+            for cursor, name, attrs in rows:
+                if not pyfuse3.readdir_reply(token, name, self.merged(attrs), cursor + 2):
+                    return
+                after = cursor
+            if len(rows) < 256:
+                return
+
+    @fuse_op
+    async def releasedir(self, fh: int) -> None:
+        self.dirs.pop(fh, None)
+
+    @fuse_op
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None    # every namespace operation is durable when acknowledged
+
+    # ----- files
+    def file(self, a: dict[str, Any]) -> FileData:
+        f = self.files.get(a["ino"])
+        if f is None:
+            f = self.files[a["ino"]] = FileData(self.v, a["ino"], a["size"], a["mtime_ns"])
+        elif f.opens == 0 and not f.changed:
+            f.size, f.mtime_ns, f.refs = a["size"], a["mtime_ns"], None   # close-to-open
+        return f
+
+    def new_handle(self, f: FileData) -> pyfuse3.FileInfo:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = f
+        f.opens += 1
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
+
+    @fuse_op
+    async def open(self, ino: InodeId, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        a = await self.call("getattr", ino=ino)
+        if stat.S_ISDIR(a["mode"]):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        f = self.file(a)
+        info = self.new_handle(f)
+        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
+            try:
+                await self.truncate(ino, 0, {})
+            except BaseException:
+                await self._drop_handle(info.fh)
+                raise
+        return info
+
+    @fuse_op
+    async def create(self, parent: InodeId, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self.check_name(name)
+        a = await self.call("mknod", parent=parent, name=name,
+                            mode=(mode & ~ctx.umask & 0o7777) | stat.S_IFREG, rdev=0,
+                            uid=ctx.uid, gid=ctx.gid)
+        return self.new_handle(self.file(a)), self.entry(a)
+
+    @fuse_op
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        return await self.handles[fh].read(offset, size, self.spawn)
+
+    @fuse_op
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        await self.handles[fh].write(offset, data)
+        return len(data)
+
+    @fuse_op
+    async def flush(self, fh: int) -> None:
+        await self.handles[fh].flush()
+
+    @fuse_op
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.handles[fh].flush()
+
+    @fuse_op
+    async def release(self, fh: int) -> None:
+        await self._drop_handle(fh)
+
+    async def _drop_handle(self, fh: int) -> None:
+        f = self.handles.pop(fh)
+        f.opens -= 1
+        if f.opens > 0:
+            return
+        try:
+            await f.flush()
+        finally:
+            if f.opens == 0 and not f.changed:
+                del self.files[f.ino]
+                await self._purge_if_orphan(f.ino)
+
+    async def _purge_if_orphan(self, ino: int) -> None:
+        try:
+            a = await self.call("getattr", ino=ino)
+        except MetaError as exc:
+            if exc.errno == errno.ENOENT:
+                return
+            raise
+        if a["nlink"] == 0:
+            await self.call("purge", ino=ino)
+
+    # ----- the file system
+    @fuse_op
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = await self.meta.call("statfs", vol=self.v.vol)
+        out = pyfuse3.StatvfsData()
+        frsize = 4096
+        copies = max(1, s["replicas"])
+        out.f_bsize = 128 * 1024
+        out.f_frsize = frsize
+        out.f_blocks = s["capacity"] // copies // frsize
+        out.f_bfree = s["free"] // copies // frsize
+        out.f_bavail = out.f_bfree
+        out.f_files = s["inodes"] + out.f_bfree
+        out.f_ffree = out.f_bfree
+        out.f_favail = out.f_bfree
+        out.f_namemax = NAME_MAX
+        return out

@@ -1,0 +1,175 @@
+"""``objfs``: mount an objfs volume.
+
+Order of work: parse the command line; check the mount point and reach the
+metadata node and the volume (each failure is one line on stderr and exit
+status 1, before anything is mounted); ``pyfuse3.init`` mounts; unless
+``-f``, fork so that ``mount`` returns while the child serves requests;
+SIGTERM/SIGINT end the session cleanly (``pyfuse3.terminate``), after which
+buffered data is flushed and the mount is closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from storagenode.auth import SecretError, load_secret
+from storagenode.dataclient import DataClient
+from storagenode.metaclient import MetaClient, MetaError, MetaUnavailable
+
+from .blockcache import BlockCache
+from .datapath import BlockStore, ClusterView
+from .filedata import Volume
+from .fs import Operations
+from .options import MountConfig, UsageError, parse_args
+
+log = logging.getLogger("objfs")
+
+
+class MountError(Exception):
+    """Why the volume cannot be mounted, in one line."""
+
+
+def check_mountpoint(cfg: MountConfig) -> None:
+    mp = cfg.mountpoint
+    if not mp.exists():
+        raise MountError(f"mount point {mp} does not exist")
+    if not mp.is_dir():
+        raise MountError(f"mount point {mp} is not a directory")
+    try:
+        busy = any(os.scandir(mp))
+    except OSError as exc:
+        raise MountError(f"cannot read mount point {mp}: {exc.strerror}") from None
+    if busy and not cfg.nonempty:
+        raise MountError(f"mount point {mp} is not empty (use -o nonempty to mount over it)")
+
+
+async def find_volume(cfg: MountConfig, secret: str) -> dict[str, Any]:
+    meta = MetaClient(cfg.meta, secret, timeout=min(cfg.timeout, 5.0))
+    try:
+        volume: dict[str, Any] = await meta.call("volume", name=cfg.volume)
+        return volume
+    except MetaUnavailable as exc:
+        raise MountError(f"metadata node {cfg.meta} is not reachable ({exc})") from None
+    except MetaError as exc:
+        if exc.errno == errno.ENOENT:
+            raise MountError(f"volume {cfg.volume!r} does not exist on {cfg.meta}") from None
+        raise MountError(f"metadata node refused the volume: {exc}") from None
+    finally:
+        await meta.aclose()
+
+
+def setup_logging(cfg: MountConfig, cache: Path) -> None:
+    level = logging.DEBUG if cfg.debug else logging.INFO
+    fmt = "%(asctime)s %(name)s %(levelname)s %(message)s"
+    if cfg.log == "-" or (cfg.foreground and cfg.log is None):
+        logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    else:
+        logging.basicConfig(level=level, format=fmt, filename=cfg.log or str(cache / "objfs.log"))
+
+
+def daemonize() -> None:
+    """Detach: the parent (what mount waits for) exits 0, the child serves."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    os.chdir("/")
+
+
+def build(cfg: MountConfig, secret: str, volume: dict[str, Any]) -> Operations:
+    """The mount's operations and everything they use (no I/O yet)."""
+    meta = MetaClient(cfg.meta, secret, timeout=cfg.timeout)
+    data = DataClient(secret, timeout=cfg.timeout)
+    limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
+    store = BlockStore(ClusterView(meta), data, volume["replicas"], limiter)
+    vol = Volume(volume["vol"], volume["block_size"], meta, store,
+                 BlockCache(cfg.cache_size), readahead=cfg.readahead)
+    return Operations(vol, attr_timeout=cfg.attr_timeout,
+                      entry_timeout=cfg.entry_timeout, replicas=volume["replicas"])
+
+
+async def serve(ops: Operations) -> None:
+    """Answer kernel requests until unmounted or signalled; then flush."""
+    try:
+        async with trio.open_nursery() as nursery:
+            ops.nursery = nursery
+            nursery.start_soon(_stop_on_signal)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+        await _flush_all(ops)
+    finally:
+        await ops.meta.aclose()
+        await ops.v.store.data.aclose()
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for _ in signals:
+            log.info("signal received: unmounting")
+            pyfuse3.terminate()
+            return
+
+
+async def _flush_all(ops: Operations) -> None:
+    for f in list(ops.files.values()):
+        try:
+            await f.flush()
+        except Exception:
+            log.exception("could not flush inode %d at unmount", f.ino)
+
+
+def mount(cfg: MountConfig) -> None:
+    try:
+        secret = load_secret(cfg.secret_file)
+    except SecretError as exc:
+        raise MountError(str(exc)) from None
+    check_mountpoint(cfg)
+    volume = trio.run(find_volume, cfg, secret)
+    cache = cfg.cache_path()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MountError(f"cannot create cache folder {cache}: {exc.strerror}") from None
+    options = set(cfg.fuse_options) | {f"fsname={cfg.source}", "subtype=objfs",
+                                       "default_permissions"}
+    options.discard("rw")
+    ops = build(cfg, secret, volume)
+    try:
+        pyfuse3.init(ops, cfg.mountpoint.as_posix(), options)
+    except RuntimeError as exc:
+        raise MountError(f"cannot mount on {cfg.mountpoint}: {exc}") from None
+    if not cfg.foreground:
+        daemonize()
+    setup_logging(cfg, cache)
+    log.info("mounted %s on %s", cfg.source, cfg.mountpoint)
+    try:
+        trio.run(serve, ops)
+    finally:
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", cfg.mountpoint)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        mount(cfg)
+    except (UsageError, MountError) as exc:
+        print(f"objfs: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""``objfs-node``: runs one node of an objfs cluster, in the data or metadata role."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from .auth import SecretError, load_secret
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", type=Path, required=True,
+                   help="folder holding this node's state (created if missing)")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="address to serve HTTP on")
+    p.add_argument("--secret-file", type=Path, required=True,
+                   help="file with the cluster's shared secret")
+    p.add_argument("--log-level", default="INFO")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="objfs-node", description="Run one node of an objfs cluster.")
+    roles = parser.add_subparsers(dest="role", required=True)
+    meta = roles.add_parser("meta", help="metadata node: namespace, block maps, cluster map")
+    _common(meta)
+    data = roles.add_parser("data", help="data node: stores immutable block objects")
+    _common(data)
+    data.add_argument("--meta", required=True, metavar="HOST:PORT",
+                      help="metadata node to register with and heartbeat to")
+    data.add_argument("--node-id", help="stable id of this node (default: kept in the state folder)")
+    data.add_argument("--advertise", metavar="HOST:PORT",
+                      help="address clients use to reach this node (default: --listen)")
+    data.add_argument("--domain", default="", help="failure domain (rack, host)")
+    data.add_argument("--weight", type=float, default=1.0, help="placement weight")
+    data.add_argument("--max-object-bytes", type=int, default=65 * 1024 * 1024,
+                      help="largest object body accepted")
+    data.add_argument("--reserve-bytes", type=int, default=64 * 1024 * 1024,
+                      help="refuse new objects when free disk space falls below this")
+    return parser
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+async def _run(args: argparse.Namespace, secret: str) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        if args.role == "meta":
+            from . import metanode
+            await metanode.run(args, secret)
+        else:
+            from . import datanode
+            await datanode.run(args, secret)
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        secret = load_secret(args.secret_file)
+    except SecretError as exc:
+        print(f"objfs-node: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(_run, args, secret)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"objfs-node: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Real node processes for tests: started on free loopback ports, always stopped.
+
+``NodeProcess`` starts ``objfs-node`` in a role, waits until ``/health``
+answers, and on exit stops the process by PID (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+NODE = [sys.executable, "-m", "storagenode.main"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class NodeProcess:
+    """One ``objfs-node`` process; use as a context manager or call stop()."""
+
+    def __init__(self, role: str, state: Path, secret_file: Path,
+                 extra: list[str] | None = None, port: int | None = None) -> None:
+        self.role = role
+        self.state = state
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.argv = NODE + [role, "--state", str(state), "--listen", self.address,
+                            "--secret-file", str(secret_file)] + (extra or [])
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = state.parent / f"{state.name}.log"
+
+    def start(self, timeout: float = 20.0) -> "NodeProcess":
+        self.state.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT,
+                                     cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.role} node exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"http://{self.address}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.role} node did not become healthy: {self.log.read_text()[-2000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> "NodeProcess":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
