@@ -58,7 +58,7 @@ class Header:
         return HEADER_SIZE + self.payload_length
 
 
-def _checksum(head: bytes, payload: bytes | memoryview) -> bytes:
+def _checksum(head: bytes | memoryview, payload: bytes | memoryview) -> bytes:
     h = blake3.blake3(head)
     h.update(payload)
     return h.digest()

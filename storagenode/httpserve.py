@@ -109,7 +109,8 @@ def asgi_app(handle: Handler) -> Callable[..., Awaitable[None]]:
             log.exception("unhandled error serving %s %s", request.method, request.path)
             response = Response.json({"error": "internal error"}, 500)
         headers = [(k.encode(), v.encode()) for k, v in response.headers.items()]
-        headers.append((b"content-length", str(len(response.body)).encode()))
+        if "content-length" not in response.headers:
+            headers.append((b"content-length", str(len(response.body)).encode()))
         await send({"type": "http.response.start", "status": response.status,
                     "headers": headers})
         body = response.body if request.method != "HEAD" else b""

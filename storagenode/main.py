@@ -77,10 +77,26 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(_run, args, secret)
     except KeyboardInterrupt:
         pass
+    except BaseExceptionGroup as group:
+        return _exit_status(group)
     except OSError as exc:
         print(f"objfs-node: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _exit_status(group: BaseExceptionGroup) -> int:
+    """One line for an expected failure (port in use, refused state); re-raise bugs."""
+    exits, rest = group.split(SystemExit)
+    if exits is not None and rest is None:
+        first = exits.exceptions[0]
+        code = first.code if isinstance(first, SystemExit) else 1
+        return code if isinstance(code, int) else 1
+    oserrors, rest = group.split(OSError)
+    if oserrors is not None and rest is None:
+        print(f"objfs-node: {oserrors.exceptions[0]}", file=sys.stderr)
+        return 1
+    raise group
 
 
 if __name__ == "__main__":

@@ -1,0 +1,351 @@
+"""The data node role: the HTTP API over one ``ObjectStore`` (docs/DESIGN.md).
+
+How this works
+--------------
+``DataNode.handle`` routes on method and path, checks the bearer secret
+(except ``/health`` and ``/metrics``), validates object ids with
+``ids.parse_object_id`` (so no request can name a path outside the store)
+and runs every piece of disk work in a worker thread, at most
+``DISK_THREADS`` at a time (``trio.CapacityLimiter``).  Request bodies are
+bounded by ``--max-object-bytes`` and at most ``BODIES_IN_FLIGHT`` object
+bodies are held in memory at once.  Store errors are translated to HTTP
+statuses in one table, ``_STATUS``.
+
+``run`` opens the store, serves HTTP, and in the background keeps the node
+registered with the metadata node: ``register_node`` once, then a
+``heartbeat`` every ``HEARTBEAT_SECONDS``; an ENOENT answer means the
+metadata node forgot us, so the next round registers again.  An unreachable
+metadata node is logged at most every ``WARN_EVERY_SECONDS`` and retried
+forever: a data node serves whether or not the metadata node is up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import re
+import time
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
+
+import httpx
+import msgpack
+import prometheus_client as prom
+import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import blockformat, httpserve
+from .auth import auth_header, authorized
+from .httpserve import HTTPError, Request, Response
+from .ids import NodeId, ObjectId, parse_object_id
+from .objectstore import (BadFraming, NodeIdMismatch, NoSuchObject, ObjectExists,
+                          ObjectStore, QuarantinedObject, StoreError, StoreFull,
+                          load_node_id)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DISK_THREADS = 16
+BODIES_IN_FLIGHT = 32
+MAX_LIST_LIMIT = 10_000
+DEFAULT_LIST_LIMIT = 1000
+HEARTBEAT_SECONDS = 2.0
+WARN_EVERY_SECONDS = 30.0
+META_TIMEOUT = 5.0
+OBJECTS_PREFIX = "/v1/objects/"
+
+# Store errors and the HTTP status they become, most specific first.
+_STATUS: list[tuple[type[Exception], int, str]] = [
+    (QuarantinedObject, 500, "corrupt"),
+    (NoSuchObject, 404, "no such object"),
+    (ObjectExists, 409, "a different object is stored under this id"),
+    (BadFraming, 400, "malformed object framing"),
+    (blockformat.CorruptedObject, 422, "object does not match its checksum"),
+    (StoreFull, 507, "disk full or below the reserve"),
+]
+
+
+class _StoreCollector(Collector):
+    """Metrics the store counts itself, read when /metrics is scraped."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("objfs_data_objects_stored", "objects in the store",
+                                value=self.store.object_count)
+        yield CounterMetricFamily("objfs_data_corrupt_objects",
+                                  "stored objects found corrupt and quarantined",
+                                  value=self.store.corrupt_found)
+
+
+class _Metrics:
+    """The node's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.registry = prom.CollectorRegistry()
+        reg = self.registry
+        reg.register(_StoreCollector(store))
+        self.requests = prom.Counter("objfs_data_requests", "HTTP requests served",
+                                     ["method", "status"], registry=reg)
+        self.bytes_in = prom.Counter("objfs_data_bytes_in", "object bytes received",
+                                     registry=reg)
+        self.bytes_out = prom.Counter("objfs_data_bytes_out", "object bytes sent",
+                                      registry=reg)
+        self.put_seconds = prom.Histogram("objfs_data_put_seconds",
+                                          "time to store one object durably",
+                                          registry=reg)
+
+    def render(self) -> Response:
+        return Response(200, prom.generate_latest(self.registry),
+                        {"content-type": prom.CONTENT_TYPE_LATEST})
+
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(header: str, size: int) -> tuple[int, int]:
+    """The half-open byte span [start, end) a ``Range`` header asks for.
+
+    One range only: ``bytes=a-b``, ``bytes=a-`` or ``bytes=-n``.  Anything
+    else, or a range that selects no byte of ``size``, is HTTPError 416.
+    """
+    match = _RANGE.fullmatch(header.strip())
+    if match is None or match.groups() == ("", ""):
+        raise _unsatisfiable(size)
+    first, last = match.groups()
+    if first == "":
+        start, end = max(0, size - int(last)), size
+    else:
+        start = int(first)
+        end = size if last == "" else min(size, int(last) + 1)
+    if start >= end:
+        raise _unsatisfiable(size)
+    return start, end
+
+
+def _unsatisfiable(size: int) -> HTTPError:
+    return HTTPError(416, "range not satisfiable", size=size)
+
+
+def _object_id(text: str) -> ObjectId:
+    try:
+        return parse_object_id(text)
+    except ValueError as exc:
+        raise HTTPError(400, str(exc)) from None
+
+
+def _list_args(request: Request) -> tuple[str, int]:
+    after = request.arg("after", "") or ""
+    if after:
+        _object_id(after)
+    limit_text = request.arg("limit", str(DEFAULT_LIST_LIMIT)) or ""
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIST_LIMIT:
+        raise HTTPError(400, f"limit must be 1..{MAX_LIST_LIMIT}")
+    return after, int(limit_text)
+
+
+class DataNode:
+    """Request handling for one data node; ``handle`` is the httpserve handler."""
+
+    def __init__(self, store: ObjectStore, node_id: NodeId, secret: str,
+                 max_object_bytes: int) -> None:
+        self.store = store
+        self.node_id = node_id
+        self.secret = secret
+        self.max_object_bytes = max_object_bytes
+        self.metrics = _Metrics(store)
+        self._disk = trio.CapacityLimiter(DISK_THREADS)
+        self._bodies = trio.CapacityLimiter(BODIES_IN_FLIGHT)
+
+    async def handle(self, request: Request) -> Response:
+        """Serve one request and count it by method and status."""
+        status = 500
+        try:
+            response = await self._route(request)
+            status = response.status
+            return response
+        except HTTPError as exc:
+            status = exc.status
+            raise
+        finally:
+            self.metrics.requests.labels(request.method, str(status)).inc()
+
+    async def _route(self, request: Request) -> Response:
+        method, path = request.method, request.path
+        if path == "/health" and method == "GET":
+            return Response.json({"status": "ok", "role": "data", "node_id": self.node_id})
+        if path == "/metrics" and method == "GET":
+            return self.metrics.render()
+        if not authorized(request.header("authorization"), self.secret):
+            raise HTTPError(401, "missing or wrong cluster secret")
+        if path.startswith(OBJECTS_PREFIX):
+            return await self._object(request, _object_id(path[len(OBJECTS_PREFIX):]))
+        if path == "/v1/objects" and method == "GET":
+            return await self._list(request)
+        if path == "/v1/stats" and method == "GET":
+            return await self._stats()
+        raise HTTPError(404, f"no route for {method} {path[:200]}")
+
+    async def _object(self, request: Request, oid: ObjectId) -> Response:
+        handlers: dict[str, Callable[[Request, ObjectId], Awaitable[Response]]] = {
+            "PUT": self._put, "GET": self._get, "HEAD": self._head, "DELETE": self._delete}
+        handler = handlers.get(request.method)
+        if handler is None:
+            raise HTTPError(405, f"method {request.method} not allowed on objects")
+        return await handler(request, oid)
+
+    async def _disk_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking store work in a worker thread; store errors become HTTPError."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._disk)
+        except (StoreError, blockformat.CorruptedObject) as exc:
+            raise _http_error(exc) from None
+
+    async def heartbeat_args(self) -> dict[str, Any]:
+        """What the metadata node's ``heartbeat`` wants to hear from us."""
+        stats = await self._disk_call(self.store.stats)
+        return {"node_id": self.node_id, "capacity": stats.capacity, "free": stats.free,
+                "objects": stats.objects}
+
+    async def _put(self, request: Request, oid: ObjectId) -> Response:
+        async with self._bodies:
+            body = await request.body(self.max_object_bytes)
+            self.metrics.bytes_in.inc(len(body))
+            started = time.perf_counter()
+            created = await self._disk_call(self.store.put, oid, body)
+        self.metrics.put_seconds.observe(time.perf_counter() - started)
+        return Response.json({"oid": oid, "created": created}, 201 if created else 200)
+
+    async def _get(self, request: Request, oid: ObjectId) -> Response:
+        async with self._bodies:
+            obj = await self._disk_call(self.store.get, oid)
+            range_header = request.header("range")
+            if range_header is None:
+                response = Response(200, obj, {"content-type": "application/octet-stream"})
+            else:
+                start, end = parse_range(range_header, len(obj))
+                response = Response(206, obj[start:end], {
+                    "content-type": "application/octet-stream",
+                    "content-range": f"bytes {start}-{end - 1}/{len(obj)}"})
+        self.metrics.bytes_out.inc(len(response.body))
+        return response
+
+    async def _head(self, request: Request, oid: ObjectId) -> Response:
+        size, checksum = await self._disk_call(self.store.head, oid)
+        return Response(200, b"", {"x-objfs-checksum": checksum.hex(),
+                                   "content-length": str(size)})
+
+    async def _delete(self, request: Request, oid: ObjectId) -> Response:
+        if not await self._disk_call(self.store.delete, oid):
+            raise HTTPError(404, "no such object")
+        return Response(204)
+
+    async def _list(self, request: Request) -> Response:
+        after, limit = _list_args(request)
+        found, more = await self._disk_call(self.store.list, after, limit)
+        return Response.json({"objects": [{"oid": oid, "size": size} for oid, size in found],
+                              "more": more})
+
+    async def _stats(self) -> Response:
+        stats = await self._disk_call(self.store.stats)
+        return Response.json({"node_id": self.node_id, "capacity": stats.capacity,
+                              "free": stats.free, "used": stats.used,
+                              "objects": stats.objects})
+
+
+def _http_error(exc: Exception) -> HTTPError:
+    for kind, status, message in _STATUS:
+        if isinstance(exc, kind):
+            return HTTPError(status, message, detail=str(exc))
+    raise exc
+
+
+# -- registration with the metadata node -------------------------------------
+
+class MetaError(Exception):
+    """The metadata node answered with an errno."""
+
+    def __init__(self, number: int, message: str) -> None:
+        super().__init__(f"errno {number}: {message}")
+        self.errno = number
+
+
+async def meta_call(client: httpx.AsyncClient, meta: str, secret: str,
+                    method: str, args: dict[str, Any]) -> Any:
+    """One metadata RPC; MetaError for an errno answer, httpx errors otherwise."""
+    response = await client.post(f"http://{meta}/v1/rpc", headers=auth_header(secret),
+                                 content=msgpack.packb({"method": method, "args": args}))
+    response.raise_for_status()
+    answer = msgpack.unpackb(response.content)
+    if "errno" in answer:
+        raise MetaError(int(answer["errno"]), str(answer.get("error", "")))
+    return answer["result"]
+
+
+class _Throttled:
+    """Logs a warning at most once per ``every`` seconds."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._last: float | None = None
+
+    def warn(self, message: str, *args: Any) -> None:
+        now = trio.current_time()
+        if self._last is None or now - self._last >= self.every:
+            self._last = now
+            log.warning(message, *args)
+
+
+async def keep_registered(client: httpx.AsyncClient, meta: str, secret: str,
+                          registration: dict[str, Any],
+                          heartbeat: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    """Register with the metadata node, then heartbeat forever (until cancelled).
+
+    ``registration`` are the ``register_node`` args; ``heartbeat()`` gives
+    the current ``heartbeat`` args.
+    """
+    warnings = _Throttled(WARN_EVERY_SECONDS)
+    registered = False
+    while True:
+        try:
+            if not registered:
+                await meta_call(client, meta, secret, "register_node", registration)
+                registered = True
+                log.info("registered with metadata node %s", meta)
+            await meta_call(client, meta, secret, "heartbeat", await heartbeat())
+        except MetaError as exc:
+            if exc.errno == errno.ENOENT:
+                registered = False      # it forgot us (restarted): register next round
+            else:
+                warnings.warn("metadata node %s refused us: %s", meta, exc)
+        except (httpx.HTTPError, msgpack.UnpackException, ValueError, KeyError) as exc:
+            warnings.warn("metadata node %s unreachable: %s", meta, exc)
+        await trio.sleep(HEARTBEAT_SECONDS)
+
+
+# -- the role ------------------------------------------------------------------
+
+def _registration(args: argparse.Namespace, node_id: NodeId) -> dict[str, Any]:
+    return {"node_id": node_id, "address": args.advertise or args.listen,
+            "domain": args.domain, "weight": float(args.weight)}
+
+
+async def run(args: argparse.Namespace, secret: str) -> None:
+    """Run a data node until cancelled (``objfs-node data``)."""
+    try:
+        node_id = await trio.to_thread.run_sync(load_node_id, args.state, args.node_id)
+    except (NodeIdMismatch, ValueError) as exc:
+        log.error("refusing to start: %s", exc)
+        raise SystemExit(2) from None
+    store = await trio.to_thread.run_sync(
+        lambda: ObjectStore(args.state, reserve_bytes=args.reserve_bytes))
+    node = DataNode(store, node_id, secret, args.max_object_bytes)
+    log.info("data node %s serving %d objects on %s", node_id, store.object_count, args.listen)
+    async with httpx.AsyncClient(timeout=META_TIMEOUT) as client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_registered, client, args.meta, secret,
+                               _registration(args, node_id), node.heartbeat_args)
+            await httpserve.serve(node.handle, args.listen)

@@ -1,0 +1,365 @@
+"""The data node's local-disk store of immutable block objects.
+
+How this works
+--------------
+Layout under the state folder (see docs/DESIGN.md, "Data node HTTP API")::
+
+    objects/ab/cd/<oid>   stored objects, fanned out by the first 2 + 2 hex digits
+    tmp/                  uploads in progress; emptied when the store opens
+    quarantine/           objects found corrupt, kept for inspection
+    node_id               the node's stable id (see ``load_node_id``)
+
+A put is durable before it returns: the object is written to ``tmp/``,
+fsynced, renamed to its final name, and the directory is fsynced (new
+fan-out directories are fsynced into their parents too).  An object is
+written once and never changed: re-putting identical bytes is a no-op,
+different bytes under the same id are refused (``ObjectExists``).  Every
+read is verified with ``blockformat.verify``; an object that fails is moved
+to ``quarantine/`` and ``CorruptedObject`` is raised, so corrupt bytes are
+never served.
+
+The object count and bytes used are counted once at open (one walk) and
+then kept up to date by put, delete and quarantine under one lock; the lock
+also makes "check for an existing object, then rename" atomic between
+threads.  All methods are plain blocking code: the server calls them via
+``trio.to_thread.run_sync``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from . import blockformat
+from .blockformat import CorruptedObject
+from .ids import NodeId, ObjectId, is_object_id, parse_node_id
+
+__all__ = ["ObjectStore", "StoreStats", "StoreError", "NoSuchObject", "ObjectExists",
+           "StoreFull", "BadFraming", "CorruptedObject", "QuarantinedObject", "NodeIdMismatch",
+           "load_node_id"]
+
+log = logging.getLogger(__name__)
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StoreError(Exception):
+    """Base of the store's own errors (``CorruptedObject`` comes from blockformat)."""
+
+
+class NoSuchObject(StoreError):
+    """No object is stored under that id."""
+
+
+class ObjectExists(StoreError):
+    """A different object is already stored under that id."""
+
+
+class StoreFull(StoreError):
+    """The disk is full or free space is below the reserve."""
+
+
+class BadFraming(CorruptedObject):
+    """The bytes do not even parse as an object header (a client error)."""
+
+
+class QuarantinedObject(CorruptedObject):
+    """A stored object failed verification and was moved to quarantine/."""
+
+
+class NodeIdMismatch(StoreError):
+    """The node id asked for differs from the one kept in the state folder."""
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    capacity: int   # bytes of the file system holding the store
+    free: int       # bytes available to us on that file system
+    used: int       # bytes of stored objects
+    objects: int    # number of stored objects
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mkdir_durable(path: Path) -> None:
+    """Create ``path`` (one level) if missing and make the new entry durable."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return
+    _fsync_dir(path.parent)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    """Create ``path`` (must not exist) holding ``data``, fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sorted_entries(path: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []               # vanished meanwhile, or a stray file in the fan-out
+
+
+def load_node_id(state: Path, wanted: str | None) -> NodeId:
+    """The node id kept in ``state/node_id``, created at first start.
+
+    The first start stores ``wanted`` (or a random id); later starts refuse
+    a ``wanted`` id that differs from the stored one.
+    """
+    path = state / "node_id"
+    if path.exists():
+        stored = parse_node_id(path.read_text().strip())
+        if wanted is not None and wanted != stored:
+            raise NodeIdMismatch(
+                f"--node-id {wanted} differs from {stored} stored in {path}")
+        return stored
+    node_id = parse_node_id(wanted if wanted is not None else secrets.token_hex(8))
+    state.mkdir(parents=True, exist_ok=True)
+    tmp = state / f"node_id.{secrets.token_hex(4)}.tmp"
+    _write_durable(tmp, f"{node_id}\n".encode())
+    os.rename(tmp, path)
+    _fsync_dir(state)
+    return node_id
+
+
+class ObjectStore:
+    """Immutable objects in a folder; see the module docstring."""
+
+    def __init__(self, root: Path, *, reserve_bytes: int = 0) -> None:
+        self.root = root
+        self.reserve_bytes = reserve_bytes
+        self._objects = root / "objects"
+        self._tmp = root / "tmp"
+        self._quarantine = root / "quarantine"
+        self._lock = threading.RLock()   # quarantine may run inside put's section
+        for folder in (root, self._objects, self._tmp, self._quarantine):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._empty_tmp()
+        self._count, self._used = self._scan()
+        self._corrupt_found = 0
+
+    # -- opening ---------------------------------------------------------
+
+    def _empty_tmp(self) -> None:
+        for entry in _sorted_entries(self._tmp):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+
+    def _scan(self) -> tuple[int, int]:
+        count = used = 0
+        for entry in self._walk(""):
+            count += 1
+            used += entry.stat().st_size
+        return count, used
+
+    # -- naming ----------------------------------------------------------
+
+    def _path(self, oid: ObjectId) -> Path:
+        if not is_object_id(oid):
+            raise ValueError(f"malformed object id {oid[:80]!r}")
+        return self._objects / oid[:2] / oid[2:4] / oid
+
+    def _walk(self, after: str) -> Iterator[os.DirEntry[str]]:
+        """Stored objects with id > ``after``, in id order, one folder at a time."""
+        for top in _sorted_entries(self._objects):
+            if top.name < after[:2]:
+                continue
+            for mid in _sorted_entries(Path(top.path)):
+                if top.name + mid.name < after[:4]:
+                    continue
+                for entry in _sorted_entries(Path(mid.path)):
+                    if entry.name > after and is_object_id(entry.name):
+                        yield entry
+
+    # -- writing ---------------------------------------------------------
+
+    def put(self, oid: ObjectId, obj: bytes) -> bool:
+        """Store ``obj`` durably; True if created, False if already identical."""
+        path = self._path(oid)
+        header = _check_object(obj)
+        if self._holds_same(oid, path, header):
+            return False
+        self._ensure_space(len(obj))
+        tmp = self._tmp / f"{oid}.{secrets.token_hex(4)}"
+        try:
+            self._write_tmp(tmp, obj)
+            self._make_fanout(path.parent)
+            with self._lock:
+                if self._holds_same(oid, path, header):
+                    return False
+                os.rename(tmp, path)
+                self._count += 1
+                self._used += len(obj)
+            _fsync_dir(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    def _holds_same(self, oid: ObjectId, path: Path, header: blockformat.Header) -> bool:
+        """Is this very object stored already?  ObjectExists if another one is.
+
+        A stored copy that fails verification is quarantined, so a re-put
+        repairs it.
+        """
+        try:
+            _, stored = self._load(oid, path)
+        except (NoSuchObject, CorruptedObject):
+            return False
+        if stored.checksum != header.checksum or stored.stored_length != header.stored_length:
+            raise ObjectExists(f"a different object {oid} is already stored")
+        return True
+
+    def _ensure_space(self, size: int) -> None:
+        st = os.statvfs(self.root)
+        if st.f_bavail * st.f_frsize - size < self.reserve_bytes:
+            raise StoreFull("free disk space is below the reserve")
+
+    def _write_tmp(self, tmp: Path, obj: bytes) -> None:
+        try:
+            _write_durable(tmp, obj)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise StoreFull(f"disk full: {exc.strerror}") from exc
+            raise
+
+    def _make_fanout(self, leaf: Path) -> None:
+        try:
+            _mkdir_durable(leaf.parent)
+            _mkdir_durable(leaf)
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise StoreFull(f"disk full: {exc.strerror}") from exc
+            raise
+
+    def delete(self, oid: ObjectId) -> bool:
+        """Remove the object; False if there was none."""
+        path = self._path(oid)
+        with self._lock:
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                return False
+            self._count -= 1
+            self._used -= size
+        _fsync_dir(path.parent)
+        return True
+
+    # -- reading ---------------------------------------------------------
+
+    def get(self, oid: ObjectId) -> bytes:
+        """The whole object, verified; NoSuchObject or CorruptedObject."""
+        obj, _ = self._load(oid, self._path(oid))
+        return obj
+
+    def _load(self, oid: ObjectId, path: Path) -> tuple[bytes, blockformat.Header]:
+        """The object at ``path`` and its header; quarantined if it fails verification."""
+        obj = self._read(path)
+        try:
+            return obj, blockformat.verify(obj)
+        except CorruptedObject as exc:
+            raise self._quarantine_file(oid, path, exc) from exc
+
+    def _read(self, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise NoSuchObject(path.name) from None
+
+    def head(self, oid: ObjectId) -> tuple[int, bytes]:
+        """(stored size, checksum) from the header alone, without reading the payload."""
+        path = self._path(oid)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(blockformat.HEADER_SIZE)
+        except FileNotFoundError:
+            raise NoSuchObject(oid) from None
+        try:
+            header = blockformat.parse_header(head)
+        except CorruptedObject as exc:
+            raise self._quarantine_file(oid, path, exc) from exc
+        return size, header.checksum
+
+    def list(self, after: str = "", limit: int = 1000) -> tuple[list[tuple[ObjectId, int]], bool]:
+        """Up to ``limit`` (oid, size) with oid > ``after`` in oid order, and whether more follow."""
+        found: list[tuple[ObjectId, int]] = []
+        for entry in self._walk(after):
+            if len(found) == limit:
+                return found, True
+            try:
+                found.append((ObjectId(entry.name), entry.stat().st_size))
+            except FileNotFoundError:
+                continue            # deleted while we walked
+        return found, False
+
+    def stats(self) -> StoreStats:
+        st = os.statvfs(self.root)
+        with self._lock:
+            return StoreStats(capacity=st.f_blocks * st.f_frsize,
+                              free=st.f_bavail * st.f_frsize,
+                              used=self._used, objects=self._count)
+
+    @property
+    def object_count(self) -> int:
+        return self._count
+
+    @property
+    def corrupt_found(self) -> int:
+        """Objects found corrupt (and quarantined) since the store was opened."""
+        return self._corrupt_found
+
+    # -- quarantine ------------------------------------------------------
+
+    def _quarantine_file(self, oid: ObjectId, path: Path,
+                         cause: CorruptedObject) -> QuarantinedObject:
+        """Move a corrupt object out of the store (kept for inspection); the error to raise."""
+        target = self._quarantine / f"{oid}.{time.time_ns()}"
+        with self._lock:
+            try:
+                size = path.stat().st_size
+                os.rename(path, target)
+            except FileNotFoundError:
+                return QuarantinedObject(f"{oid}: {cause}")   # moved or deleted meanwhile
+            self._count -= 1
+            self._used -= size
+            self._corrupt_found += 1
+        log.error("object %s is corrupt (%s); moved to %s", oid, cause, target)
+        _fsync_dir(path.parent)
+        return QuarantinedObject(f"{oid}: {cause}")
+
+
+def _check_object(obj: bytes) -> blockformat.Header:
+    """Header of a whole object; BadFraming if it does not parse,
+    CorruptedObject if its length or checksum does not match."""
+    try:
+        blockformat.parse_header(obj)
+    except CorruptedObject as exc:
+        raise BadFraming(str(exc)) from exc
+    return blockformat.verify(obj)
