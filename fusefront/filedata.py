@@ -37,6 +37,7 @@ from .blockcache import BlockCache
 from .datapath import BlockStore
 
 FLUSH_BLOCKS = 8
+MAP_SPAN = 65536        # block map entries fetched per request
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,13 @@ class FileData:
     # ----- the committed block map
     async def _map(self) -> dict[int, BlockRef]:
         if self.refs is None:
-            rows = await self.v.meta.call("get_blocks", vol=self.v.vol, ino=self.ino,
-                                          first=0, last=(1 << 62))
-            self.refs = {r[0]: BlockRef(r[1], r[2], tuple(r[3])) for r in rows}
+            refs = {}
+            last = max(0, self.size - 1) // self.bs
+            for first in range(0, last + 1, MAP_SPAN):
+                rows = await self.v.meta.call("get_blocks", vol=self.v.vol, ino=self.ino,
+                                              first=first, last=min(last, first + MAP_SPAN - 1))
+                refs.update({r[0]: BlockRef(r[1], r[2], tuple(r[3])) for r in rows})
+            self.refs = refs
         return self.refs
 
     async def _committed(self, idx: int) -> bytes:

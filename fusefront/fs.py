@@ -237,6 +237,8 @@ class Operations(pyfuse3.Operations):
     # ----- extended attributes
     @fuse_op
     async def setxattr(self, ino: InodeId, name: bytes, value: bytes, ctx: Any) -> None:
+        if name.startswith(b"system.posix_acl_"):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)   # no ACLs: tools fall back to chmod
         await self.call("setxattr", ino=ino, name=name, value=value, flags=0)
 
     @fuse_op

@@ -23,7 +23,7 @@ import trio
 
 from storagenode.auth import SecretError, load_secret
 from storagenode.dataclient import DataClient
-from storagenode.metaclient import MetaClient, MetaError, MetaUnavailable
+from storagenode.metaclient import BadRequest, MetaClient, MetaError, MetaUnavailable
 
 from .blockcache import BlockCache
 from .datapath import BlockStore, ClusterView
@@ -57,8 +57,10 @@ async def find_volume(cfg: MountConfig, secret: str) -> dict[str, Any]:
     try:
         volume: dict[str, Any] = await meta.call("volume", name=cfg.volume)
         return volume
-    except MetaUnavailable as exc:
-        raise MountError(f"metadata node {cfg.meta} is not reachable ({exc})") from None
+    except MetaUnavailable:
+        raise MountError(f"metadata node {cfg.meta} is not reachable") from None
+    except BadRequest:
+        raise MountError(f"metadata node {cfg.meta} refused us: wrong secret?") from None
     except MetaError as exc:
         if exc.errno == errno.ENOENT:
             raise MountError(f"volume {cfg.volume!r} does not exist on {cfg.meta}") from None

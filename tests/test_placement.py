@@ -40,7 +40,7 @@ def test_spread_is_even() -> None:
 def test_weight_scales_share() -> None:
     ring = nodes(3) + [NodeSlot(NodeId("big"), weight=3.0)]
     counts = Counter(place(oid, ring, 1)[0] for oid in OIDS)
-    assert 0.5 < counts["big"] / len(OIDS) < 0.7     # expected 3/6
+    assert 0.44 < counts["big"] / len(OIDS) < 0.56     # expected 3/6
 
 
 def test_failure_domains_preferred() -> None:

@@ -1,0 +1,142 @@
+"""A real cluster for tests: one metadata node and N data nodes as processes
+on loopback, a volume, and real FUSE mounts made with ``mount -t fuse.objfs``.
+Everything is stopped and unmounted on exit, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from storagenode.auth import create_secret
+from storagenode.metaclient import MetaClient
+
+from .procs import NodeProcess
+
+
+class Cluster:
+    def __init__(self, root: Path, data_nodes: int = 3) -> None:
+        self.root = root
+        self.secret_file = root / "secret"
+        create_secret(self.secret_file)
+        self.secret = self.secret_file.read_text().strip()
+        self.meta = NodeProcess("meta", root / "meta", self.secret_file)
+        self.data: list[NodeProcess] = []
+        self.n_data = data_nodes
+        self.mounts: list[Path] = []
+
+    def start(self) -> "Cluster":
+        self.meta.start()
+        for i in range(self.n_data):
+            self.add_data_node(f"data{i + 1}")
+        self.wait_nodes_up(self.n_data)
+        return self
+
+    def add_data_node(self, node_id: str) -> NodeProcess:
+        node = NodeProcess("data", self.root / node_id, self.secret_file,
+                           ["--meta", self.meta.address, "--node-id", node_id])
+        node.start()
+        self.data.append(node)
+        return node
+
+    def call(self, method: str, **args: Any) -> Any:
+        async def run() -> Any:
+            client = MetaClient(self.meta.address, self.secret, timeout=30)
+            try:
+                return await client.call(method, **args)
+            finally:
+                await client.aclose()
+        return trio.run(run)
+
+    def wait_nodes_up(self, count: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            nodes = self.call("cluster_map")["nodes"]
+            if sum(n["state"] == "up" for n in nodes) >= count:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("data nodes did not come up")
+
+    def create_volume(self, name: str = "vol", **kw: Any) -> dict[str, Any]:
+        args = {"block_size": 4 << 20, "replicas": 3} | kw
+        result: dict[str, Any] = self.call("create_volume", name=name, **args)
+        return result
+
+    def mount(self, mountpoint: Path, volume: str = "vol", options: str = "",
+              check: bool = True) -> subprocess.CompletedProcess[str]:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        opts = f"secret_file={self.secret_file},cache_dir={self.root / ('cache-' + mountpoint.name)}"
+        if options:
+            opts += "," + options
+        run = subprocess.run(["mount", "-t", "fuse.objfs", f"{self.meta.address}/{volume}",
+                              str(mountpoint), "-o", opts], capture_output=True, text=True,
+                             timeout=60)
+        if run.returncode == 0:
+            self.mounts.append(mountpoint)
+        elif check:
+            raise RuntimeError(f"mount failed: {run.stderr}")
+        return run
+
+    def umount(self, mountpoint: Path) -> None:
+        umount(mountpoint)
+        if mountpoint in self.mounts:
+            self.mounts.remove(mountpoint)
+
+    def restart_all_nodes(self) -> None:
+        for node in [self.meta] + self.data:
+            node.stop()
+        self.meta.start()
+        for node in self.data:
+            node.start()
+        self.wait_nodes_up(len(self.data))
+
+    def stop(self) -> None:
+        for mp in list(self.mounts):
+            umount(mp)
+        self.mounts.clear()
+        for node in self.data + [self.meta]:
+            node.stop()
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    target = str(mountpoint.resolve())
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def daemon_pids(mountpoint: Path) -> list[int]:
+    """PIDs of objfs daemons serving ``mountpoint`` (from their command lines)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"objfs") for a in argv[:2]) and str(mountpoint).encode() in argv:
+            pids.append(int(entry))
+    return pids
+
+
+def umount(mountpoint: Path) -> None:
+    """Unmount, lazily if busy, and make sure the daemon is gone."""
+    pids = daemon_pids(mountpoint)
+    if is_mounted(mountpoint):
+        if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+    deadline = time.monotonic() + 20
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists()]
+        time.sleep(0.05)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

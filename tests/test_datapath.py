@@ -1,0 +1,105 @@
+"""The data really lives as chunked, compressed, checksummed, replicated
+objects on the data nodes: inspected in the nodes' own stores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from storagenode import blockformat
+
+from .cluster import Cluster
+
+MiB = 1 << 20
+
+
+def stored_objects(cluster: Cluster) -> dict[str, list[Path]]:
+    """object id -> the files holding it, over every data node's store."""
+    out: dict[str, list[Path]] = {}
+    for node in cluster.data:
+        for path in (node.state / "objects").rglob("*"):
+            if path.is_file():
+                out.setdefault(path.name, []).append(path)
+    return out
+
+
+def store_bytes(cluster: Cluster) -> int:
+    return sum(p.stat().st_size for paths in stored_objects(cluster).values() for p in paths)
+
+
+def du_kib(cluster: Cluster) -> int:
+    out = subprocess.run(["du", "-sk"] + [str(n.state / "objects") for n in cluster.data],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(line.split()[0]) for line in out.splitlines())
+
+
+def test_gib_of_zeros_costs_almost_nothing(cluster: Cluster, mnt: Path) -> None:
+    before = du_kib(cluster)
+    with open(mnt / "zeros", "wb") as f:
+        chunk = bytes(MiB)
+        for _ in range(1024):
+            f.write(chunk)
+    assert (mnt / "zeros").stat().st_size == 1 << 30
+    assert du_kib(cluster) - before < 512
+    with open(mnt / "zeros", "rb") as f:
+        f.seek(700 * MiB)
+        assert f.read(MiB) == bytes(MiB)
+
+
+def test_random_file_raw_blocks_on_three_distinct_nodes(cluster: Cluster, mnt: Path) -> None:
+    data = os.urandom(64 * MiB)
+    (mnt / "random").write_bytes(data)
+    objects = stored_objects(cluster)
+    assert len(objects) == 16                       # 64 MiB in 4 MiB blocks
+    for oid, paths in objects.items():
+        assert len({p.parts[-5] for p in paths}) == 3 == len(paths)   # 3 distinct nodes
+        for p in paths:
+            header = blockformat.verify(p.read_bytes())
+            assert header.codec == blockformat.CODEC_RAW
+            assert header.raw_length == 4 * MiB
+    assert (mnt / "random").read_bytes() == data
+
+
+def test_text_is_compressed_and_checksummed(cluster: Cluster, mnt: Path) -> None:
+    text = b"".join(b"line %d of a very compressible text file\n" % i for i in range(200000))
+    (mnt / "text").write_bytes(text)
+    objects = stored_objects(cluster)
+    assert objects
+    total = 0
+    for paths in objects.values():
+        header = blockformat.verify(paths[0].read_bytes())
+        assert header.codec == blockformat.CODEC_ZSTD
+        total += header.stored_length
+    assert total < len(text) / 4
+    victim = next(iter(objects.values()))[0]          # flip a byte in one copy
+    raw = bytearray(victim.read_bytes())
+    raw[-10] ^= 0xFF
+    victim.write_bytes(raw)
+    subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)
+    cluster.umount(mnt)
+    cluster.mount(mnt)
+    assert (mnt / "text").read_bytes() == text        # served from a good copy
+
+
+def wait_for(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+def test_unreferenced_blocks_are_deleted(cluster: Cluster, mnt: Path) -> None:
+    (mnt / "a").write_bytes(os.urandom(12 * MiB))      # 3 blocks
+    (mnt / "b").write_bytes(os.urandom(8 * MiB))       # 2 blocks
+    assert len(stored_objects(cluster)) == 5
+    with open(mnt / "a", "r+b") as f:                  # overwrite one block
+        f.write(os.urandom(4 * MiB))
+    assert wait_for(lambda: len(stored_objects(cluster)) == 5)
+    os.truncate(mnt / "a", 4 * MiB)                    # drop two blocks
+    assert wait_for(lambda: len(stored_objects(cluster)) == 3)
+    (mnt / "b").unlink()
+    assert wait_for(lambda: len(stored_objects(cluster)) == 1)

@@ -1,0 +1,227 @@
+"""Files through the kernel: every operation the issue names, on a real mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .cluster import Cluster
+
+MiB = 1 << 20
+
+
+def test_create_open_flags(mnt: Path) -> None:
+    p = mnt / "f"
+    fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
+    os.write(fd, b"hello world")
+    os.close(fd)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o640 & ~_umask()
+    with pytest.raises(FileExistsError):
+        os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"!")
+    os.close(fd)
+    assert p.read_bytes() == b"hello world!"
+    fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
+    os.write(fd, b"new")
+    os.close(fd)
+    assert p.read_bytes() == b"new"
+    with pytest.raises(FileNotFoundError):
+        os.open(mnt / "nope", os.O_RDONLY)
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def test_writes_at_any_offset_sparse_and_past_eof(mnt: Path) -> None:
+    p = mnt / "sparse"
+    ref = bytearray()
+    with open(p, "wb") as f:
+        for off, data in [(0, b"a" * 100), (5 * MiB + 3, b"b" * 5000), (1000, b"c" * (4 * MiB)),
+                          (20 * MiB, b"end")]:
+            f.seek(off)
+            f.write(data)
+            if len(ref) < off + len(data):
+                ref.extend(bytes(off + len(data) - len(ref)))
+            ref[off:off + len(data)] = data
+    assert p.stat().st_size == len(ref)
+    assert p.read_bytes() == bytes(ref)
+    with open(p, "rb") as f:
+        f.seek(12 * MiB)
+        assert f.read(100) == bytes(100)          # a hole reads as zeros
+
+
+def test_truncate_up_and_down(mnt: Path) -> None:
+    p = mnt / "t"
+    data = os.urandom(9 * MiB + 77)
+    p.write_bytes(data)
+    os.truncate(p, 5 * MiB + 1)
+    assert p.read_bytes() == data[:5 * MiB + 1]
+    os.truncate(p, 7 * MiB)
+    assert p.read_bytes() == data[:5 * MiB + 1] + bytes(2 * MiB - 1)
+    os.truncate(p, 10)
+    with open(p, "r+b") as f:
+        f.seek(20)
+        f.write(b"Z")
+    assert p.read_bytes() == data[:10] + bytes(10) + b"Z"
+    os.truncate(p, 0)
+    assert p.read_bytes() == b"" and p.stat().st_size == 0
+
+
+def test_truncate_while_open_with_buffered_writes(mnt: Path) -> None:
+    p = mnt / "tb"
+    with open(p, "w+b") as f:
+        f.write(b"x" * (6 * MiB))
+        f.truncate(MiB)
+        f.seek(2 * MiB)
+        f.write(b"y")
+        f.flush()
+        os.fsync(f.fileno())
+    assert p.read_bytes() == b"x" * MiB + bytes(MiB) + b"y"
+
+
+def test_fsync_and_size_visible_before_close(mnt: Path) -> None:
+    p = mnt / "fs"
+    with open(p, "wb") as f:
+        f.write(b"q" * 3000)
+        f.flush()
+        assert os.stat(p).st_size == 3000
+        os.fsync(f.fileno())
+    assert p.read_bytes() == b"q" * 3000
+
+
+def test_directories(mnt: Path) -> None:
+    (mnt / "d" / "e").mkdir(parents=True)
+    assert (mnt / "d").stat().st_nlink == 3
+    with pytest.raises(OSError) as exc:
+        (mnt / "d").rmdir()
+    assert exc.value.errno == errno.ENOTEMPTY
+    (mnt / "d" / "e").rmdir()
+    (mnt / "d").rmdir()
+    assert not (mnt / "d").exists()
+    (mnt / "x").mkdir()
+    with pytest.raises(FileExistsError):
+        (mnt / "x").mkdir()
+
+
+def test_big_directory_lists_completely(mnt: Path) -> None:
+    d = mnt / "big"
+    d.mkdir()
+    names = {f"entry-{i:05d}-{'x' * (i % 50)}" for i in range(20000)}
+    for name in names:
+        os.close(os.open(d / name, os.O_CREAT | os.O_WRONLY))
+    assert set(os.listdir(d)) == names
+    out = subprocess.run(["ls", "-f", str(d)], capture_output=True, text=True, check=True)
+    assert len(out.stdout.split()) == 20002            # with . and ..
+
+
+def test_rename_files_and_directories(mnt: Path) -> None:
+    (mnt / "a").mkdir()
+    (mnt / "b").mkdir()
+    (mnt / "a" / "f").write_text("one")
+    (mnt / "a" / "g").write_text("two")
+    os.rename(mnt / "a" / "f", mnt / "b" / "f2")              # across directories
+    assert (mnt / "b" / "f2").read_text() == "one"
+    os.rename(mnt / "a" / "g", mnt / "b" / "f2")               # replacing a target
+    assert (mnt / "b" / "f2").read_text() == "two"
+    assert not (mnt / "a" / "g").exists()
+    (mnt / "a" / "sub").mkdir()
+    (mnt / "a" / "sub" / "deep").write_text("deep")
+    os.rename(mnt / "a" / "sub", mnt / "b" / "moved")          # a directory
+    assert (mnt / "b" / "moved" / "deep").read_text() == "deep"
+    assert (mnt / "a").stat().st_nlink == 2 and (mnt / "b").stat().st_nlink == 3
+    (mnt / "b" / "empty").mkdir()
+    os.rename(mnt / "b" / "moved", mnt / "b" / "empty")        # over an empty directory
+    with pytest.raises(OSError) as exc:
+        os.rename(mnt / "b", mnt / "b" / "empty" / "inside")
+    assert exc.value.errno == errno.EINVAL
+
+
+def test_unlink_symlink_hardlink(mnt: Path) -> None:
+    p = mnt / "file"
+    p.write_text("data")
+    os.symlink("file", mnt / "sym")
+    assert os.readlink(mnt / "sym") == "file"
+    assert (mnt / "sym").read_text() == "data"
+    assert stat.S_ISLNK(os.lstat(mnt / "sym").st_mode)
+    os.link(p, mnt / "hard")
+    assert p.stat().st_nlink == 2
+    assert os.stat(mnt / "hard").st_ino == p.stat().st_ino
+    p.unlink()
+    assert (mnt / "hard").stat().st_nlink == 1
+    assert (mnt / "hard").read_text() == "data"
+    assert not (mnt / "sym").exists()          # dangling now
+    (mnt / "sym").unlink()
+    (mnt / "hard").unlink()
+    assert os.listdir(mnt) == []
+
+
+def test_unlinked_open_file_stays_readable(mnt: Path) -> None:
+    p = mnt / "ghost"
+    p.write_bytes(b"g" * 100000)
+    with open(p, "r+b") as f:
+        p.unlink()
+        assert f.read() == b"g" * 100000
+        f.write(b"more")
+        f.flush()
+        f.seek(0)
+        assert f.read() == b"g" * 100000 + b"more"
+    assert not p.exists()
+
+
+def test_chmod_chown_utimens(mnt: Path) -> None:
+    p = mnt / "attrs"
+    p.write_text("x")
+    os.chmod(p, 0o4751)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o4751
+    os.chown(p, 1234, 5678)
+    st = p.stat()
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    os.utime(p, ns=(1_000_000_123, 2_000_000_456))
+    st = p.stat()
+    assert st.st_atime_ns == 1_000_000_123 and st.st_mtime_ns == 2_000_000_456
+    ctime = st.st_ctime_ns
+    os.chmod(p, 0o600)
+    assert p.stat().st_ctime_ns >= ctime
+
+
+def test_xattrs(mnt: Path) -> None:
+    p = mnt / "x"
+    p.write_text("x")
+    os.setxattr(p, "user.color", b"blue")
+    os.setxattr(p, "user.empty", b"")
+    assert os.getxattr(p, "user.color") == b"blue"
+    assert sorted(os.listxattr(p)) == ["user.color", "user.empty"]
+    os.removexattr(p, "user.color")
+    assert os.listxattr(p) == ["user.empty"]
+    with pytest.raises(OSError) as exc:
+        os.getxattr(p, "user.color")
+    assert exc.value.errno == errno.ENODATA
+    run = subprocess.run(["getfattr", "-d", str(p)], capture_output=True, text=True)
+    assert "user.empty" in run.stdout
+
+
+def test_statfs_reports_node_capacity(mnt: Path, cluster: Cluster) -> None:
+    st = os.statvfs(mnt)
+    nodes = cluster.call("cluster_map")["nodes"]
+    raw = sum(n["capacity"] for n in nodes)
+    assert st.f_blocks * st.f_frsize == pytest.approx(raw / 3, rel=0.01)
+    assert 0 < st.f_bavail <= st.f_blocks
+    assert st.f_namemax == 255
+    df = subprocess.run(["df", "-P", str(mnt)], capture_output=True, text=True, check=True)
+    assert str(mnt) in df.stdout
+
+
+def test_name_too_long(mnt: Path) -> None:
+    with pytest.raises(OSError) as exc:
+        (mnt / ("n" * 256)).write_text("x")
+    assert exc.value.errno == errno.ENAMETOOLONG
+    (mnt / ("n" * 255)).write_text("ok")
