@@ -24,6 +24,7 @@ never change.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -91,15 +92,14 @@ class FileData:
             self.refs = refs
         return self.refs
 
-    async def _committed(self, idx: int) -> bytes:
-        """Committed bytes of block ``idx`` up to its valid length (b"" for a hole)."""
+    async def _committed(self, idx: int) -> memoryview:
+        """Committed bytes of block ``idx`` up to its valid length (empty for a hole)."""
         ref = (await self._map()).get(idx)
         if ref is None:
-            return b""
-        data = await self.v.cache.get(ref.oid, lambda: self.v.store.download(ref.oid, ref.holders))
-        return data[:ref.length]
+            return memoryview(b"")
+        return memoryview(await self._fetch(ref))[:ref.length]
 
-    async def _content(self, idx: int) -> bytes | bytearray:
+    async def _content(self, idx: int) -> memoryview | bytearray:
         buf = self.dirty.get(idx)
         return buf if buf is not None else await self._committed(idx)
 
@@ -130,8 +130,10 @@ class FileData:
             ref = self.refs.get(idx)
             if ref and idx not in self.dirty and self.v.cache.peek(ref.oid) is None \
                     and not self.v.cache.fetching(ref.oid):
-                prefetch(lambda r=ref: self.v.cache.get(
-                    r.oid, lambda: self.v.store.download(r.oid, r.holders)))
+                prefetch(functools.partial(self._fetch, ref))
+
+    async def _fetch(self, ref: BlockRef) -> bytes:
+        return await self.v.cache.get(ref.oid, lambda: self.v.store.download(ref.oid, ref.holders))
 
     # ----- writing
     async def write(self, offset: int, data: bytes) -> None:
@@ -155,7 +157,7 @@ class FileData:
     async def _dirty_block(self, idx: int, whole: bool) -> bytearray:
         buf = self.dirty.get(idx)
         if buf is None:
-            base = b"" if whole else await self._committed(idx)
+            base = memoryview(b"") if whole else await self._committed(idx)
             valid = max(0, min(len(base), self.size - idx * self.bs))
             buf = self.dirty[idx] = bytearray(base[:valid])
         return buf

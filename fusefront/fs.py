@@ -25,13 +25,13 @@ import functools
 import logging
 import os
 import stat
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
 import trio
 
 from storagenode.dataclient import NodeError
-from storagenode.ids import InodeId
+
 from storagenode.metaclient import MetaClient, MetaError, MetaUnavailable
 
 from .datapath import DataUnavailable, NoSpace
@@ -144,20 +144,20 @@ class Operations(pyfuse3.Operations):
 
     # ----- namespace
     @fuse_op
-    async def lookup(self, parent: InodeId, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self.check_name(name)
         return self.merged(await self.call("lookup", parent=parent, name=name))
 
     @fuse_op
-    async def forget(self, inode_list: list[tuple[InodeId, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         return None
 
     @fuse_op
-    async def getattr(self, ino: InodeId, ctx: Any = None) -> pyfuse3.EntryAttributes:
+    async def getattr(self, ino: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         return self.merged(await self.call("getattr", ino=ino))
 
     @fuse_op
-    async def setattr(self, ino: InodeId, attr: pyfuse3.EntryAttributes,
+    async def setattr(self, ino: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
         changes: dict[str, Any] = {}
         if fields.update_mode:
@@ -185,12 +185,12 @@ class Operations(pyfuse3.Operations):
         return await f.truncate(size, commit)
 
     @fuse_op
-    async def readlink(self, ino: InodeId, ctx: Any) -> bytes:
+    async def readlink(self, ino: int, ctx: Any) -> bytes:
         target: bytes = await self.call("readlink", ino=ino)
         return target
 
     @fuse_op
-    async def mknod(self, parent: InodeId, name: bytes, mode: int, rdev: int,
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
         return self.entry(await self.call("mknod", parent=parent, name=name,
@@ -198,36 +198,36 @@ class Operations(pyfuse3.Operations):
                                           uid=ctx.uid, gid=ctx.gid))
 
     @fuse_op
-    async def mkdir(self, parent: InodeId, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
         return self.entry(await self.call("mkdir", parent=parent, name=name,
                                           mode=mode & ~ctx.umask, uid=ctx.uid, gid=ctx.gid))
 
     @fuse_op
-    async def symlink(self, parent: InodeId, name: bytes, target: bytes,
+    async def symlink(self, parent: int, name: bytes, target: bytes,
                       ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
         return self.entry(await self.call("symlink", parent=parent, name=name, target=target,
                                           uid=ctx.uid, gid=ctx.gid))
 
     @fuse_op
-    async def link(self, ino: InodeId, new_parent: InodeId, new_name: bytes,
+    async def link(self, ino: int, new_parent: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(new_name)
         return self.merged(await self.call("link", ino=ino, parent=new_parent, name=new_name))
 
     @fuse_op
-    async def unlink(self, parent: InodeId, name: bytes, ctx: Any) -> None:
+    async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
         self.check_name(name)
         await self.call("unlink", parent=parent, name=name, open_inos=self.open_inos())
 
     @fuse_op
-    async def rmdir(self, parent: InodeId, name: bytes, ctx: Any) -> None:
+    async def rmdir(self, parent: int, name: bytes, ctx: Any) -> None:
         self.check_name(name)
         await self.call("rmdir", parent=parent, name=name)
 
     @fuse_op
-    async def rename(self, parent_old: InodeId, name_old: bytes, parent_new: InodeId,
+    async def rename(self, parent_old: int, name_old: bytes, parent_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
         self.check_name(name_old)
         self.check_name(name_new)
@@ -236,28 +236,28 @@ class Operations(pyfuse3.Operations):
 
     # ----- extended attributes
     @fuse_op
-    async def setxattr(self, ino: InodeId, name: bytes, value: bytes, ctx: Any) -> None:
+    async def setxattr(self, ino: int, name: bytes, value: bytes, ctx: Any) -> None:
         if name.startswith(b"system.posix_acl_"):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)   # no ACLs: tools fall back to chmod
         await self.call("setxattr", ino=ino, name=name, value=value, flags=0)
 
     @fuse_op
-    async def getxattr(self, ino: InodeId, name: bytes, ctx: Any) -> bytes:
+    async def getxattr(self, ino: int, name: bytes, ctx: Any) -> bytes:
         value: bytes = await self.call("getxattr", ino=ino, name=name)
         return value
 
     @fuse_op
-    async def listxattr(self, ino: InodeId, ctx: Any) -> list[bytes]:
+    async def listxattr(self, ino: int, ctx: Any) -> list[bytes]:
         names: list[bytes] = await self.call("listxattr", ino=ino)
         return names
 
     @fuse_op
-    async def removexattr(self, ino: InodeId, name: bytes, ctx: Any) -> None:
+    async def removexattr(self, ino: int, name: bytes, ctx: Any) -> None:
         await self.call("removexattr", ino=ino, name=name)
 
     # ----- directories
     @fuse_op
-    async def opendir(self, ino: InodeId, ctx: Any) -> int:
+    async def opendir(self, ino: int, ctx: Any) -> int:
         a = await self.call("getattr", ino=ino)
         if not stat.S_ISDIR(a["mode"]):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -314,7 +314,7 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
 
     @fuse_op
-    async def open(self, ino: InodeId, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+    async def open(self, ino: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         a = await self.call("getattr", ino=ino)
         if stat.S_ISDIR(a["mode"]):
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -329,7 +329,7 @@ class Operations(pyfuse3.Operations):
         return info
 
     @fuse_op
-    async def create(self, parent: InodeId, name: bytes, mode: int, flags: int,
+    async def create(self, parent: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self.check_name(name)
         a = await self.call("mknod", parent=parent, name=name,

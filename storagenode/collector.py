@@ -15,11 +15,13 @@ copies too.  Used by the metadata node's background loop and by
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import trio
 
 from .dataclient import DataClient, NodeError
+from .ids import parse_object_id
 from .metaclient import MetaClient
 
 log = logging.getLogger(__name__)
@@ -32,16 +34,22 @@ async def _delete_everywhere(data: DataClient, addresses: dict[str, str],
         if address is None:
             continue      # node removed from the cluster: nothing left to delete
         try:
-            await data.delete(address, oid)
+            await data.delete(address, parse_object_id(oid))
         except NodeError as exc:
             log.info("could not delete %s from %s yet: %s", oid, node_id, exc)
             return False
     return True
 
 
-async def collect_once(meta: MetaClient, data: DataClient, limit: int = 1000) -> int:
-    """One pass over the queue; returns how many objects were deleted."""
-    rows: list[Any] = await meta.call("pending_deletes", limit=limit)
+async def collect_once(meta: MetaClient, data: DataClient, limit: int = 1000,
+                       grace: float = 0.0) -> int:
+    """One pass over the queue; returns how many objects were deleted.
+
+    Only objects queued at least ``grace`` seconds ago are deleted, so that a
+    reader that fetched the old block map a moment ago still finds them.
+    """
+    before = time.time_ns() - int(grace * 1e9)
+    rows: list[Any] = await meta.call("pending_deletes", limit=limit, before_ns=before)
     if not rows:
         return 0
     cmap = await meta.call("cluster_map")
@@ -58,10 +66,21 @@ async def collect_once(meta: MetaClient, data: DataClient, limit: int = 1000) ->
     return len(done)
 
 
-async def collect_all(meta: MetaClient, data: DataClient) -> int:
+async def collect_all(meta: MetaClient, data: DataClient, grace: float = 0.0) -> int:
     total = 0
     while True:
-        n = await collect_once(meta, data)
+        n = await collect_once(meta, data, grace=grace)
         total += n
         if n == 0:
             return total
+
+
+async def collect_forever(meta: MetaClient, data: DataClient, *, interval: float,
+                          grace: float) -> None:
+    """The metadata node's background collector; failures are logged and retried."""
+    while True:
+        await trio.sleep(interval)
+        try:
+            await collect_all(meta, data, grace=grace)
+        except Exception as exc:      # a node or the RPC failed: next round
+            log.warning("collector pass failed: %s", exc)

@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     roles = parser.add_subparsers(dest="role", required=True)
     meta = roles.add_parser("meta", help="metadata node: namespace, block maps, cluster map")
     _common(meta)
+    meta.add_argument("--gc-interval", type=float, default=2.0,
+                      help="seconds between passes of the object collector")
+    meta.add_argument("--gc-grace", type=float, default=5.0,
+                      help="seconds an unreferenced object is kept before it is deleted")
     data = roles.add_parser("data", help="data node: stores immutable block objects")
     _common(data)
     data.add_argument("--meta", required=True, metavar="HOST:PORT",

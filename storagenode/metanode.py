@@ -1,0 +1,282 @@
+"""The metadata node: serves the metadata RPC (docs/DESIGN.md) over HTTP.
+
+How this works
+--------------
+Requests arrive on ``POST /v1/rpc`` as msgpack ``{"method", "args"}`` and
+take one of three paths:
+
+- **ops** (state changes) are validated, put on a bounded queue (a full
+  queue makes callers wait: backpressure) and answered only after they are
+  durable.  One writer task drains everything queued, stamps the batch with
+  the current time, and in a worker thread (``trio.to_thread.run_sync``)
+  appends each op to the log and applies it through ``MetaState`` inside ONE
+  SQLite transaction, then commits (one fsync for the whole batch: group
+  commit).  The write connection is used by that one worker call only, so it
+  never sees two threads at once, and no ``await`` happens inside a
+  transaction.  After the commit every waiter gets its own result or errno.
+- **queries** run on a second, read-only connection on the event loop; they
+  are short, and WAL lets them read the last committed state while a commit
+  is in progress.  Each query reads one snapshot (``MetaState.query``).
+- **heartbeats** are soft state: the last time each data node was heard from
+  and its capacity live in memory only, are never logged, and decide whether
+  the cluster map shows a node ``up``.
+
+Invariant: an answered op is in the committed database, together with its
+log entry; a crash loses only ops nobody was told about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import collector, metaschema
+from .auth import authorized
+from .dataclient import DataClient
+from .httpserve import HTTPError, Request, Response, serve
+from .metaclient import MetaClient
+from .metastate import (HEARTBEAT_SPEC, OPS, QUERIES, BadRequest, Liveness, MetaError,
+                        MetaState, Outcome, validate)
+
+log = logging.getLogger(__name__)
+
+RPC_BODY_MAX = 8 * 1024 * 1024
+PENDING_MAX = 4096          # ops waiting for the writer before callers must wait
+BATCH_MAX = 1024            # most ops in one transaction
+LOG_KEEP = 100_000          # log entries kept; older ones are trimmed
+NODE_UP_SECONDS = 10.0      # a data node is up when heard from this recently
+DB_NAME = "meta.db"
+
+
+@dataclass
+class _Pending:
+    """One op waiting for its commit."""
+    op: dict[str, Any]
+    done: trio.Event = field(default_factory=trio.Event)
+    outcome: Outcome | None = None
+    failure: BaseException | None = None
+
+
+@dataclass
+class _Heard:
+    at: float
+    capacity: int
+    free: int
+    objects: int
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.rpcs = Counter("objfs_meta_rpc", "metadata RPCs by method and outcome",
+                            ["method", "outcome"], registry=self.registry)
+        self.commit_seconds = Histogram(
+            "objfs_meta_commit_seconds", "time to apply and commit one batch of ops",
+            registry=self.registry)
+        self.batch_ops = Histogram(
+            "objfs_meta_commit_batch_ops", "ops committed together in one transaction",
+            buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024], registry=self.registry)
+
+
+class MetaNode:
+    """The metadata role over the database at ``db_path``."""
+
+    def __init__(self, db_path: Path, secret: str, *,
+                 clock: Callable[[], int] = time.time_ns,
+                 monotonic: Callable[[], float] = trio.current_time,
+                 log_keep: int = LOG_KEEP, pending_max: int = PENDING_MAX) -> None:
+        self.secret = secret
+        self._clock = clock
+        self._monotonic = monotonic
+        self._log_keep = log_keep
+        self._last_ns = 0
+        self._writer = MetaState(metaschema.open_db(db_path, check_same_thread=False))
+        self._reader = MetaState(metaschema.open_db(db_path))
+        self._send, self._receive = trio.open_memory_channel[_Pending](pending_max)
+        self._heard: dict[str, _Heard] = {}
+        self.metrics = _Metrics()
+
+    def close(self) -> None:
+        self._writer.conn.close()
+        self._reader.conn.close()
+
+    # ---- HTTP
+
+    async def handle(self, request: Request) -> Response:
+        route = (request.method, request.path)
+        if route == ("GET", "/health"):
+            return Response.json({"status": "ok", "role": "meta"})
+        if route == ("GET", "/metrics"):
+            return Response(200, generate_latest(self.metrics.registry),
+                            {"content-type": CONTENT_TYPE_LATEST})
+        if route == ("POST", "/v1/rpc"):
+            return await self._rpc(request)
+        raise HTTPError(404, f"no route {request.method} {request.path}")
+
+    async def _rpc(self, request: Request) -> Response:
+        if not authorized(request.header("authorization"), self.secret):
+            raise HTTPError(401, "missing or wrong bearer secret")
+        method, args = _decode(await request.body(RPC_BODY_MAX))
+        label = method if method in OPS or method in QUERIES or method == "heartbeat" \
+            else "unknown"
+        outcome = "failed"
+        try:
+            answer = await self._answer(method, args)
+            outcome = "error" if "errno" in answer else "ok"
+            return _msgpack(answer)
+        except BadRequest as exc:
+            outcome = "bad_request"
+            raise HTTPError(400, str(exc)) from None
+        finally:
+            self.metrics.rpcs.labels(label, outcome).inc()
+
+    async def _answer(self, method: str, args: Any) -> dict[str, Any]:
+        try:
+            return {"result": await self.call(method, args)}
+        except MetaError as exc:
+            return {"errno": exc.errno, "error": exc.message}
+
+    async def call(self, method: str, args: Any) -> Any:
+        """Run one RPC: its result, or MetaError / BadRequest."""
+        if method in OPS:
+            return await self.op(method, args)
+        if method in QUERIES:
+            return self._reader.query(method, args, self.liveness())
+        if method == "heartbeat":
+            return self.heartbeat(args)
+        raise BadRequest(f"unknown method {method!r:.80}")
+
+    # ---- ops and group commit
+
+    async def op(self, method: str, args: Any) -> Any:
+        """Apply one op durably; answered after its batch commits."""
+        self._reader.check(method, args)
+        pending = _Pending({"method": method, "args": args, "time_ns": 0})
+        await self._send.send(pending)
+        await pending.done.wait()
+        if pending.outcome is None:
+            raise HTTPError(500, f"op failed to commit: {pending.failure!r:.200}")
+        if pending.outcome.error is not None:
+            raise pending.outcome.error
+        return pending.outcome.result
+
+    async def write_loop(self) -> None:
+        """The single writer: commit whatever is queued, batch after batch."""
+        while True:
+            batch = [await self._receive.receive()]
+            while len(batch) < BATCH_MAX:
+                try:
+                    batch.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await self._commit_batch(batch)
+
+    async def _commit_batch(self, batch: list[_Pending]) -> None:
+        self._last_ns = max(self._last_ns, self._clock())
+        for pending in batch:
+            pending.op["time_ns"] = self._last_ns
+        started = time.monotonic()
+        try:
+            await trio.to_thread.run_sync(self._commit, batch)
+        except Exception as exc:
+            log.exception("commit of %d ops failed", len(batch))
+            for pending in batch:
+                pending.outcome, pending.failure = None, exc
+        self.metrics.commit_seconds.observe(time.monotonic() - started)
+        self.metrics.batch_ops.observe(len(batch))
+        for pending in batch:
+            pending.done.set()
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        """Log and apply ``batch`` in one transaction (runs in a worker thread)."""
+        conn = self._writer.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for pending in batch:
+                self._apply_one(pending)
+            self._writer.trim_log(self._log_keep)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _apply_one(self, pending: _Pending) -> None:
+        try:
+            pending.outcome = self._writer.append(pending.op)
+        except Exception as exc:        # a bug: the op is rolled back and not logged
+            log.exception("op %s failed unexpectedly", pending.op.get("method"))
+            pending.failure = exc
+
+    # ---- soft state
+
+    def heartbeat(self, args: Any) -> dict[str, int]:
+        a = validate(HEARTBEAT_SPEC, args)
+        if not self._reader.has_node(a["node_id"]):
+            raise MetaError(errno.ENOENT, f"node {a['node_id']} is not registered")
+        self._heard[a["node_id"]] = _Heard(self._monotonic(), a["capacity"], a["free"],
+                                           a["objects"])
+        return {"epoch": self._reader.epoch()}
+
+    def liveness(self) -> dict[str, Liveness]:
+        now = self._monotonic()
+        return {node_id: Liveness(now - h.at <= NODE_UP_SECONDS, h.capacity, h.free)
+                for node_id, h in self._heard.items()}
+
+
+def _decode(body: bytes) -> tuple[str, Any]:
+    """The method and args of an RPC body; HTTPError 400 when malformed."""
+    try:
+        request = msgpack.unpackb(body, raw=False)
+    except Exception:
+        raise HTTPError(400, "body is not msgpack") from None
+    if not isinstance(request, dict) or not isinstance(request.get("method"), str):
+        raise HTTPError(400, "body must be a map with a str 'method'")
+    args = request.get("args", {})
+    if not isinstance(args, dict) or set(request) - {"method", "args"}:
+        raise HTTPError(400, "body holds only 'method' and an 'args' map")
+    return request["method"], args
+
+
+def _msgpack(value: Any) -> Response:
+    return Response(200, msgpack.packb(value, use_bin_type=True),
+                    {"content-type": "application/msgpack"})
+
+
+async def _collector(args: argparse.Namespace, secret: str) -> None:
+    """Delete unreferenced objects from the data nodes, through our own RPC."""
+    async with MetaClient(args.listen, secret) as meta:
+        data = DataClient(secret)
+        try:
+            await collector.collect_forever(meta, data, interval=args.gc_interval,
+                                            grace=args.gc_grace)
+        finally:
+            await data.aclose()
+
+
+async def run(args: argparse.Namespace, secret: str) -> None:
+    """Serve the metadata role with its state under ``args.state``."""
+    state: Path = args.state
+    state.mkdir(parents=True, exist_ok=True)
+    try:
+        node = MetaNode(state / DB_NAME, secret)
+    except metaschema.SchemaError as exc:
+        log.critical("%s", exc)
+        raise SystemExit(2) from None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.write_loop)
+            nursery.start_soon(_collector, args, secret)
+            await serve(node.handle, args.listen)
+    finally:
+        node.close()

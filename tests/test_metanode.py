@@ -1,0 +1,169 @@
+"""The metadata node as a real ``objfs-node meta`` process, spoken to over HTTP."""
+
+from __future__ import annotations
+
+import errno
+import re
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator
+
+import httpx
+import msgpack
+import pytest
+import trio
+
+from storagenode.auth import auth_header, create_secret
+from storagenode.metaclient import BadRequest, MetaClient, MetaError, MetaUnavailable
+from tests.procs import NodeProcess, free_port
+
+DIR = 0o040000
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "secret"
+    create_secret(path)
+    return path
+
+
+@pytest.fixture
+def meta(tmp_path: Path, secret_file: Path) -> Iterator[NodeProcess]:
+    node = NodeProcess("meta", tmp_path / "meta", secret_file)
+    try:
+        yield node.start()
+    finally:
+        node.stop()
+
+
+def with_client(node: NodeProcess, secret_file: Path,
+                body: Callable[[MetaClient], Awaitable[Any]]) -> Any:
+    async def main() -> Any:
+        async with MetaClient(node.address, secret_file.read_text().strip()) as client:
+            return await body(client)
+    return trio.run(main)
+
+
+def test_namespace_over_rpc(meta: NodeProcess, secret_file: Path) -> None:
+    async def body(client: MetaClient) -> None:
+        volume = await client.call("create_volume", name="v", block_size=1 << 20, replicas=3)
+        vol = volume["vol"]
+        assert await client.call("volume", name="v") == volume
+        d = await client.call("mkdir", vol=vol, parent=1, name=b"d\xff", mode=0o755,
+                              uid=1, gid=2)
+        assert d["mode"] == DIR | 0o755 and d["nlink"] == 2
+        assert await client.call("lookup", vol=vol, parent=1, name=b"d\xff") == d
+        entries = await client.call("readdir", vol=vol, ino=1, after=0, limit=10)
+        assert [(e[1], e[2]["ino"]) for e in entries] == [(b"d\xff", d["ino"])]
+        with pytest.raises(MetaError) as info:
+            await client.call("mkdir", vol=vol, parent=1, name=b"d\xff", mode=0o755,
+                              uid=1, gid=2)
+        assert info.value.errno == errno.EEXIST
+        with pytest.raises(MetaError) as info:
+            await client.call("lookup", vol=vol, parent=1, name=b"nope")
+        assert info.value.errno == errno.ENOENT
+        with pytest.raises(BadRequest):
+            await client.call("no_such_method")
+    with_client(meta, secret_file, body)
+
+
+def test_auth_and_malformed_requests(meta: NodeProcess, secret_file: Path) -> None:
+    url = f"http://{meta.address}"
+    auth = auth_header(secret_file.read_text().strip())
+    assert httpx.get(f"{url}/health").json() == {"status": "ok", "role": "meta"}
+    body = msgpack.packb({"method": "volumes", "args": {}})
+    assert httpx.post(f"{url}/v1/rpc", content=body).status_code == 401
+    assert httpx.post(f"{url}/v1/rpc", content=body,
+                      headers={"authorization": "Bearer wrong-secret-123"}).status_code == 401
+    ok = httpx.post(f"{url}/v1/rpc", content=body, headers=auth)
+    assert ok.status_code == 200 and msgpack.unpackb(ok.content) == {"result": []}
+    for garbage in (b"\xc1\xc1garbage", msgpack.packb([1, 2]), msgpack.packb({"method": 5}),
+                    msgpack.packb({"method": "mkdir", "args": {"vol": "x"}}),
+                    msgpack.packb({"method": "volumes", "args": [], "x": 1})):
+        assert httpx.post(f"{url}/v1/rpc", content=garbage, headers=auth).status_code == 400
+    huge = httpx.post(f"{url}/v1/rpc", content=b"\0" * (8 * 1024 * 1024 + 1), headers=auth)
+    assert huge.status_code == 413
+
+
+def test_concurrent_ops_share_commits(meta: NodeProcess, secret_file: Path) -> None:
+    async def body(client: MetaClient) -> list[Any]:
+        vol = (await client.call("create_volume", name="v", block_size=4096, replicas=1))["vol"]
+        results: list[Any] = []
+
+        async def mkdir(i: int) -> None:
+            results.append(await client.call("mkdir", vol=vol, parent=1, name=b"d%d" % i,
+                                             mode=0o755, uid=0, gid=0))
+        async with trio.open_nursery() as nursery:
+            for i in range(200):
+                nursery.start_soon(mkdir, i)
+        assert (await client.call("getattr", vol=vol, ino=1))["nlink"] == 202
+        return await client.call("readdir", vol=vol, ino=1, after=0, limit=1000)
+    entries = with_client(meta, secret_file, body)
+    assert sorted(e[1] for e in entries) == sorted(b"d%d" % i for i in range(200))
+    metrics = httpx.get(f"http://{meta.address}/metrics").text
+    batches = _metric(metrics, "objfs_meta_commit_batch_ops_count")
+    ops = _metric(metrics, "objfs_meta_commit_batch_ops_sum")
+    assert ops == 201 and batches < ops, (batches, ops)
+    assert _metric(metrics, 'objfs_meta_rpc_total{method="mkdir",outcome="ok"}') == 200
+
+
+def _metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match, name
+    return float(match.group(1))
+
+
+def test_acknowledged_ops_survive_kill(tmp_path: Path, secret_file: Path) -> None:
+    node = NodeProcess("meta", tmp_path / "meta", secret_file)
+    try:
+        node.start()
+
+        async def write(client: MetaClient) -> int:
+            vol = (await client.call("create_volume", name="v", block_size=4096,
+                                     replicas=1))["vol"]
+            async with trio.open_nursery() as nursery:
+                for i in range(50):
+                    nursery.start_soon(lambda i=i: client.call(  # type: ignore[misc]
+                        "mknod", vol=vol, parent=1, name=b"f%d" % i, mode=0o100644,
+                        rdev=0, uid=0, gid=0))
+            return int(vol)
+        vol = with_client(node, secret_file, write)
+        node.kill()
+        node.start()
+
+        async def read(client: MetaClient) -> list[Any]:
+            return await client.call("readdir", vol=vol, ino=1, after=0, limit=100)
+        entries = with_client(node, secret_file, read)
+        assert sorted(e[1] for e in entries) == sorted(b"f%d" % i for i in range(50))
+    finally:
+        node.stop()
+
+
+def test_cluster_map_and_heartbeats(meta: NodeProcess, secret_file: Path) -> None:
+    async def body(client: MetaClient) -> None:
+        with pytest.raises(MetaError) as info:
+            await client.call("heartbeat", node_id="n1", capacity=1, free=1, objects=0)
+        assert info.value.errno == errno.ENOENT
+        assert await client.call("register_node", node_id="n1", address="127.0.0.1:7001",
+                                 domain="rack1", weight=1.0) == {}
+        down = await client.call("cluster_map")
+        assert down["epoch"] == 1 and down["nodes"][0]["state"] == "down"
+        beat = await client.call("heartbeat", node_id="n1", capacity=1000, free=600,
+                                 objects=3)
+        assert beat == {"epoch": 1}
+        assert (await client.call("cluster_map"))["nodes"] == [
+            {"node_id": "n1", "address": "127.0.0.1:7001", "domain": "rack1", "weight": 1.0,
+             "state": "up", "capacity": 1000, "free": 600}]
+        vol = (await client.call("create_volume", name="v", block_size=4096, replicas=1))["vol"]
+        statfs = await client.call("statfs", vol=vol)
+        assert statfs == {"capacity": 1000, "free": 600, "replicas": 1, "inodes": 1,
+                          "block_size": 4096}
+    with_client(meta, secret_file, body)
+
+
+def test_client_reports_unreachable_node(secret_file: Path) -> None:
+    async def main() -> None:
+        async with MetaClient(f"127.0.0.1:{free_port()}", "x" * 32, timeout=2) as client:
+            with pytest.raises(MetaUnavailable) as info:
+                await client.call("volumes")
+            assert info.value.temporary
+    trio.run(main)
