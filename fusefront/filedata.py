@@ -32,7 +32,9 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from storagenode.ids import InodeId, ObjectId
-from storagenode.metaclient import MetaClient
+from storagenode.metaclient import MetaClient, MetaUnavailable
+from storagenode.metastate import QUERIES
+from storagenode.retry import retrying
 
 from .blockcache import BlockCache
 from .datapath import BlockStore
@@ -61,6 +63,17 @@ class Volume:
         self.readahead = readahead
         self.upload_slots = trio.CapacityLimiter(upload_slots)
         self._zeros = bytes(block_size)
+        self.retry_window = 60.0
+
+    async def call(self, method: str, **args: Any) -> Any:
+        """One metadata RPC about this volume, retried while the metadata node
+        is unreachable (a restart): queries always, operations only when the
+        request surely never arrived, so that no outcome is guessed."""
+        def temporary(exc: BaseException) -> bool:
+            return isinstance(exc, MetaUnavailable) and (not exc.sent or method in QUERIES)
+        return await retrying(lambda: self.meta.call(method, vol=self.vol, **args),
+                              deadline=trio.current_time() + self.retry_window,
+                              temporary=temporary)
 
     def is_zero(self, data: bytes | bytearray) -> bool:
         return data == self._zeros[:len(data)]
@@ -78,6 +91,7 @@ class FileData:
         self.changed = False          # size or mtime differ from the metadata node
         self.lock = trio.Lock()
         self.opens = 0
+        self.maybe_orphan = False     # lost a name while open here: check at last release
         self.last_read = -2
 
     # ----- the committed block map
@@ -86,8 +100,8 @@ class FileData:
             refs = {}
             last = max(0, self.size - 1) // self.bs
             for first in range(0, last + 1, MAP_SPAN):
-                rows = await self.v.meta.call("get_blocks", vol=self.v.vol, ino=self.ino,
-                                              first=first, last=min(last, first + MAP_SPAN - 1))
+                rows = await self.v.call("get_blocks", ino=self.ino, first=first,
+                                     last=min(last, first + MAP_SPAN - 1))
                 refs.update({r[0]: BlockRef(r[1], r[2], tuple(r[3])) for r in rows})
             self.refs = refs
         return self.refs
@@ -191,9 +205,8 @@ class FileData:
                 nursery.start_soon(upload, idx, data)
         blocks = [[i, r.oid if r else None, r.length if r else 0, list(r.holders) if r else []]
                   for i, r in sorted(refs.items())]
-        attrs: dict[str, Any] = await self.v.meta.call(
-            "commit_blocks", vol=self.v.vol, ino=self.ino, size=self.size,
-            blocks=blocks, mtime_ns=self.mtime_ns)
+        attrs: dict[str, Any] = await self.v.call(
+            "commit_blocks", ino=self.ino, size=self.size, blocks=blocks, mtime_ns=self.mtime_ns)
         cmap = await self._map()
         for idx, ref in refs.items():
             del self.dirty[idx]

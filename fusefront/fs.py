@@ -85,12 +85,13 @@ class Operations(pyfuse3.Operations):
         self.files: dict[int, FileData] = {}
         self.handles: dict[int, FileData] = {}
         self.dirs: dict[int, int] = {}
+        self.xattr_names: dict[int, tuple[float, frozenset[bytes]]] = {}
         self.next_fh = 1
         self.nursery: trio.Nursery | None = None
 
     # ----- helpers
     async def call(self, method: str, **args: Any) -> Any:
-        return await self.meta.call(method, vol=self.v.vol, **args)
+        return await self.v.call(method, **args)
 
     def entry(self, a: dict[str, Any]) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -146,7 +147,15 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self.check_name(name)
-        return self.merged(await self.call("lookup", parent=parent, name=name))
+        try:
+            return self.merged(await self.call("lookup", parent=parent, name=name))
+        except MetaError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        negative = pyfuse3.EntryAttributes()     # st_ino 0: the kernel caches the absence
+        negative.st_ino = 0
+        negative.entry_timeout = self.entry_timeout
+        return negative
 
     @fuse_op
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -219,7 +228,14 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
         self.check_name(name)
-        await self.call("unlink", parent=parent, name=name, open_inos=self.open_inos())
+        result = await self.call("unlink", parent=parent, name=name, open_inos=self.open_inos())
+        self.note_maybe_orphan(result["ino"])
+
+    def note_maybe_orphan(self, ino: int) -> None:
+        """An open inode lost a name: its last release checks whether to purge it."""
+        f = self.files.get(ino)
+        if f is not None:
+            f.maybe_orphan = True
 
     @fuse_op
     async def rmdir(self, parent: int, name: bytes, ctx: Any) -> None:
@@ -231,20 +247,39 @@ class Operations(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: Any) -> None:
         self.check_name(name_old)
         self.check_name(name_new)
-        await self.call("rename", parent=parent_old, name=name_old, new_parent=parent_new,
-                        new_name=name_new, flags=flags, open_inos=self.open_inos())
+        result = await self.call("rename", parent=parent_old, name=name_old,
+                                 new_parent=parent_new, new_name=name_new, flags=flags,
+                                 open_inos=self.open_inos())
+        if result.get("replaced"):
+            self.note_maybe_orphan(result["replaced"])
 
     # ----- extended attributes
     @fuse_op
     async def setxattr(self, ino: int, name: bytes, value: bytes, ctx: Any) -> None:
         if name.startswith(b"system.posix_acl_"):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)   # no ACLs: tools fall back to chmod
+        self.xattr_names.pop(ino, None)
         await self.call("setxattr", ino=ino, name=name, value=value, flags=0)
 
     @fuse_op
     async def getxattr(self, ino: int, name: bytes, ctx: Any) -> bytes:
+        # The kernel asks for security.capability before every write; answer
+        # "none" from a short-lived copy of the inode's xattr names.
+        if name not in await self.names_of(ino):
+            raise pyfuse3.FUSEError(errno.ENODATA)
         value: bytes = await self.call("getxattr", ino=ino, name=name)
         return value
+
+    async def names_of(self, ino: int) -> frozenset[bytes]:
+        now = trio.current_time()
+        cached = self.xattr_names.get(ino)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        names = frozenset(await self.call("listxattr", ino=ino))
+        if len(self.xattr_names) > 100_000:
+            self.xattr_names.clear()
+        self.xattr_names[ino] = (now + self.attr_timeout, names)
+        return names
 
     @fuse_op
     async def listxattr(self, ino: int, ctx: Any) -> list[bytes]:
@@ -253,6 +288,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def removexattr(self, ino: int, name: bytes, ctx: Any) -> None:
+        self.xattr_names.pop(ino, None)
         await self.call("removexattr", ino=ino, name=name)
 
     # ----- directories
@@ -368,7 +404,8 @@ class Operations(pyfuse3.Operations):
         finally:
             if f.opens == 0 and not f.changed:
                 del self.files[f.ino]
-                await self._purge_if_orphan(f.ino)
+                if f.maybe_orphan:
+                    await self._purge_if_orphan(f.ino)
 
     async def _purge_if_orphan(self, ino: int) -> None:
         try:
@@ -383,7 +420,7 @@ class Operations(pyfuse3.Operations):
     # ----- the file system
     @fuse_op
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        s = await self.meta.call("statfs", vol=self.v.vol)
+        s = await self.call("statfs")
         out = pyfuse3.StatvfsData()
         frsize = 4096
         copies = max(1, s["replicas"])

@@ -76,6 +76,8 @@ def setup_logging(cfg: MountConfig, cache: Path) -> None:
         logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     else:
         logging.basicConfig(level=level, format=fmt, filename=cfg.log or str(cache / "objfs.log"))
+    for chatty in ("httpx", "httpcore"):      # one line per request: only with -o debug
+        logging.getLogger(chatty).setLevel(level if cfg.debug else logging.WARNING)
 
 
 def daemonize() -> None:

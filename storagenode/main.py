@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for chatty in ("httpx", "httpcore"):      # one line per request
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.root.level))
     try:
         secret = load_secret(args.secret_file)
     except SecretError as exc:

@@ -22,9 +22,18 @@ __all__ = ["MetaClient", "MetaError", "MetaUnavailable", "BadRequest"]
 
 
 class MetaUnavailable(Exception):
-    """The metadata node could not be reached or failed (a temporary failure)."""
+    """The metadata node could not be reached or failed (a temporary failure).
+
+    ``sent`` is False when the request certainly never reached the node (the
+    connection was refused or not established), so that even a state-changing
+    operation can be sent again without doubt about its outcome.
+    """
 
     temporary = True
+
+    def __init__(self, message: str, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class MetaClient:
@@ -42,7 +51,8 @@ class MetaClient:
             response = await self._http.post(
                 "/v1/rpc", content=body, headers={"content-type": "application/msgpack"})
         except httpx.HTTPError as exc:
-            raise MetaUnavailable(f"{self.address}: {method}: {exc!r}") from exc
+            sent = not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))
+            raise MetaUnavailable(f"{self.address}: {method}: {exc!r}", sent) from exc
         return self._answer(method, response)
 
     def _answer(self, method: str, response: httpx.Response) -> Any:

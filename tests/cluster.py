@@ -5,8 +5,10 @@ Everything is stopped and unmounted on exit, also when a test fails.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 import trio
 
+from storagenode import blockformat, metastate
 from storagenode.auth import create_secret
 from storagenode.metaclient import MetaClient
 
@@ -96,12 +99,49 @@ class Cluster:
             node.start()
         self.wait_nodes_up(len(self.data))
 
-    def stop(self) -> None:
+    def unmount_all(self) -> None:
         for mp in list(self.mounts):
             umount(mp)
         self.mounts.clear()
+
+    def stop(self) -> None:
+        self.unmount_all()
         for node in self.data + [self.meta]:
             node.stop()
+
+    def consistency_problems(self) -> list[str]:
+        """The test oracle: metadata fsck, and every referenced object present
+        and intact on every node the block map names."""
+        db = self.root / "meta" / "meta.db"
+        if not db.exists():
+            return []
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            problems = metastate.fsck(conn)
+            for oid, nodes in conn.execute("SELECT oid, nodes FROM blocks"):
+                problems += [f"object {oid} missing or corrupt on {node_id}"
+                             for node_id in json.loads(nodes)
+                             if not self._object_ok(node_id, oid)]
+        finally:
+            conn.close()
+        return problems
+
+    def block_holders(self) -> dict[str, list[str]]:
+        """object id -> the nodes the block map names, in the order readers try them."""
+        conn = sqlite3.connect(f"file:{self.root / 'meta' / 'meta.db'}?mode=ro", uri=True)
+        try:
+            return {oid: json.loads(nodes)
+                    for oid, nodes in conn.execute("SELECT oid, nodes FROM blocks")}
+        finally:
+            conn.close()
+
+    def _object_ok(self, node_id: str, oid: str) -> bool:
+        path = self.root / node_id / "objects" / oid[:2] / oid[2:4] / oid
+        try:
+            blockformat.verify(path.read_bytes())
+        except (OSError, blockformat.CorruptedObject):
+            return False
+        return True
 
 
 def is_mounted(mountpoint: Path) -> bool:

@@ -12,12 +12,18 @@ from .cluster import Cluster
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A started cluster; after the test, every mount is unmounted and the
+    metadata and stored objects are checked for consistency (fsck)."""
     c = Cluster(tmp_path / "cluster")
+    problems: list[str] = []
     try:
         c.start()
         yield c
+        c.unmount_all()
+        problems = c.consistency_problems()
     finally:
         c.stop()
+    assert not problems, "inconsistent after the test:\n" + "\n".join(problems[:20])
 
 
 @pytest.fixture

@@ -73,14 +73,20 @@ def test_text_is_compressed_and_checksummed(cluster: Cluster, mnt: Path) -> None
         assert header.codec == blockformat.CODEC_ZSTD
         total += header.stored_length
     assert total < len(text) / 4
-    victim = next(iter(objects.values()))[0]          # flip a byte in one copy
-    raw = bytearray(victim.read_bytes())
-    raw[-10] ^= 0xFF
-    victim.write_bytes(raw)
-    subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)
+    first_holders = cluster.block_holders()           # flip a byte in the copy read first
+    victims = [cluster.root / nodes[0] / "objects" / oid[:2] / oid[2:4] / oid
+               for oid, nodes in first_holders.items()]
+    good = {v: v.read_bytes() for v in victims}
+    for v in victims:
+        v.write_bytes(good[v][:-10] + bytes([good[v][-10] ^ 0xFF]) + good[v][-9:])
     cluster.umount(mnt)
     cluster.mount(mnt)
-    assert (mnt / "text").read_bytes() == text        # served from a good copy
+    assert (mnt / "text").read_bytes() == text        # served from the good copies
+    quarantined = {p.name.split(".")[0] for n in cluster.data
+                   for p in (n.state / "quarantine").glob("*")}
+    assert quarantined == set(first_holders)          # each node noticed, never served it
+    for v in victims:                                 # undo the damage (repair is issue 4)
+        v.write_bytes(good[v])
 
 
 def wait_for(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
