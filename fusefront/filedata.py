@@ -54,7 +54,8 @@ class Volume:
     """What every file of the mount shares."""
 
     def __init__(self, vol: int, block_size: int, meta: MetaClient, store: BlockStore,
-                 cache: BlockCache, readahead: int = 4, upload_slots: int = 8) -> None:
+                 cache: BlockCache, readahead: int = 4, upload_slots: int = 8,
+                 dirty_limit: int = 128 << 20) -> None:
         self.vol = vol
         self.block_size = block_size
         self.meta = meta
@@ -64,6 +65,12 @@ class Volume:
         self.upload_slots = trio.CapacityLimiter(upload_slots)
         self._zeros = bytes(block_size)
         self.retry_window = 60.0
+        self.dirty_limit = dirty_limit
+        self.dirty_blocks = 0         # dirty block buffers over all files of the mount
+
+    def over_dirty_limit(self) -> bool:
+        """Do buffered writes of all files exceed the mount's budget?"""
+        return self.dirty_blocks * self.block_size > self.dirty_limit
 
     async def call(self, method: str, **args: Any) -> Any:
         """One metadata RPC about this volume, retried while the metadata node
@@ -165,7 +172,9 @@ class FileData:
             self.mtime_ns = time.time_ns()
             self.changed = True
             full = [i for i, b in self.dirty.items() if len(b) == self.bs]
-            if len(full) >= FLUSH_BLOCKS:
+            if self.v.over_dirty_limit():
+                await self._flush_blocks(sorted(self.dirty))
+            elif len(full) >= FLUSH_BLOCKS:
                 await self._flush_blocks(sorted(full))
 
     async def _dirty_block(self, idx: int, whole: bool) -> bytearray:
@@ -174,10 +183,12 @@ class FileData:
             base = memoryview(b"") if whole else await self._committed(idx)
             valid = max(0, min(len(base), self.size - idx * self.bs))
             buf = self.dirty[idx] = bytearray(base[:valid])
+            self.v.dirty_blocks += 1
         return buf
 
-    def dirty_bytes(self) -> int:
-        return sum(len(b) for b in self.dirty.values())
+    def _forget_dirty(self, idx: int) -> None:
+        del self.dirty[idx]
+        self.v.dirty_blocks -= 1
 
     # ----- flushing
     async def flush(self) -> dict[str, Any] | None:
@@ -209,7 +220,7 @@ class FileData:
             "commit_blocks", ino=self.ino, size=self.size, blocks=blocks, mtime_ns=self.mtime_ns)
         cmap = await self._map()
         for idx, ref in refs.items():
-            del self.dirty[idx]
+            self._forget_dirty(idx)
             if ref is None:
                 cmap.pop(idx, None)
             else:
@@ -223,7 +234,7 @@ class FileData:
         """Cut or extend to ``size``; ``commit`` sends the change to the metadata node."""
         async with self.lock:
             for idx in [i for i in self.dirty if i * self.bs >= size]:
-                del self.dirty[idx]
+                self._forget_dirty(idx)
             last = size // self.bs
             if last in self.dirty:
                 del self.dirty[last][size - last * self.bs:]

@@ -99,7 +99,8 @@ def build(cfg: MountConfig, secret: str, volume: dict[str, Any]) -> Operations:
     limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
     store = BlockStore(ClusterView(meta), data, volume["replicas"], limiter)
     vol = Volume(volume["vol"], volume["block_size"], meta, store,
-                 BlockCache(cfg.cache_size), readahead=cfg.readahead)
+                 BlockCache(cfg.cache_size), readahead=cfg.readahead,
+                 dirty_limit=cfg.dirty_limit)
     return Operations(vol, attr_timeout=cfg.attr_timeout,
                       entry_timeout=cfg.entry_timeout, replicas=volume["replicas"])
 
