@@ -149,6 +149,10 @@ def mount(cfg: MountConfig) -> None:
         raise MountError(f"cannot create cache folder {cache}: {exc.strerror}") from None
     options = set(cfg.fuse_options) | {f"fsname={cfg.source}", "subtype=objfs",
                                        "default_permissions"}
+    if os.getuid() == 0:
+        # A volume root mounts is for every user, like any other filesystem;
+        # the kernel checks permissions (default_permissions).
+        options.add("allow_other")
     options.discard("rw")
     ops = build(cfg, secret, volume)
     try:

@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "volume's name,\n  for example 127.0.0.1:9400/demo.\n\n"
                 f"objfs options (-o name=value,...):\n{own}\n\n"
                 f"Mount options passed to the kernel: {passed}.\n"
+                "Mounted by root, a volume is open to every user (allow_other); the\n"
+                "kernel checks permissions from the mode bits (default_permissions).\n"
                 "Options for mount/fstab only (ignored here): "
                 + ", ".join(sorted(DROP_OPTIONS)) + ".\n\n"
                 "fstab example:\n"
