@@ -158,3 +158,15 @@ class BlockStore:
         first = [n for n in known if n.up] + [n for n in known if not n.up]
         rest = [n for n in self.view.ranked(oid, up_only=False) if n not in first]
         return first + rest
+
+    async def discard(self, oid: ObjectId, holders: Sequence[str]) -> None:
+        """Best-effort removal of an object that was never committed (left
+        behind on failure: the orphan collector's job)."""
+        for node_id in holders:
+            node = self.view.nodes.get(NodeId(node_id))
+            if node is None:
+                continue
+            try:
+                await self.data.delete(node.address, oid)
+            except NodeError as exc:
+                log.info("could not discard %s on %s: %s", oid, node_id, exc)

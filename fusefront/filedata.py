@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+import logging
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -39,7 +40,11 @@ from storagenode.retry import retrying
 from .blockcache import BlockCache
 from .datapath import BlockStore
 
-FLUSH_BLOCKS = 8
+log = logging.getLogger(__name__)
+Spawn = Callable[[Callable[[], Awaitable[Any]]], None]
+
+MAX_INFLIGHT = 8        # background block uploads per file
+COMMIT_BATCH = 256      # uploaded blocks that force a commit
 MAP_SPAN = 65536        # block map entries fetched per request
 
 
@@ -95,6 +100,10 @@ class FileData:
         self.bs = volume.block_size
         self.refs: dict[int, BlockRef] | None = None
         self.dirty: dict[int, bytearray] = {}
+        self.gen: dict[int, int] = {}          # writes into each dirty buffer so far
+        self.uploaded: dict[int, BlockRef | None] = {}   # stored, not yet committed
+        self.inflight: dict[int, trio.Event] = {}         # background uploads running
+        self.stale: list[BlockRef] = []        # uploaded, then rewritten: never committed
         self.changed = False          # size or mtime differ from the metadata node
         self.lock = trio.Lock()
         self.opens = 0
@@ -113,20 +122,23 @@ class FileData:
             self.refs = refs
         return self.refs
 
-    async def _committed(self, idx: int) -> memoryview:
-        """Committed bytes of block ``idx`` up to its valid length (empty for a hole)."""
-        ref = (await self._map()).get(idx)
+    async def _stored(self, idx: int) -> memoryview:
+        """Stored bytes of block ``idx`` up to its valid length (empty for a hole):
+        uploaded and awaiting commit, or committed."""
+        if idx in self.uploaded:
+            ref: BlockRef | None = self.uploaded[idx]
+        else:
+            ref = (await self._map()).get(idx)
         if ref is None:
             return memoryview(b"")
         return memoryview(await self._fetch(ref))[:ref.length]
 
     async def _content(self, idx: int) -> memoryview | bytearray:
         buf = self.dirty.get(idx)
-        return buf if buf is not None else await self._committed(idx)
+        return buf if buf is not None else await self._stored(idx)
 
     # ----- reading
-    async def read(self, offset: int, length: int,
-                   prefetch: Callable[[Callable[[], Awaitable[Any]]], None]) -> bytes:
+    async def read(self, offset: int, length: int, prefetch: Spawn) -> bytes:
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
@@ -140,8 +152,7 @@ class FileData:
         self._read_ahead(first, last, prefetch)
         return b"".join(parts)
 
-    def _read_ahead(self, first: int, last: int,
-                    prefetch: Callable[[Callable[[], Awaitable[Any]]], None]) -> None:
+    def _read_ahead(self, first: int, last: int, prefetch: Spawn) -> None:
         sequential = first in (self.last_read, self.last_read + 1)
         self.last_read = last
         if not sequential or self.refs is None:
@@ -157,8 +168,9 @@ class FileData:
         return await self.v.cache.get(ref.oid, lambda: self.v.store.download(ref.oid, ref.holders))
 
     # ----- writing
-    async def write(self, offset: int, data: bytes) -> None:
+    async def write(self, offset: int, data: bytes, spawn: Spawn) -> None:
         async with self.lock:
+            passed = []            # blocks this write filled up to their end
             pos = 0
             while pos < len(data):
                 idx, boff = divmod(offset + pos, self.bs)
@@ -167,20 +179,27 @@ class FileData:
                 if len(buf) < boff:
                     buf.extend(bytes(boff - len(buf)))
                 buf[boff:boff + n] = data[pos:pos + n]
+                self.gen[idx] = self.gen.get(idx, 0) + 1
+                if boff + n == self.bs:
+                    passed.append(idx)
                 pos += n
             self.size = max(self.size, offset + len(data))
             self.mtime_ns = time.time_ns()
             self.changed = True
-            full = [i for i, b in self.dirty.items() if len(b) == self.bs]
-            if self.v.over_dirty_limit():
-                await self._flush_blocks(sorted(self.dirty))
-            elif len(full) >= FLUSH_BLOCKS:
-                await self._flush_blocks(sorted(full))
+            if self.v.over_dirty_limit() or len(self.uploaded) >= COMMIT_BATCH:
+                await self._flush_all()
+                return
+            for idx in passed:
+                await self._start_upload(idx, spawn)
 
     async def _dirty_block(self, idx: int, whole: bool) -> bytearray:
         buf = self.dirty.get(idx)
         if buf is None:
-            base = memoryview(b"") if whole else await self._committed(idx)
+            base = memoryview(b"") if whole else await self._stored(idx)
+            if idx in self.uploaded:          # rewritten before its commit
+                ref = self.uploaded.pop(idx)
+                if ref is not None:
+                    self.stale.append(ref)
             valid = max(0, min(len(base), self.size - idx * self.bs))
             buf = self.dirty[idx] = bytearray(base[:valid])
             self.v.dirty_blocks += 1
@@ -188,56 +207,100 @@ class FileData:
 
     def _forget_dirty(self, idx: int) -> None:
         del self.dirty[idx]
+        self.gen.pop(idx, None)
         self.v.dirty_blocks -= 1
 
+    # ----- write-behind: full blocks upload while the writer goes on
+    async def _start_upload(self, idx: int, spawn: Spawn) -> None:
+        if idx in self.inflight or idx not in self.dirty:
+            return
+        while len(self.inflight) >= MAX_INFLIGHT:          # backpressure
+            await next(iter(self.inflight.values())).wait()
+        if idx in self.inflight or idx not in self.dirty:
+            return
+        done = self.inflight[idx] = trio.Event()
+        spawn(functools.partial(self._background_upload, idx, bytes(self.dirty[idx]),
+                                self.gen[idx], done))
+
+    async def _background_upload(self, idx: int, data: bytes, gen: int, done: trio.Event) -> None:
+        try:
+            ref = await self._upload(data)
+            if self.gen.get(idx) == gen:
+                self.uploaded[idx] = ref
+                self._forget_dirty(idx)
+            elif ref is not None:
+                self.stale.append(ref)     # rewritten meanwhile: the buffer stays dirty
+        except Exception as exc:
+            log.warning("background upload of block %d of inode %d failed (flush retries): %s",
+                        idx, self.ino, exc)
+        finally:
+            del self.inflight[idx]
+            done.set()
+
+    async def _upload(self, data: bytes) -> BlockRef | None:
+        """Store one block; None for an all-zero block (a hole, nothing stored)."""
+        if self.v.is_zero(data):
+            return None
+        async with self.v.upload_slots:
+            oid, nodes = await self.v.store.upload(data)
+        self.v.cache.put(oid, data)
+        return BlockRef(oid, len(data), tuple(nodes))
+
+    async def _wait_uploads(self) -> None:
+        while self.inflight:
+            await next(iter(self.inflight.values())).wait()
+
     # ----- flushing
+    def pending(self) -> bool:
+        return bool(self.dirty or self.uploaded or self.inflight or self.changed)
+
     async def flush(self) -> dict[str, Any] | None:
         """Upload buffered blocks and commit them; the new attrs, or None if clean."""
         async with self.lock:
-            if not self.dirty and not self.changed:
+            if not self.pending():
                 return None
-            return await self._flush_blocks(sorted(self.dirty))
+            return await self._flush_all()
 
-    async def _flush_blocks(self, indexes: list[int]) -> dict[str, Any]:
-        snapshot = {i: bytes(self.dirty[i]) for i in indexes}
-        refs: dict[int, BlockRef | None] = {}
+    async def _flush_all(self) -> dict[str, Any]:
+        await self._wait_uploads()
+        snapshot = {i: bytes(b) for i, b in self.dirty.items()}
 
         async def upload(idx: int, data: bytes) -> None:
-            if self.v.is_zero(data):
-                refs[idx] = None
-                return
-            async with self.v.upload_slots:
-                oid, nodes = await self.v.store.upload(data)
-            self.v.cache.put(oid, data)
-            refs[idx] = BlockRef(oid, len(data), tuple(nodes))
+            self.uploaded[idx] = await self._upload(data)
 
         async with trio.open_nursery() as nursery:
             for idx, data in snapshot.items():
                 nursery.start_soon(upload, idx, data)
-        blocks = [[i, r.oid if r else None, r.length if r else 0, list(r.holders) if r else []]
-                  for i, r in sorted(refs.items())]
+        for idx in snapshot:
+            self._forget_dirty(idx)
+        return await self._commit()
+
+    async def _commit(self) -> dict[str, Any]:
+        blocks: list[list[Any]] = [[i, r.oid, r.length, list(r.holders)] if r else [i, None, 0, []]
+                  for i, r in sorted(self.uploaded.items())]
         attrs: dict[str, Any] = await self.v.call(
             "commit_blocks", ino=self.ino, size=self.size, blocks=blocks, mtime_ns=self.mtime_ns)
         cmap = await self._map()
-        for idx, ref in refs.items():
-            self._forget_dirty(idx)
+        for idx, ref in self.uploaded.items():
             if ref is None:
                 cmap.pop(idx, None)
             else:
                 cmap[idx] = ref
+        self.uploaded.clear()
         self.changed = bool(self.dirty)
+        stale, self.stale = self.stale, []
+        for ref in stale:                  # never committed: no one else can refer to it
+            await self.v.store.discard(ref.oid, ref.holders)
         return attrs
 
     # ----- truncating
     async def truncate(self, size: int, commit: Callable[[], Awaitable[dict[str, Any]]]
                        ) -> dict[str, Any]:
-        """Cut or extend to ``size``; ``commit`` sends the change to the metadata node."""
+        """Cut or extend to ``size`` after committing what is buffered;
+        ``commit`` sends the change to the metadata node."""
         async with self.lock:
-            for idx in [i for i in self.dirty if i * self.bs >= size]:
-                self._forget_dirty(idx)
-            last = size // self.bs
-            if last in self.dirty:
-                del self.dirty[last][size - last * self.bs:]
+            if self.pending():
+                await self._flush_all()
             attrs = await commit()
             self.size = size
             self.mtime_ns = attrs["mtime_ns"]

@@ -338,7 +338,7 @@ class Operations(pyfuse3.Operations):
         f = self.files.get(a["ino"])
         if f is None:
             f = self.files[a["ino"]] = FileData(self.v, a["ino"], a["size"], a["mtime_ns"])
-        elif f.opens == 0 and not f.changed:
+        elif f.opens == 0 and not f.pending():
             f.size, f.mtime_ns, f.refs = a["size"], a["mtime_ns"], None   # close-to-open
         return f
 
@@ -379,7 +379,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def write(self, fh: int, offset: int, data: bytes) -> int:
-        await self.handles[fh].write(offset, data)
+        await self.handles[fh].write(offset, data, self.spawn)
         return len(data)
 
     @fuse_op
@@ -402,7 +402,7 @@ class Operations(pyfuse3.Operations):
         try:
             await f.flush()
         finally:
-            if f.opens == 0 and not f.changed:
+            if f.opens == 0 and not f.pending():
                 del self.files[f.ino]
                 if f.maybe_orphan:
                     await self._purge_if_orphan(f.ino)
