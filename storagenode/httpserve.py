@@ -2,7 +2,9 @@
 
 Hypercorn (its trio worker) speaks HTTP; this module gives the roles a small
 request object with a bounded body reader, and response helpers.  Handlers
-raise ``HTTPError`` for client errors; anything else becomes a logged 500.
+raise ``HTTPError`` for client errors; anything else becomes a logged 500
+(``respond``).  ``h11serve`` serves the same handlers without Hypercorn, for
+the metadata role, where the cost per small request matters most.
 """
 
 from __future__ import annotations
@@ -82,6 +84,17 @@ class Request:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+async def respond(handle: Handler, request: Request) -> Response:
+    """``handle``'s response; HTTPError becomes its status, any other error a logged 500."""
+    try:
+        return await handle(request)
+    except HTTPError as exc:
+        return Response.json({"error": exc.message, **exc.extra}, exc.status)
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return Response.json({"error": "internal error"}, 500)
+
+
 def asgi_app(handle: Handler) -> Callable[..., Awaitable[None]]:
     """Wrap a request handler as an ASGI application."""
 
@@ -101,13 +114,7 @@ def asgi_app(handle: Handler) -> Callable[..., Awaitable[None]]:
             parse_qs(scope.get("query_string", b"").decode("latin-1")),
             {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
             receive)
-        try:
-            response = await handle(request)
-        except HTTPError as exc:
-            response = Response.json({"error": exc.message, **exc.extra}, exc.status)
-        except Exception:
-            log.exception("unhandled error serving %s %s", request.method, request.path)
-            response = Response.json({"error": "internal error"}, 500)
+        response = await respond(handle, request)
         headers = [(k.encode(), v.encode()) for k, v in response.headers.items()]
         if "content-length" not in response.headers:
             headers.append((b"content-length", str(len(response.body)).encode()))

@@ -43,7 +43,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from . import collector, metaschema
 from .auth import authorized
 from .dataclient import DataClient
-from .httpserve import HTTPError, Request, Response, serve
+from .h11serve import serve
+from .httpserve import HTTPError, Request, Response
 from .metaclient import MetaClient
 from .metastate import (HEARTBEAT_SPEC, OPS, QUERIES, BadRequest, Liveness, MetaError,
                         MetaState, Outcome, validate)

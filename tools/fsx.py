@@ -147,8 +147,7 @@ def run_ops(ops: list[Op], test_dir: Path, ref_dir: Path, name: str = "fsx") -> 
             try:
                 pair.apply(op)
             except (Mismatch, OSError) as exc:
-                pair.failure = f"op {i} {op}: {exc}"  # type: ignore[attr-defined]
-                print(pair.failure, file=sys.stderr)
+                print(f"op {i} {op}: {exc}", file=sys.stderr)
                 return i
         return None
     finally:
