@@ -51,23 +51,31 @@ def fuse_op(fn: F) -> F:
     async def handler(*args: Any) -> Any:
         try:
             return await fn(*args)
-        except pyfuse3.FUSEError:
-            raise
-        except MetaError as exc:
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except NoSpace:
-            raise pyfuse3.FUSEError(errno.ENOSPC) from None
-        except (MetaUnavailable, DataUnavailable, NodeError) as exc:
-            log.error("%s failed: %s: %s", fn.__name__, type(exc).__name__, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except OSError as exc:
-            log.error("%s failed: %s", fn.__name__, exc)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("bug in %s", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:
+            raise to_fuse_error(fn.__name__, exc) from None
 
     return handler  # type: ignore[return-value]
+
+
+def to_fuse_error(operation: str, exc: Exception) -> pyfuse3.FUSEError:
+    """The errno a failure means to the caller (nurseries wrap failures in
+    groups: the first one decides)."""
+    while isinstance(exc, ExceptionGroup):
+        exc = exc.exceptions[0]
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc
+    if isinstance(exc, MetaError):
+        return pyfuse3.FUSEError(exc.errno)
+    if isinstance(exc, NoSpace):
+        return pyfuse3.FUSEError(errno.ENOSPC)
+    if isinstance(exc, (MetaUnavailable, DataUnavailable, NodeError)):
+        log.error("%s failed: %s: %s", operation, type(exc).__name__, exc)
+        return pyfuse3.FUSEError(errno.EIO)
+    if isinstance(exc, OSError):
+        log.error("%s failed: %s", operation, exc)
+        return pyfuse3.FUSEError(exc.errno or errno.EIO)
+    log.error("bug in %s", operation, exc_info=exc)
+    return pyfuse3.FUSEError(errno.EIO)
 
 
 class Operations(pyfuse3.Operations):
