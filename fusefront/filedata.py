@@ -43,6 +43,7 @@ from .datapath import BlockStore
 log = logging.getLogger(__name__)
 Spawn = Callable[[Callable[[], Awaitable[Any]]], None]
 
+RELATIME_NS = 24 * 3600 * 10**9
 MAX_INFLIGHT = 8        # background block uploads per file
 COMMIT_BATCH = 256      # uploaded blocks that force a commit
 MAP_SPAN = 65536        # block map entries fetched per request
@@ -92,11 +93,15 @@ class Volume:
 
 
 class FileData:
-    def __init__(self, volume: Volume, ino: InodeId, size: int, mtime_ns: int) -> None:
+    def __init__(self, volume: Volume, attrs: dict[str, Any]) -> None:
         self.v = volume
-        self.ino = ino
-        self.size = size
-        self.mtime_ns = mtime_ns
+        self.ino = InodeId(attrs["ino"])
+        self.size = attrs["size"]
+        self.mtime_ns = attrs["mtime_ns"]
+        self.atime_ns = attrs["atime_ns"]
+        self.ctime_ns = attrs["ctime_ns"]
+        self.atime_sent = trio.Event()         # the last read access is recorded
+        self.atime_sent.set()
         self.bs = volume.block_size
         self.refs: dict[int, BlockRef] | None = None
         self.dirty: dict[int, bytearray] = {}
@@ -138,6 +143,18 @@ class FileData:
         return buf if buf is not None else await self._stored(idx)
 
     # ----- reading
+    def atime_due(self, now: int) -> bool:
+        """relatime: record a read if the last one is older than the last
+        change, or a day old."""
+        return (self.atime_ns <= max(self.mtime_ns, self.ctime_ns)
+                or now - self.atime_ns >= RELATIME_NS)
+
+    def refresh(self, attrs: dict[str, Any]) -> None:
+        """Take the metadata node's view (close-to-open: at open, when idle here)."""
+        self.size, self.mtime_ns = attrs["size"], attrs["mtime_ns"]
+        self.atime_ns, self.ctime_ns = attrs["atime_ns"], attrs["ctime_ns"]
+        self.refs = None
+
     async def read(self, offset: int, length: int, prefetch: Spawn) -> bytes:
         end = min(offset + length, self.size)
         if offset >= end:

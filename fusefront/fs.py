@@ -25,6 +25,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
@@ -83,13 +84,14 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, volume: Volume, *, attr_timeout: float, entry_timeout: float,
-                 replicas: int) -> None:
+                 replicas: int, relatime: bool = True) -> None:
         super().__init__()
         self.v = volume
         self.meta: MetaClient = volume.meta
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
         self.replicas = replicas
+        self.relatime = relatime
         self.files: dict[int, FileData] = {}
         self.handles: dict[int, FileData] = {}
         self.dirs: dict[int, int] = {}
@@ -126,6 +128,8 @@ class Operations(pyfuse3.Operations):
         if f is not None and f.changed:
             a = dict(a, size=f.size, mtime_ns=f.mtime_ns)
             a["blocks"] = max(a["blocks"], (f.size + 511) // 512)
+        if f is not None and f.atime_ns > a["atime_ns"]:
+            a = dict(a, atime_ns=f.atime_ns)      # a read access still on its way
         return self.entry(a)
 
     def open_inos(self) -> list[int]:
@@ -345,9 +349,9 @@ class Operations(pyfuse3.Operations):
     def file(self, a: dict[str, Any]) -> FileData:
         f = self.files.get(a["ino"])
         if f is None:
-            f = self.files[a["ino"]] = FileData(self.v, a["ino"], a["size"], a["mtime_ns"])
+            f = self.files[a["ino"]] = FileData(self.v, a)
         elif f.opens == 0 and not f.pending():
-            f.size, f.mtime_ns, f.refs = a["size"], a["mtime_ns"], None   # close-to-open
+            f.refresh(a)      # close-to-open
         return f
 
     def new_handle(self, f: FileData) -> pyfuse3.FileInfo:
@@ -383,7 +387,31 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        return await self.handles[fh].read(offset, size, self.spawn)
+        f = self.handles[fh]
+        data = await f.read(offset, size, self.spawn)
+        now = time.time_ns()
+        if self.relatime and f.atime_due(now):
+            f.atime_ns = now
+            f.atime_sent = trio.Event()
+            self.spawn(functools.partial(self.touch_atime, f.ino, now, f.atime_sent))
+        return data
+
+    async def touch_atime(self, ino: int, now: int, sent: trio.Event) -> None:
+        """Record a read access, then let the kernel drop its cached
+        attributes; ``close`` waits for this (see flush)."""
+        try:
+            await self.call("touch_atime", ino=ino, atime_ns=now)
+            await self.invalidate_attrs(ino)
+        finally:
+            sent.set()
+
+    @staticmethod
+    async def invalidate_attrs(ino: int) -> None:
+        # attr_only never waits for page locks (see FACTS: invalidation traps)
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
+        except OSError:
+            pass          # the kernel forgot the inode already
 
     @fuse_op
     async def write(self, fh: int, offset: int, data: bytes) -> int:
@@ -392,7 +420,9 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def flush(self, fh: int) -> None:
-        await self.handles[fh].flush()
+        f = self.handles[fh]
+        await f.flush()
+        await f.atime_sent.wait()     # a stat after close shows the read
 
     @fuse_op
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -102,7 +102,8 @@ def build(cfg: MountConfig, secret: str, volume: dict[str, Any]) -> Operations:
                  BlockCache(cfg.cache_size), readahead=cfg.readahead,
                  dirty_limit=cfg.dirty_limit)
     return Operations(vol, attr_timeout=cfg.attr_timeout,
-                      entry_timeout=cfg.entry_timeout, replicas=volume["replicas"])
+                      entry_timeout=cfg.entry_timeout, replicas=volume["replicas"],
+                      relatime="noatime" not in cfg.fuse_options)
 
 
 async def serve(ops: Operations) -> None:

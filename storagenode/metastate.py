@@ -748,6 +748,16 @@ def _op_setattr(st: MetaState, a: Args, now: int) -> Any:
     return inode.attrs()
 
 
+def _op_touch_atime(st: MetaState, a: Args, now: int) -> Any:
+    """Record a read access (relatime): atime only, ctime unchanged, as on
+    a local filesystem; never moves atime backwards."""
+    inode = st.inode(a["vol"], a["ino"])
+    if a["atime_ns"] > inode.atime_ns:
+        inode.atime_ns = a["atime_ns"]
+        st.save(inode)
+    return inode.attrs()
+
+
 def _check_regular(inode: Inode) -> None:
     if inode.is_dir:
         raise MetaError(errno.EISDIR, f"inode {inode.ino} is a directory")
@@ -961,6 +971,8 @@ OPS: dict[str, Method] = {
     "rmdir": Method(_op_rmdir, {"vol": VOL, "parent": INO, "name": NAME}),
     "rename": Method(_op_rename, _RENAME),
     "setattr": Method(_op_setattr, _SETATTR),
+    "touch_atime": Method(_op_touch_atime, {"vol": VOL, "ino": INO,
+                                            "atime_ns": (_int(0), REQUIRED)}),
     "commit_blocks": Method(_op_commit_blocks, {
         "vol": VOL, "ino": INO, "size": (_int(0), REQUIRED), "blocks": _BLOCKS,
         "mtime_ns": TIME}),

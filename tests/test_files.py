@@ -225,3 +225,18 @@ def test_name_too_long(mnt: Path) -> None:
         (mnt / ("n" * 256)).write_text("x")
     assert exc.value.errno == errno.ENAMETOOLONG
     (mnt / ("n" * 255)).write_text("ok")
+
+
+def test_atime_is_relatime(mnt: Path, cluster: Cluster) -> None:
+    p = mnt / "a"
+    p.write_bytes(b"data")
+    os.utime(p, ns=(1_000_000_000, 2_000_000_000))     # atime older than mtime
+    p.read_bytes()
+    first = p.stat().st_atime_ns
+    assert first > 2_000_000_000
+    p.read_bytes()                                     # already newer than mtime: kept
+    assert p.stat().st_atime_ns == first
+    cluster.umount(mnt)
+    cluster.mount(mnt)
+    st = p.stat()
+    assert st.st_atime_ns == first and st.st_mtime_ns == 2_000_000_000
