@@ -323,8 +323,8 @@ class Operations(pyfuse3.Operations):
                 return
             start_id = 1
         if start_id == 1:
-            if not pyfuse3.readdir_reply(token, b"..", me if ino == pyfuse3.ROOT_INODE
-                                         else self.entry(await self.call("getattr", ino=ino)), 2):
+            parent = self.entry(await self.call("parent", ino=ino))
+            if not pyfuse3.readdir_reply(token, b"..", parent, 2):
                 return
             start_id = 2
         after = start_id - 2

@@ -890,6 +890,16 @@ def _q_getattr(st: MetaState, a: Args, live: Live) -> Any:
     return st.inode(a["vol"], a["ino"]).attrs()
 
 
+def _q_parent(st: MetaState, a: Args, live: Live) -> Any:
+    """The attrs of a directory's parent (the root is its own parent)."""
+    inode = st.inode(a["vol"], a["ino"])
+    if not inode.is_dir:
+        raise MetaError(errno.ENOTDIR, f"inode {inode.ino} is not a directory")
+    row = st._exec("SELECT parent FROM dentries WHERE vol = ? AND ino = ?",
+                   a["vol"], a["ino"]).fetchone()
+    return st.inode(a["vol"], row[0] if row else a["ino"]).attrs()
+
+
 def _q_readdir(st: MetaState, a: Args, live: Live) -> Any:
     st.directory(a["vol"], a["ino"])
     rows = st._exec(
@@ -990,6 +1000,7 @@ QUERIES: dict[str, Method] = {
     "statfs": Method(_q_statfs, {"vol": VOL}),
     "lookup": Method(_q_lookup, {"vol": VOL, "parent": INO, "name": NAME}),
     "getattr": Method(_q_getattr, {"vol": VOL, "ino": INO}),
+    "parent": Method(_q_parent, {"vol": VOL, "ino": INO}),
     "readdir": Method(_q_readdir, {"vol": VOL, "ino": INO, "after": (_int(0), 0),
                                    "limit": LIMIT}),
     "readlink": Method(_q_readlink, {"vol": VOL, "ino": INO}),

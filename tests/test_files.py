@@ -240,3 +240,11 @@ def test_atime_is_relatime(mnt: Path, cluster: Cluster) -> None:
     cluster.mount(mnt)
     st = p.stat()
     assert st.st_atime_ns == first and st.st_mtime_ns == 2_000_000_000
+
+
+def test_dot_and_dotdot_in_listings(mnt: Path) -> None:
+    (mnt / "p" / "c").mkdir(parents=True)
+    out = subprocess.run(["ls", "-ai", str(mnt / "p" / "c")], capture_output=True, text=True,
+                         check=True).stdout.split()
+    listed = dict(zip(out[1::2], map(int, out[0::2])))
+    assert listed == {".": (mnt / "p" / "c").stat().st_ino, "..": (mnt / "p").stat().st_ino}
