@@ -28,17 +28,16 @@ import re
 import time
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
-import httpx
-import msgpack
 import prometheus_client as prom
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import blockformat, httpserve
-from .auth import auth_header, authorized
+from .auth import authorized
 from .httpserve import HTTPError, Request, Response
 from .ids import NodeId, ObjectId, parse_object_id
+from .metaclient import BadRequest, MetaClient, MetaError, MetaUnavailable
 from .objectstore import (BadFraming, NodeIdMismatch, NoSuchObject, ObjectExists,
                           ObjectStore, QuarantinedObject, StoreError, StoreFull,
                           load_node_id)
@@ -265,26 +264,6 @@ def _http_error(exc: Exception) -> HTTPError:
 
 # -- registration with the metadata node -------------------------------------
 
-class MetaError(Exception):
-    """The metadata node answered with an errno."""
-
-    def __init__(self, number: int, message: str) -> None:
-        super().__init__(f"errno {number}: {message}")
-        self.errno = number
-
-
-async def meta_call(client: httpx.AsyncClient, meta: str, secret: str,
-                    method: str, args: dict[str, Any]) -> Any:
-    """One metadata RPC; MetaError for an errno answer, httpx errors otherwise."""
-    response = await client.post(f"http://{meta}/v1/rpc", headers=auth_header(secret),
-                                 content=msgpack.packb({"method": method, "args": args}))
-    response.raise_for_status()
-    answer = msgpack.unpackb(response.content)
-    if "errno" in answer:
-        raise MetaError(int(answer["errno"]), str(answer.get("error", "")))
-    return answer["result"]
-
-
 class _Throttled:
     """Logs a warning at most once per ``every`` seconds."""
 
@@ -299,29 +278,31 @@ class _Throttled:
             log.warning(message, *args)
 
 
-async def keep_registered(client: httpx.AsyncClient, meta: str, secret: str,
-                          registration: dict[str, Any],
+MetaCall = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+async def keep_registered(call: MetaCall, meta: str, registration: dict[str, Any],
                           heartbeat: Callable[[], Awaitable[dict[str, Any]]]) -> None:
     """Register with the metadata node, then heartbeat forever (until cancelled).
 
-    ``registration`` are the ``register_node`` args; ``heartbeat()`` gives
-    the current ``heartbeat`` args.
+    ``call(method, args)`` is one metadata RPC; ``registration`` are the
+    ``register_node`` args; ``heartbeat()`` gives the current ``heartbeat`` args.
     """
     warnings = _Throttled(WARN_EVERY_SECONDS)
     registered = False
     while True:
         try:
             if not registered:
-                await meta_call(client, meta, secret, "register_node", registration)
+                await call("register_node", registration)
                 registered = True
                 log.info("registered with metadata node %s", meta)
-            await meta_call(client, meta, secret, "heartbeat", await heartbeat())
+            await call("heartbeat", await heartbeat())
         except MetaError as exc:
             if exc.errno == errno.ENOENT:
                 registered = False      # it forgot us (restarted): register next round
             else:
                 warnings.warn("metadata node %s refused us: %s", meta, exc)
-        except (httpx.HTTPError, msgpack.UnpackException, ValueError, KeyError) as exc:
+        except (MetaUnavailable, BadRequest) as exc:
             warnings.warn("metadata node %s unreachable: %s", meta, exc)
         await trio.sleep(HEARTBEAT_SECONDS)
 
@@ -344,8 +325,11 @@ async def run(args: argparse.Namespace, secret: str) -> None:
         lambda: ObjectStore(args.state, reserve_bytes=args.reserve_bytes))
     node = DataNode(store, node_id, secret, args.max_object_bytes)
     log.info("data node %s serving %d objects on %s", node_id, store.object_count, args.listen)
-    async with httpx.AsyncClient(timeout=META_TIMEOUT) as client:
+    async with MetaClient(args.meta, secret, timeout=META_TIMEOUT) as meta:
+        async def call(method: str, call_args: dict[str, Any]) -> Any:
+            return await meta.call(method, **call_args)
+
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(keep_registered, client, args.meta, secret,
+            nursery.start_soon(keep_registered, call, args.meta,
                                _registration(args, node_id), node.heartbeat_args)
             await httpserve.serve(node.handle, args.listen)

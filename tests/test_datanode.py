@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import httpx
-import msgpack
 import pytest
 import trio
 import trio.testing
 
+from storagenode.metaclient import MetaError, MetaUnavailable
 from storagenode import auth, blockformat, datanode, retry
 from storagenode.dataclient import (DataClient, NodeFull, NodeRejected, NodeUnavailable,
                                     ObjectCorrupted, ObjectNotFound)
@@ -327,19 +327,16 @@ class FakeMeta:
         self.forget_after = forget_after
         self.registered = False
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        call = msgpack.unpackb(request.content)
-        self.calls.append((call["method"], call["args"]))
-        if call["method"] == "register_node":
+    async def __call__(self, method: str, args: dict[str, Any]) -> Any:
+        self.calls.append((method, args))
+        if method == "register_node":
             self.registered = True
-            answer: dict[str, Any] = {"result": {}}
-        elif not self.registered:
-            answer = {"errno": errno.ENOENT, "error": "unknown node"}
-        else:
-            answer = {"result": {"epoch": 1}}
-            if len(self.calls) == self.forget_after:
-                self.registered = False
-        return httpx.Response(200, content=msgpack.packb(answer))
+            return {}
+        if not self.registered:
+            raise MetaError(errno.ENOENT, "unknown node")
+        if len(self.calls) == self.forget_after:
+            self.registered = False
+        return {"epoch": 1}
 
 
 def test_registers_heartbeats_and_reregisters() -> None:
@@ -351,10 +348,8 @@ def test_registers_heartbeats_and_reregisters() -> None:
         return {"node_id": "data-9", "capacity": 100, "free": 50, "objects": 3}
 
     async def main() -> None:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as client:
-            with trio.move_on_after(9):
-                await datanode.keep_registered(client, "meta:1", "s" * 32,
-                                               registration, heartbeat)
+        with trio.move_on_after(9):
+            await datanode.keep_registered(fake, "meta:1", registration, heartbeat)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     methods = [method for method, _ in fake.calls]
@@ -376,16 +371,15 @@ def test_heartbeat_args_come_from_the_store(tmp_path: Path) -> None:
 
 def test_unreachable_metadata_node_is_retried_with_few_warnings(
         caplog: pytest.LogCaptureFixture) -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("connection refused", request=request)
+    async def refuse(method: str, args: dict[str, Any]) -> Any:
+        raise MetaUnavailable("connection refused", sent=False)
 
     async def heartbeat() -> dict[str, Any]:
         return {}
 
     async def main() -> None:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(refuse)) as client:
-            with trio.move_on_after(65):
-                await datanode.keep_registered(client, "meta:1", "s" * 32, {}, heartbeat)
+        with trio.move_on_after(65):
+            await datanode.keep_registered(refuse, "meta:1", {}, heartbeat)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
