@@ -168,6 +168,11 @@ def stop_pid(pid: int, grace: float = 10.0) -> None:
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return                  # our own child, exited and now reaped
+        except ChildProcessError:
+            pass                        # not our child: watch it another way
+        try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return
