@@ -95,7 +95,7 @@ class BlockStore:
         self.replicas = replicas
         self.limiter = limiter
 
-    async def upload(self, block: bytes) -> tuple[ObjectId, list[NodeId]]:
+    async def upload(self, block: bytes | bytearray) -> tuple[ObjectId, list[NodeId]]:
         """Store one block; returns its object id and the nodes holding it."""
         obj = await trio.to_thread.run_sync(blockformat.encode, block, limiter=self.limiter)
         await self.view.refresh()

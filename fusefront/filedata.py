@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 Spawn = Callable[[Callable[[], Awaitable[Any]]], None]
 
 RELATIME_NS = 24 * 3600 * 10**9
-MAX_INFLIGHT = 8        # background block uploads per file
+MAX_INFLIGHT = 8        # background block uploads over the whole mount
 COMMIT_BATCH = 256      # uploaded blocks that force a commit
 MAP_SPAN = 65536        # block map entries fetched per request
 
@@ -73,6 +73,7 @@ class Volume:
         self.retry_window = 60.0
         self.dirty_limit = dirty_limit
         self.dirty_blocks = 0         # dirty block buffers over all files of the mount
+        self.inflight = trio.Semaphore(MAX_INFLIGHT)
 
     def over_dirty_limit(self) -> bool:
         """Do buffered writes of all files exceed the mount's budget?"""
@@ -231,9 +232,9 @@ class FileData:
     async def _start_upload(self, idx: int, spawn: Spawn) -> None:
         if idx in self.inflight or idx not in self.dirty:
             return
-        while len(self.inflight) >= MAX_INFLIGHT:          # backpressure
-            await next(iter(self.inflight.values())).wait()
+        await self.v.inflight.acquire()          # backpressure: bounded over the mount
         if idx in self.inflight or idx not in self.dirty:
+            self.v.inflight.release()
             return
         done = self.inflight[idx] = trio.Event()
         spawn(functools.partial(self._background_upload, idx, bytes(self.dirty[idx]),
@@ -252,15 +253,16 @@ class FileData:
                         idx, self.ino, exc)
         finally:
             del self.inflight[idx]
+            self.v.inflight.release()
             done.set()
 
-    async def _upload(self, data: bytes) -> BlockRef | None:
+    async def _upload(self, data: bytes | bytearray) -> BlockRef | None:
         """Store one block; None for an all-zero block (a hole, nothing stored)."""
         if self.v.is_zero(data):
             return None
         async with self.v.upload_slots:
             oid, nodes = await self.v.store.upload(data)
-        self.v.cache.put(oid, data)
+        self.v.cache.put(oid, bytes(data) if isinstance(data, bytearray) else data)
         return BlockRef(oid, len(data), tuple(nodes))
 
     async def _wait_uploads(self) -> None:
@@ -280,9 +282,11 @@ class FileData:
 
     async def _flush_all(self) -> dict[str, Any]:
         await self._wait_uploads()
-        snapshot = {i: bytes(b) for i, b in self.dirty.items()}
+        # No copies: the lock keeps writers out until the buffers are dropped,
+        # and a later write to the block starts a new buffer.
+        snapshot = dict(self.dirty)
 
-        async def upload(idx: int, data: bytes) -> None:
+        async def upload(idx: int, data: bytearray) -> None:
             self.uploaded[idx] = await self._upload(data)
 
         async with trio.open_nursery() as nursery:

@@ -25,6 +25,7 @@ from .ids import parse_object_id
 from .metaclient import MetaClient
 
 log = logging.getLogger(__name__)
+CONCURRENT_DELETES = 8
 
 
 async def _delete_everywhere(data: DataClient, addresses: dict[str, str],
@@ -41,7 +42,7 @@ async def _delete_everywhere(data: DataClient, addresses: dict[str, str],
     return True
 
 
-async def collect_once(meta: MetaClient, data: DataClient, limit: int = 1000,
+async def collect_once(meta: MetaClient, data: DataClient, limit: int = 256,
                        grace: float = 0.0) -> int:
     """One pass over the queue; returns how many objects were deleted.
 
@@ -55,10 +56,12 @@ async def collect_once(meta: MetaClient, data: DataClient, limit: int = 1000,
     cmap = await meta.call("cluster_map")
     addresses = {n["node_id"]: n["address"] for n in cmap["nodes"]}
     done: list[str] = []
+    slots = trio.CapacityLimiter(CONCURRENT_DELETES)    # never crowd out live traffic
     async with trio.open_nursery() as nursery:
         async def one(oid: str, holders: list[str]) -> None:
-            if await _delete_everywhere(data, addresses, oid, holders):
-                done.append(oid)
+            async with slots:
+                if await _delete_everywhere(data, addresses, oid, holders):
+                    done.append(oid)
         for oid, holders in rows:
             nursery.start_soon(one, oid, holders)
     if done:
