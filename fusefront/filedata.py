@@ -45,6 +45,7 @@ Spawn = Callable[[Callable[[], Awaitable[Any]]], None]
 
 RELATIME_NS = 24 * 3600 * 10**9
 MAX_INFLIGHT = 8        # background block uploads over the whole mount
+MAX_PREFETCH = 8        # read-ahead fetches over the whole mount
 COMMIT_BATCH = 256      # uploaded blocks that force a commit
 MAP_SPAN = 65536        # block map entries fetched per request
 
@@ -74,6 +75,7 @@ class Volume:
         self.dirty_limit = dirty_limit
         self.dirty_blocks = 0         # dirty block buffers over all files of the mount
         self.inflight = trio.Semaphore(MAX_INFLIGHT)
+        self.prefetching = 0
 
     def over_dirty_limit(self) -> bool:
         """Do buffered writes of all files exceed the mount's budget?"""
@@ -178,9 +180,18 @@ class FileData:
         final = (self.size - 1) // self.bs
         for idx in range(last + 1, min(last + 1 + self.v.readahead, final + 1)):
             ref = self.refs.get(idx)
+            if self.v.prefetching >= MAX_PREFETCH:
+                return                  # enough read-ahead in flight over the mount
             if ref and idx not in self.dirty and self.v.cache.peek(ref.oid) is None \
                     and not self.v.cache.fetching(ref.oid):
-                prefetch(functools.partial(self._fetch, ref))
+                self.v.prefetching += 1
+                prefetch(functools.partial(self._prefetch, ref))
+
+    async def _prefetch(self, ref: BlockRef) -> None:
+        try:
+            await self._fetch(ref)
+        finally:
+            self.v.prefetching -= 1
 
     async def _fetch(self, ref: BlockRef) -> bytes:
         return await self.v.cache.get(ref.oid, lambda: self.v.store.download(ref.oid, ref.holders))

@@ -26,7 +26,7 @@ OWN_OPTIONS: dict[str, str] = {
     "cache_dir": "folder for this mount's cache and log (default /var/cache/objfs/VOLUME)",
     "attr_timeout": "seconds the kernel may cache attributes (default 1.0)",
     "entry_timeout": "seconds the kernel may cache directory entries (default 1.0)",
-    "cache_size": "bytes of clean file data kept in memory (default 128 MiB)",
+    "cache_size": "bytes of clean file data kept in memory (default 96 MiB)",
     "dirty_limit": "bytes of unwritten file data buffered per mount before writers wait (default 64 MiB)",
     "readahead": "blocks fetched ahead of a sequential reader (default 4)",
     "timeout": "seconds one request to a node may take before it counts as failed (default 10)",
@@ -59,7 +59,7 @@ class MountConfig:
     cache_dir: Path | None = None
     attr_timeout: float = 1.0
     entry_timeout: float = 1.0
-    cache_size: int = 128 * 1024 * 1024
+    cache_size: int = 96 * 1024 * 1024
     dirty_limit: int = 64 * 1024 * 1024
     readahead: int = 4
     timeout: float = 10.0
