@@ -10,12 +10,17 @@ Bytes of a block past its valid length, or past the file size, read as zeros.
 
 Writes go into ``dirty`` (index -> bytearray holding the block's bytes from
 its start; shorter than a block when the tail is zeros).  A block written
-only in part is first filled from its committed content.  ``flush`` uploads
-every dirty block (all-zero blocks become holes and are not stored), then
+only in part is first filled from its stored content.  Write-behind: when a
+write reaches the end of a block (a sequential writer has passed it), the
+block uploads in the background; if it was not written again meanwhile
+(``gen`` unchanged) it moves to ``uploaded`` (stored, not yet committed),
+otherwise its object is discarded as ``stale``.  ``flush`` (close, fsync,
+the dirty limit, or ``COMMIT_BATCH`` uploaded blocks) waits for those
+uploads, uploads the rest (all-zero blocks become holes, nothing stored) and
 commits the new block map, size and mtime in one metadata operation, so
-another reader sees either the old or the new file, never a mix.
-Buffered data is bounded: a file with ``FLUSH_BLOCKS`` full dirty blocks
-flushes them before the write returns (backpressure).
+another reader sees either the old or the new file, never a mix.  Memory is
+bounded: uploads in flight and read-ahead are limited over the whole mount,
+and writers flush when the mount's unwritten data passes ``dirty_limit``.
 
 ``lock`` serialises writes, truncates and flushes of one file; reads take no
 lock: they read dirty buffers synchronously and committed objects, which
