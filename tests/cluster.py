@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import trio
 
 from storagenode import blockformat, metastate
 from storagenode.auth import create_secret
-from storagenode.metaclient import MetaClient
+
+from tools.common import sync_call
+from tools.localcluster import is_mounted
 
 from .procs import NodeProcess
 
@@ -49,13 +50,7 @@ class Cluster:
         return node
 
     def call(self, method: str, **args: Any) -> Any:
-        async def run() -> Any:
-            client = MetaClient(self.meta.address, self.secret, timeout=30)
-            try:
-                return await client.call(method, **args)
-            finally:
-                await client.aclose()
-        return trio.run(run)
+        return sync_call(self.meta.address, self.secret_file, method, **args)
 
     def wait_nodes_up(self, count: int, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -142,12 +137,6 @@ class Cluster:
         except (OSError, blockformat.CorruptedObject):
             return False
         return True
-
-
-def is_mounted(mountpoint: Path) -> bool:
-    target = str(mountpoint.resolve())
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == target for line in f)
 
 
 def daemon_pids(mountpoint: Path) -> list[int]:

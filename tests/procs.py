@@ -8,23 +8,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from tools.localcluster import free_port, healthy
 
 NODE = [sys.executable, "-m", "storagenode.main"]
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class NodeProcess:
@@ -51,11 +44,8 @@ class NodeProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.role} node exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://{self.address}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
+            if healthy(self.address):
+                return self
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"{self.role} node did not become healthy: {self.log.read_text()[-2000:]}")

@@ -21,6 +21,10 @@ def test_help_explains_source_and_every_option() -> None:
         assert option in out.stdout, option
 
 
+def mount_with(source: str, mountpoint: Path, secret_file: Path) -> subprocess.CompletedProcess[str]:
+    return objfs(source, str(mountpoint), "-o", f"secret_file={secret_file}")
+
+
 def one_line_error(run: subprocess.CompletedProcess[str]) -> str:
     assert run.returncode != 0
     assert "Traceback" not in run.stderr
@@ -69,8 +73,7 @@ def test_fstab_line_mounts(cluster: Cluster, tmp_path: Path) -> None:
 def test_missing_metadata_node(tmp_path: Path, cluster: Cluster) -> None:
     mp = tmp_path / "m"
     mp.mkdir()
-    line = one_line_error(objfs("127.0.0.1:1/vol", str(mp), "-o",
-                                f"secret_file={cluster.secret_file}"))
+    line = one_line_error(mount_with("127.0.0.1:1/vol", mp, cluster.secret_file))
     assert "not reachable" in line
     assert not is_mounted(mp)
 
@@ -78,8 +81,7 @@ def test_missing_metadata_node(tmp_path: Path, cluster: Cluster) -> None:
 def test_wrong_volume(cluster: Cluster, tmp_path: Path) -> None:
     mp = tmp_path / "m"
     mp.mkdir()
-    line = one_line_error(objfs(f"{cluster.meta.address}/nosuch", str(mp), "-o",
-                                f"secret_file={cluster.secret_file}"))
+    line = one_line_error(mount_with(f"{cluster.meta.address}/nosuch", mp, cluster.secret_file))
     assert "does not exist" in line and "nosuch" in line
     assert not is_mounted(mp)
 
@@ -91,8 +93,9 @@ def test_bad_mount_points(cluster: Cluster, tmp_path: Path) -> None:
     (full / "x").write_text("x")
     src = f"{cluster.meta.address}/vol"
     opt = f"secret_file={cluster.secret_file}"
-    assert "not empty" in one_line_error(objfs(src, str(full), "-o", opt))
-    assert "does not exist" in one_line_error(objfs(src, str(tmp_path / "missing"), "-o", opt))
+    assert "not empty" in one_line_error(mount_with(src, full, cluster.secret_file))
+    missing = tmp_path / "missing"
+    assert "does not exist" in one_line_error(mount_with(src, missing, cluster.secret_file))
     assert not is_mounted(full)
     via_mount = subprocess.run(["mount", "-t", "fuse.objfs", src, str(full), "-o", opt],
                                capture_output=True, text=True, timeout=60)
@@ -105,8 +108,7 @@ def test_wrong_secret(cluster: Cluster, tmp_path: Path) -> None:
     bad.write_text("0" * 64 + "\n")
     mp = tmp_path / "m"
     mp.mkdir()
-    line = one_line_error(objfs(f"{cluster.meta.address}/vol", str(mp), "-o",
-                                f"secret_file={bad}"))
+    line = one_line_error(mount_with(f"{cluster.meta.address}/vol", mp, bad))
     assert "secret" in line or "refused" in line
     assert not is_mounted(mp)
 

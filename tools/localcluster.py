@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,7 +86,7 @@ class LocalCluster:
         return pid
 
     def _start(self, name: str, argv: list[str], address: str) -> None:
-        if self._pid(name) is not None and _healthy(address):
+        if self._pid(name) is not None and healthy(address):
             return
         log = open(self.state / f"{name}.log", "ab")
         proc = subprocess.Popen(NODE_CMD + argv, stdout=log, stderr=subprocess.STDOUT,
@@ -93,7 +94,7 @@ class LocalCluster:
                                 cwd=Path(__file__).resolve().parent.parent)
         (self.state / "pids" / name).write_text(str(proc.pid))
         deadline = time.monotonic() + 30
-        while not _healthy(address):
+        while not healthy(address):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise ClusterError(f"{name} did not start; see {self.state / (name + '.log')}")
             time.sleep(0.1)
@@ -122,9 +123,7 @@ class LocalCluster:
                       block_size=self.block_size, replicas=self.replicas)
 
     def mounted(self) -> bool:
-        target = str(self.mountpoint.resolve())
-        with open("/proc/mounts") as f:
-            return any(line.split()[1] == target for line in f)
+        return is_mounted(self.mountpoint)
 
     def mount(self) -> None:
         if self.mounted():
@@ -153,11 +152,25 @@ class LocalCluster:
             (self.state / "pids" / name).unlink(missing_ok=True)
 
 
-def _healthy(address: str) -> bool:
+def healthy(address: str) -> bool:
+    """Does the node at ``address`` answer /health?"""
     try:
         return httpx.get(f"http://{address}/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    target = str(mountpoint.resolve())
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == target for line in f)
 
 
 def stop_pid(pid: int, grace: float = 10.0) -> None:

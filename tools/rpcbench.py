@@ -17,10 +17,8 @@ stops the process (SIGTERM, then SIGKILL).
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,25 +31,9 @@ import trio
 from storagenode.auth import create_secret, load_secret
 from storagenode.metaclient import MetaClient
 
+from .localcluster import free_port, healthy
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def healthy(address: str) -> bool:
-    host, port = address.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=1)
-    try:
-        conn.request("GET", "/health")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
 
 
 def start_node(state: Path, secret_file: Path, address: str) -> subprocess.Popen[bytes]:
