@@ -55,7 +55,8 @@ RPC_BODY_MAX = 8 * 1024 * 1024
 PENDING_MAX = 4096          # ops waiting for the writer before callers must wait
 BATCH_MAX = 1024            # most ops in one transaction
 LOG_KEEP = 100_000          # log entries kept; older ones are trimmed
-NODE_UP_SECONDS = 10.0      # a data node is up when heard from this recently
+NODE_UP_SECONDS = 6.0       # a data node is up when heard from this recently (3 beats)
+NODE_DOWN_SECONDS = 15.0    # ... suspect until then, down after
 DB_NAME = "meta.db"
 
 
@@ -105,6 +106,7 @@ class MetaNode:
         self._reader = MetaState(metaschema.open_db(db_path))
         self._send, self._receive = trio.open_memory_channel[_Pending](pending_max)
         self._heard: dict[str, _Heard] = {}
+        self._started = self._monotonic()
         self.metrics = _Metrics()
 
     def close(self) -> None:
@@ -154,7 +156,7 @@ class MetaNode:
         if method in QUERIES:
             return self._reader.query(method, args, self.liveness())
         if method == "heartbeat":
-            return self.heartbeat(args)
+            return await self.heartbeat(args)
         raise BadRequest(f"unknown method {method!r:.80}")
 
     # ---- ops and group commit
@@ -221,18 +223,28 @@ class MetaNode:
 
     # ---- soft state
 
-    def heartbeat(self, args: Any) -> dict[str, int]:
+    async def heartbeat(self, args: Any) -> dict[str, int]:
         a = validate(HEARTBEAT_SPEC, args)
         if not self._reader.has_node(a["node_id"]):
             raise MetaError(errno.ENOENT, f"node {a['node_id']} is not registered")
+        if a["lost"]:       # copies the node found corrupt: no longer count them
+            await self.op("drop_copies", {"node_id": a["node_id"], "oids": a["lost"]})
         self._heard[a["node_id"]] = _Heard(self._monotonic(), a["capacity"], a["free"],
                                            a["objects"])
         return {"epoch": self._reader.epoch()}
 
     def liveness(self) -> dict[str, Liveness]:
+        """Every registered node's state; one never heard from counts as silent
+        since this metadata node started."""
         now = self._monotonic()
-        return {node_id: Liveness(now - h.at <= NODE_UP_SECONDS, h.capacity, h.free)
-                for node_id, h in self._heard.items()}
+        live = {}
+        for node_id in self._reader.node_ids():
+            h = self._heard.get(node_id)
+            silent = now - (h.at if h else self._started)
+            state = ("up" if h and silent <= NODE_UP_SECONDS else
+                     "suspect" if silent <= NODE_DOWN_SECONDS else "down")
+            live[node_id] = Liveness(state, h.capacity if h else 0, h.free if h else 0, silent)
+        return live
 
 
 def _decode(body: bytes) -> tuple[str, Any]:

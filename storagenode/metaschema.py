@@ -13,7 +13,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class SchemaError(Exception):
@@ -34,7 +34,10 @@ TABLES = [
     #   vol:        volume id, never reused (AUTOINCREMENT)
     #   name:       unique volume name (ids.is_volume_name)
     #   block_size: bytes per block of file data (power of 2, 4 KiB..64 MiB)
-    #   replicas:   copies kept of every block object
+    #   replicas:   copies kept of every block object (replicated volumes)
+    #   ec_k, ec_m: erasure coding: every block is split into ec_k data shards
+    #               plus ec_m parity shards, each on its own node; 0, 0 for a
+    #               replicated volume
     #   created_ns: time of the create_volume op
     #   next_ino:   the next inode number to hand out; inode numbers are never
     #               reused within a volume, so (vol, ino) names one file forever
@@ -43,6 +46,8 @@ TABLES = [
         name       TEXT NOT NULL UNIQUE,
         block_size INTEGER NOT NULL,
         replicas   INTEGER NOT NULL,
+        ec_k       INTEGER NOT NULL DEFAULT 0,
+        ec_m       INTEGER NOT NULL DEFAULT 0,
         created_ns INTEGER NOT NULL,
         next_ino   INTEGER NOT NULL
     ) STRICT""",
@@ -159,11 +164,16 @@ TABLES = [
     #   address: "host:port" at which clients reach the node
     #   domain:  failure domain (rack, host); "" if none
     #   weight:  placement weight (> 0)
+    #   admin:   what the operator wants of the node: 'active' (holds data),
+    #            'draining' (its objects move away; it gets no new ones),
+    #            'removed' (drained and taken out; kept so the id is not reused
+    #            by accident)
     """CREATE TABLE nodes (
         node_id TEXT PRIMARY KEY,
         address TEXT NOT NULL,
         domain  TEXT NOT NULL,
-        weight  REAL NOT NULL
+        weight  REAL NOT NULL,
+        admin   TEXT NOT NULL DEFAULT 'active'
     ) STRICT, WITHOUT ROWID""",
 
     # The operation log: every op the node accepted, in order, including ops
@@ -212,6 +222,32 @@ def create_schema(conn: sqlite3.Connection) -> None:
         raise
 
 
+UPGRADES = {
+    # 1 -> 2: erasure-coded volumes, the operator's state of a node
+    1: ["ALTER TABLE volumes ADD COLUMN ec_k INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE volumes ADD COLUMN ec_m INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE nodes ADD COLUMN admin TEXT NOT NULL DEFAULT 'active'"],
+}
+
+
+def upgrade(conn: sqlite3.Connection, version: int) -> None:
+    """Bring a database written by an older objfs up to SCHEMA_VERSION, in one
+    transaction per step (a crash leaves it at a version, never between)."""
+    while version < SCHEMA_VERSION:
+        if version not in UPGRADES:
+            raise SchemaError(f"schema version {version} has no upgrade path")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in UPGRADES[version]:
+                conn.execute(statement)
+            version += 1
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
 def open_db(path: Path | str, *, check_same_thread: bool = True) -> sqlite3.Connection:
     """Open (creating if new) the metadata database at ``path``."""
     conn = connect(path, check_same_thread=check_same_thread)
@@ -224,7 +260,7 @@ def open_db(path: Path | str, *, check_same_thread: bool = True) -> sqlite3.Conn
                 f"{path}: schema version {version} is newer than this objfs "
                 f"understands ({SCHEMA_VERSION}); upgrade objfs")
         elif version < SCHEMA_VERSION:
-            raise SchemaError(f"{path}: schema version {version} has no upgrade path")
+            upgrade(conn, version)
     except BaseException:
         conn.close()
         raise

@@ -140,6 +140,11 @@ def _node_id(v: Any) -> str:
         raise BadRequest(f"malformed node id {v!r:.80}") from None
 
 
+def _holder(v: Any) -> str:
+    """A node id, or "" for a missing shard of an erasure-coded block."""
+    return "" if v == "" else _node_id(v)
+
+
 def _block_entry(v: Any) -> tuple[int, str | None, int, list[str]]:
     if type(v) is not list or len(v) != 4:
         raise BadRequest("a block is [idx, oid or None, length, [node_ids]]")
@@ -176,7 +181,8 @@ LIMIT = (_int(1, LIST_MAX), REQUIRED)
 
 HEARTBEAT_SPEC: Spec = {
     "node_id": (_node_id, REQUIRED), "capacity": (_int(0), REQUIRED),
-    "free": (_int(0), REQUIRED), "objects": (_int(0), REQUIRED)}
+    "free": (_int(0), REQUIRED), "objects": (_int(0), REQUIRED),
+    "lost": (_list(_oid, LIST_MAX), [])}
 
 
 # ---------------------------------------------------------------- rows
@@ -224,17 +230,37 @@ class Volume(NamedTuple):
     name: str
     block_size: int
     replicas: int
+    ec_k: int
+    ec_m: int
     created_ns: int
 
     def as_map(self) -> dict[str, Any]:
         return self._asdict()
 
+    @property
+    def pieces(self) -> int:
+        """How many objects make up one block: copies, or data + parity shards."""
+        return self.ec_k + self.ec_m if self.ec_k else self.replicas
+
+
+NODE_STATES = ("up", "suspect", "down")
+NODE_ADMIN = ("active", "draining", "removed")
+
 
 class Liveness(NamedTuple):
-    """What the node last heard from a data node (soft state, not logged)."""
-    up: bool
+    """What the node last heard from a data node (soft state, not logged).
+
+    state: 'up' (heard within the heartbeat deadline), 'suspect' (missed a
+    few heartbeats), 'down' (silent longer); silent: seconds since it was last
+    heard (or since this metadata node started, if never)."""
+    state: str
     capacity: int
     free: int
+    silent: float = 0.0
+
+    @property
+    def up(self) -> bool:
+        return self.state == "up"
 
 
 @dataclass
@@ -312,6 +338,12 @@ class MetaState:
     def has_node(self, node_id: str) -> bool:
         return self._one("SELECT 1 FROM nodes WHERE node_id = ?", node_id) is not None
 
+    def node_ids(self) -> list[str]:
+        return [n for (n,) in self._exec("SELECT node_id FROM nodes WHERE admin != 'removed'")]
+
+    def bump_epoch(self) -> None:
+        self._exec("UPDATE meta SET value = value + 1 WHERE key = 'cluster_epoch'")
+
     def epoch(self) -> int:
         return int(self._one("SELECT value FROM meta WHERE key = 'cluster_epoch'")[0])
 
@@ -335,7 +367,7 @@ class MetaState:
         return self.conn.execute(sql, params)
 
     def volume(self, vol: int) -> Volume:
-        row = self._one("SELECT vol, name, block_size, replicas, created_ns "
+        row = self._one("SELECT vol, name, block_size, replicas, ec_k, ec_m, created_ns "
                         "FROM volumes WHERE vol = ?", vol)
         if row is None:
             raise MetaError(errno.ENOENT, f"no volume {vol}")
@@ -527,11 +559,15 @@ def _op_create_volume(st: MetaState, a: Args, now: int) -> Any:
     _invalid(not (4096 <= bs <= 64 << 20 and bs & (bs - 1) == 0),
              "block_size must be a power of 2 in 4 KiB..64 MiB")
     _invalid(not 1 <= a["replicas"] <= 16, "replicas must be in 1..16")
+    k, m = a["ec_k"], a["ec_m"]
+    _invalid((k == 0) != (m == 0) or not (k == 0 or (1 <= k <= 16 and 1 <= m <= 8)),
+             "erasure coding needs ec_k in 1..16 and ec_m in 1..8 (or both 0)")
     _invalid(a["root_mode"] & ~0o7777 != 0, "root_mode holds only permission bits")
     if st._one("SELECT 1 FROM volumes WHERE name = ?", a["name"]) is not None:
         raise MetaError(errno.EEXIST, f"volume {a['name']} exists")
-    cur = st._exec("INSERT INTO volumes (name, block_size, replicas, created_ns, next_ino) "
-                   "VALUES (?, ?, ?, ?, ?)", a["name"], bs, a["replicas"], now, ROOT_INODE + 1)
+    cur = st._exec("INSERT INTO volumes (name, block_size, replicas, ec_k, ec_m, created_ns, "
+                   "next_ino) VALUES (?, ?, ?, ?, ?, ?, ?)", a["name"], bs,
+                   1 if k else a["replicas"], k, m, now, ROOT_INODE + 1)
     vol = int(cur.lastrowid or 0)
     st.insert_inode(Inode(vol, ROOT_INODE, stat.S_IFDIR | a["root_mode"], a["root_uid"],
                           a["root_gid"], 2, 0, 0, now, now, now, 0, 0, None))
@@ -542,8 +578,28 @@ def _op_register_node(st: MetaState, a: Args, now: int) -> Any:
     new = (a["address"], a["domain"], a["weight"])
     old = st._one("SELECT address, domain, weight FROM nodes WHERE node_id = ?", a["node_id"])
     if old != new:
-        st._exec("INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?)", a["node_id"], *new)
-        st._exec("UPDATE meta SET value = value + 1 WHERE key = 'cluster_epoch'")
+        st._exec("INSERT INTO nodes (node_id, address, domain, weight) VALUES (?, ?, ?, ?) "
+                 "ON CONFLICT (node_id) DO UPDATE SET address = excluded.address, "
+                 "domain = excluded.domain, weight = excluded.weight", a["node_id"], *new)
+        st.bump_epoch()
+    return {}
+
+
+def _op_set_node_admin(st: MetaState, a: Args, now: int) -> Any:
+    """The operator drains a node, brings it back, or removes a drained one."""
+    _invalid(a["admin"] not in NODE_ADMIN, f"admin state must be one of {NODE_ADMIN}")
+    row = st._one("SELECT admin FROM nodes WHERE node_id = ?", a["node_id"])
+    if row is None:
+        raise MetaError(errno.ENOENT, f"no node {a['node_id']}")
+    if a["admin"] == "removed":
+        (held,) = st._one("SELECT COUNT(*) FROM blocks, json_each(blocks.nodes) "
+                          "WHERE json_each.value = ?", a["node_id"])
+        if held:
+            raise MetaError(errno.EBUSY, f"node {a['node_id']} still holds {held} objects; "
+                                         "drain it first")
+    if row[0] != a["admin"]:
+        st._exec("UPDATE nodes SET admin = ? WHERE node_id = ?", a["admin"], a["node_id"])
+        st.bump_epoch()
     return {}
 
 
@@ -830,6 +886,40 @@ def _op_removexattr(st: MetaState, a: Args, now: int) -> Any:
     return {}
 
 
+def _op_drop_copies(st: MetaState, a: Args, now: int) -> Any:
+    """Node ``node_id`` no longer holds a good copy of ``oids`` (it found them
+    corrupt, or lost them): take it out of their holders so repair restores
+    the redundancy.  An erasure-coded block keeps the shard's place, empty."""
+    node = a["node_id"]
+    for oid in a["oids"]:
+        for vol, ino, idx, nodes in st._exec(
+                "SELECT vol, ino, idx, nodes FROM blocks WHERE oid = ?", oid).fetchall():
+            holders = json.loads(nodes)
+            if node not in holders:
+                continue
+            ec = st.volume(vol).ec_k > 0
+            holders = [("" if h == node else h) for h in holders] if ec else \
+                [h for h in holders if h != node]
+            st._exec("UPDATE blocks SET nodes = ? WHERE vol = ? AND ino = ? AND idx = ?",
+                     json.dumps(holders), vol, ino, idx)
+    return {}
+
+
+def _op_set_holders(st: MetaState, a: Args, now: int) -> Any:
+    """Repair moved copies of ``oid``: replace its holder list ``old`` by
+    ``new``, only if the block map still says ``old`` (compare and set; a
+    block overwritten or freed meanwhile is left alone and False returned, and
+    the caller must delete what it copied)."""
+    rows = st._exec("SELECT vol, ino, idx, nodes FROM blocks WHERE oid = ?",
+                    a["oid"]).fetchall()
+    if not rows or any(json.loads(nodes) != a["old"] for *_, nodes in rows):
+        return False
+    for vol, ino, idx, _ in rows:
+        st._exec("UPDATE blocks SET nodes = ? WHERE vol = ? AND ino = ? AND idx = ?",
+                 json.dumps(a["new"]), vol, ino, idx)
+    return True
+
+
 def _op_purge(st: MetaState, a: Args, now: int) -> Any:
     inode = st.inode(a["vol"], a["ino"])
     if inode.nlink == 0:
@@ -862,11 +952,13 @@ def _q_volumes(st: MetaState, a: Args, live: Live) -> Any:
 
 def _q_cluster_map(st: MetaState, a: Args, live: Live) -> Any:
     nodes = []
-    for node_id, address, domain, weight in st._exec(
-            "SELECT node_id, address, domain, weight FROM nodes ORDER BY node_id"):
-        heard = live.get(node_id, Liveness(False, 0, 0))
+    for node_id, address, domain, weight, admin in st._exec(
+            "SELECT node_id, address, domain, weight, admin FROM nodes "
+            "WHERE admin != 'removed' ORDER BY node_id"):
+        heard = live.get(node_id, Liveness("down", 0, 0))
         nodes.append({"node_id": node_id, "address": address, "domain": domain,
-                      "weight": weight, "state": "up" if heard.up else "down",
+                      "weight": weight, "state": heard.state, "admin": admin,
+                      "silent": round(heard.silent, 1),
                       "capacity": heard.capacity, "free": heard.free})
     return {"epoch": st.epoch(), "nodes": nodes}
 
@@ -877,7 +969,8 @@ def _q_statfs(st: MetaState, a: Args, live: Live) -> Any:
           if n in live and live[n].up]
     (count,) = st._one("SELECT COUNT(*) FROM inodes WHERE vol = ?", volume.vol)
     return {"capacity": sum(h.capacity for h in up), "free": sum(h.free for h in up),
-            "replicas": volume.replicas, "inodes": count, "block_size": volume.block_size}
+            "replicas": volume.replicas, "ec_k": volume.ec_k, "ec_m": volume.ec_m,
+            "inodes": count, "block_size": volume.block_size}
 
 
 def _q_lookup(st: MetaState, a: Args, live: Live) -> Any:
@@ -967,11 +1060,14 @@ _XATTR = {"vol": VOL, "ino": INO, "name": (_typed(bytes, 4096), REQUIRED)}
 OPS: dict[str, Method] = {
     "create_volume": Method(_op_create_volume, {
         "name": (_typed(str, 256), REQUIRED), "block_size": (_int(), REQUIRED),
-        "replicas": (_int(), REQUIRED), "root_uid": (ID32[0], 0), "root_gid": (ID32[0], 0),
+        "replicas": (_int(), REQUIRED), "ec_k": (_int(0), 0), "ec_m": (_int(0), 0),
+        "root_uid": (ID32[0], 0), "root_gid": (ID32[0], 0),
         "root_mode": (_int(), 0o755)}),
     "register_node": Method(_op_register_node, {
         "node_id": (_node_id, REQUIRED), "address": (_typed(str, 255), REQUIRED),
         "domain": (_typed(str, 64), ""), "weight": (_float, 1.0)}),
+    "set_node_admin": Method(_op_set_node_admin, {
+        "node_id": (_node_id, REQUIRED), "admin": (_typed(str, 16), REQUIRED)}),
     "mknod": Method(_op_mknod, {**_NEW, "mode": MODE, "rdev": (_int(0), 0)}),
     "mkdir": Method(_op_mkdir, {**_NEW, "mode": MODE}),
     "symlink": Method(_op_symlink, {**_NEW, "target": (_typed(bytes, 65536), REQUIRED)}),
@@ -990,6 +1086,11 @@ OPS: dict[str, Method] = {
                                       "flags": (_int(0), 0)}),
     "removexattr": Method(_op_removexattr, _XATTR),
     "purge": Method(_op_purge, {"vol": VOL, "ino": INO}),
+    "drop_copies": Method(_op_drop_copies, {"node_id": (_node_id, REQUIRED),
+                                            "oids": (_list(_oid, LIST_MAX), REQUIRED)}),
+    "set_holders": Method(_op_set_holders, {
+        "oid": (_oid, REQUIRED), "old": (_list(_holder, 64), REQUIRED),
+        "new": (_list(_holder, 64), REQUIRED)}),
     "forget_deleted": Method(_op_forget_deleted, {"oids": (_list(_oid, LIST_MAX), REQUIRED)}),
 }
 

@@ -120,7 +120,7 @@ def test_state_needs_autocommit_connection() -> None:
 def test_create_volume_and_queries(fs: FS) -> None:
     volume = fs.q("volume", name="v")
     assert volume == {"vol": fs.vol, "name": "v", "block_size": 4096, "replicas": 2,
-                      "created_ns": T0 + 1000}
+                      "ec_k": 0, "ec_m": 0, "created_ns": T0 + 1000}
     assert fs.q("volumes") == [volume]
     root = fs.attrs(ROOT)
     assert stat.S_ISDIR(root["mode"]) and root["nlink"] == 2 and root["mode"] & 0o777 == 0o755
@@ -580,16 +580,28 @@ def test_register_node_cluster_map_and_statfs(fs: FS) -> None:
     fs.op("register_node", node_id="n1", address="127.0.0.1:1", domain="r1", weight=1.0)
     assert fs.st.epoch() == 2
     fs.op("register_node", node_id="n1", address="127.0.0.1:9", domain="r1", weight=1.0)
-    live = {"n1": Liveness(True, 100, 40), "n2": Liveness(False, 1000, 1000)}
+    live = {"n1": Liveness("up", 100, 40, 1.0), "n2": Liveness("down", 1000, 1000, 30.0)}
     cmap = fs.st.query("cluster_map", {}, live)
     assert cmap == {"epoch": 3, "nodes": [
         {"node_id": "n1", "address": "127.0.0.1:9", "domain": "r1", "weight": 1.0,
-         "state": "up", "capacity": 100, "free": 40},
+         "state": "up", "admin": "active", "silent": 1.0, "capacity": 100, "free": 40},
         {"node_id": "n2", "address": "127.0.0.1:2", "domain": "r2", "weight": 2.0,
-         "state": "down", "capacity": 1000, "free": 1000}]}
+         "state": "down", "admin": "active", "silent": 30.0, "capacity": 1000,
+         "free": 1000}]}
     fs.create(ROOT, b"f")
     assert fs.st.query("statfs", {"vol": fs.vol}, live) == {
-        "capacity": 100, "free": 40, "replicas": 2, "inodes": 2, "block_size": 4096}
+        "capacity": 100, "free": 40, "replicas": 2, "ec_k": 0, "ec_m": 0, "inodes": 2,
+        "block_size": 4096}
+    # draining keeps the node in the map; removing needs it to hold nothing
+    fs.op("set_node_admin", node_id="n2", admin="draining")
+    assert [n["admin"] for n in fs.st.query("cluster_map", {}, live)["nodes"]] == \
+        ["active", "draining"]
+    assert fs.st.epoch() == 4
+    fs.op("register_node", node_id="n2", address="127.0.0.1:2", domain="r2", weight=3.0)
+    assert [n["admin"] for n in fs.st.query("cluster_map", {}, live)["nodes"]] == \
+        ["active", "draining"], "re-registering must not undo a drain"
+    fs.op("set_node_admin", node_id="n2", admin="removed")
+    assert [n["node_id"] for n in fs.st.query("cluster_map", {}, live)["nodes"]] == ["n1"]
     with pytest.raises(BadRequest):
         fs.op("register_node", node_id="bad id", address="x:1", domain="", weight=1.0)
 
