@@ -3,9 +3,12 @@ buffered writes.
 
 How this works
 --------------
-A file is a sequence of blocks of ``block_size`` bytes.  ``refs`` is the
-committed block map (index -> object id, valid length, holders) loaded from
-the metadata node when first needed; an absent index is a hole (zeros).
+A file is a sequence of blocks of ``block_size`` bytes.  ``spans`` is the
+committed block map (index -> object id, valid length, holders), fetched
+from the metadata node one span of ``MAP_SPAN`` indexes at a time when a
+block in it is first needed (a huge sparse file costs only the spans it
+touches); an absent index is a hole (zeros).  ``map_gen`` counts commits and
+truncates: a span fetched across one is fetched again.
 Bytes of a block past its valid length, or past the file size, read as zeros.
 
 Writes go into ``dirty`` (index -> bytearray holding the block's bytes from
@@ -29,6 +32,7 @@ never change.
 
 from __future__ import annotations
 
+import errno
 import functools
 import time
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ import trio
 
 from storagenode.ids import InodeId, ObjectId
 from storagenode.metaclient import MetaClient, MetaUnavailable
+from storagenode.metastate import MetaError
 from storagenode.metastate import QUERIES
 from storagenode.retry import retrying
 
@@ -60,6 +65,13 @@ class BlockRef:
     oid: ObjectId
     length: int
     holders: tuple[str, ...]
+
+
+def atime_due(attrs: dict[str, Any], now: int) -> bool:
+    """relatime: record a read if the last one is older than the last
+    change, or a day old."""
+    return (attrs["atime_ns"] <= max(attrs["mtime_ns"], attrs["ctime_ns"])
+            or now - attrs["atime_ns"] >= RELATIME_NS)
 
 
 class Volume:
@@ -111,7 +123,8 @@ class FileData:
         self.atime_sent = trio.Event()         # the last read access is recorded
         self.atime_sent.set()
         self.bs = volume.block_size
-        self.refs: dict[int, BlockRef] | None = None
+        self.spans: dict[int, dict[int, BlockRef]] = {}   # span number -> its block refs
+        self.map_gen = 0              # commits and truncates so far (see _span)
         self.dirty: dict[int, bytearray] = {}
         self.gen: dict[int, int] = {}          # writes into each dirty buffer so far
         self.uploaded: dict[int, BlockRef | None] = {}   # stored, not yet committed
@@ -124,16 +137,25 @@ class FileData:
         self.last_read = -2
 
     # ----- the committed block map
-    async def _map(self) -> dict[int, BlockRef]:
-        if self.refs is None:
-            refs = {}
-            last = max(0, self.size - 1) // self.bs
-            for first in range(0, last + 1, MAP_SPAN):
-                rows = await self.v.call("get_blocks", ino=self.ino, first=first,
-                                     last=min(last, first + MAP_SPAN - 1))
-                refs.update({r[0]: BlockRef(r[1], r[2], tuple(r[3])) for r in rows})
-            self.refs = refs
-        return self.refs
+    async def _span(self, idx: int) -> dict[int, BlockRef]:
+        """The committed refs of the span holding block ``idx``."""
+        number = idx // MAP_SPAN
+        while number not in self.spans:
+            gen = self.map_gen
+            first = number * MAP_SPAN
+            rows = await self.v.call("get_blocks", ino=self.ino, first=first,
+                                     last=first + MAP_SPAN - 1)
+            if gen == self.map_gen:       # else a commit overtook the answer: ask again
+                self.spans[number] = {r[0]: BlockRef(r[1], r[2], tuple(r[3])) for r in rows}
+        return self.spans[number]
+
+    def _known_ref(self, idx: int) -> BlockRef | None:
+        """Block ``idx``'s committed ref if its span is loaded (no fetching)."""
+        return self.spans.get(idx // MAP_SPAN, {}).get(idx)
+
+    def _forget_map(self) -> None:
+        self.spans.clear()
+        self.map_gen += 1
 
     async def _stored(self, idx: int) -> memoryview:
         """Stored bytes of block ``idx`` up to its valid length (empty for a hole):
@@ -141,7 +163,7 @@ class FileData:
         if idx in self.uploaded:
             ref: BlockRef | None = self.uploaded[idx]
         else:
-            ref = (await self._map()).get(idx)
+            ref = (await self._span(idx)).get(idx)
         if ref is None:
             return memoryview(b"")
         return memoryview(await self._fetch(ref))[:ref.length]
@@ -152,16 +174,14 @@ class FileData:
 
     # ----- reading
     def atime_due(self, now: int) -> bool:
-        """relatime: record a read if the last one is older than the last
-        change, or a day old."""
-        return (self.atime_ns <= max(self.mtime_ns, self.ctime_ns)
-                or now - self.atime_ns >= RELATIME_NS)
+        return atime_due({"atime_ns": self.atime_ns, "mtime_ns": self.mtime_ns,
+                          "ctime_ns": self.ctime_ns}, now)
 
     def refresh(self, attrs: dict[str, Any]) -> None:
         """Take the metadata node's view (close-to-open: at open, when idle here)."""
         self.size, self.mtime_ns = attrs["size"], attrs["mtime_ns"]
         self.atime_ns, self.ctime_ns = attrs["atime_ns"], attrs["ctime_ns"]
-        self.refs = None
+        self._forget_map()
 
     async def read(self, offset: int, length: int, prefetch: Spawn) -> bytes:
         end = min(offset + length, self.size)
@@ -180,11 +200,11 @@ class FileData:
     def _read_ahead(self, first: int, last: int, prefetch: Spawn) -> None:
         sequential = first in (self.last_read, self.last_read + 1)
         self.last_read = last
-        if not sequential or self.refs is None:
+        if not sequential:
             return
         final = (self.size - 1) // self.bs
         for idx in range(last + 1, min(last + 1 + self.v.readahead, final + 1)):
-            ref = self.refs.get(idx)
+            ref = self._known_ref(idx)
             if self.v.prefetching >= MAX_PREFETCH:
                 return                  # enough read-ahead in flight over the mount
             if ref and idx not in self.dirty and self.v.cache.peek(ref.oid) is None \
@@ -285,6 +305,22 @@ class FileData:
         while self.inflight:
             await next(iter(self.inflight.values())).wait()
 
+    def unstored_bytes(self) -> int:
+        """How far this file's stored bytes will move at the next commit:
+        buffered and uploaded blocks less the committed blocks they replace
+        (for an honest st_blocks before the commit)."""
+        delta = 0
+        for idx in set(self.dirty) | set(self.uploaded):
+            buf = self.dirty.get(idx)
+            if buf is not None:
+                delta += len(buf)
+            else:
+                ref = self.uploaded[idx]
+                delta += ref.length if ref is not None else 0
+            old = self._known_ref(idx)
+            delta -= old.length if old is not None else 0
+        return delta
+
     # ----- flushing
     def pending(self) -> bool:
         return bool(self.dirty or self.uploaded or self.inflight or self.changed)
@@ -303,7 +339,11 @@ class FileData:
         snapshot = dict(self.dirty)
 
         async def upload(idx: int, data: bytearray) -> None:
-            self.uploaded[idx] = await self._upload(data)
+            ref = await self._upload(data)
+            old = self.uploaded.get(idx)     # stored by a flush that failed later
+            if old is not None:
+                self.stale.append(old)
+            self.uploaded[idx] = ref
 
         async with trio.open_nursery() as nursery:
             for idx, data in snapshot.items():
@@ -313,22 +353,60 @@ class FileData:
         return await self._commit()
 
     async def _commit(self) -> dict[str, Any]:
-        blocks: list[list[Any]] = [[i, r.oid, r.length, list(r.holders)] if r else [i, None, 0, []]
-                  for i, r in sorted(self.uploaded.items())]
-        attrs: dict[str, Any] = await self.v.call(
-            "commit_blocks", ino=self.ino, size=self.size, blocks=blocks, mtime_ns=self.mtime_ns)
-        cmap = await self._map()
+        try:
+            attrs = await self._send_commit()
+        except MetaError as exc:
+            if exc.errno != errno.ESTALE:
+                raise
+            await self._store_again()     # uploaded too long ago (see metastate._check_fresh)
+            attrs = await self._send_commit()
+        self.map_gen += 1
         for idx, ref in self.uploaded.items():
+            span = self.spans.get(idx // MAP_SPAN)
+            if span is None:
+                continue              # fetched when needed, committed state then
             if ref is None:
-                cmap.pop(idx, None)
+                span.pop(idx, None)
             else:
-                cmap[idx] = ref
+                span[idx] = ref
         self.uploaded.clear()
         self.changed = bool(self.dirty)
         stale, self.stale = self.stale, []
         for ref in stale:                  # never committed: no one else can refer to it
             await self.v.store.discard(ref.oid, ref.holders)
         return attrs
+
+    async def _send_commit(self) -> dict[str, Any]:
+        blocks: list[list[Any]] = [[i, r.oid, r.length, list(r.holders)] if r else [i, None, 0, []]
+                                   for i, r in sorted(self.uploaded.items())]
+        attrs: dict[str, Any] = await self.v.call(
+            "commit_blocks", ino=self.ino, size=self.size, blocks=blocks, mtime_ns=self.mtime_ns)
+        return attrs
+
+    async def _store_again(self) -> None:
+        """Copy every uploaded, uncommitted block to a fresh object (the old
+        ones are still stored: the orphan scan waits twice the commit limit)."""
+        for idx, ref in list(self.uploaded.items()):
+            if ref is None:
+                continue
+            data = await self.v.store.download(ref.oid, ref.holders)
+            self.uploaded[idx] = await self._upload(data[:ref.length])
+            self.stale.append(ref)
+
+    async def discard(self) -> None:
+        """Drop the data that could not be stored (close or fsync reported
+        why), so that it never lands later over what others wrote since."""
+        async with self.lock:
+            await self._wait_uploads()
+            for idx in list(self.dirty):
+                self._forget_dirty(idx)
+            dropped = [r for r in self.uploaded.values() if r is not None] + self.stale
+            self.uploaded.clear()
+            self.stale = []
+            self.changed = False
+            self._forget_map()
+        for ref in dropped:          # never committed: no one else refers to them
+            await self.v.store.discard(ref.oid, ref.holders)
 
     # ----- truncating
     async def truncate(self, size: int, commit: Callable[[], Awaitable[dict[str, Any]]]
@@ -341,5 +419,5 @@ class FileData:
             attrs = await commit()
             self.size = size
             self.mtime_ns = attrs["mtime_ns"]
-            self.refs = None      # the metadata node dropped and clipped blocks
+            self._forget_map()    # the metadata node dropped and clipped blocks
             return attrs

@@ -7,10 +7,13 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import trio
 
 from .auth import SecretError, load_secret
+
+T = TypeVar("T", int, float)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -33,6 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds between passes of the object collector")
     meta.add_argument("--gc-grace", type=float, default=5.0,
                       help="seconds an unreferenced object is kept before it is deleted")
+    meta.add_argument("--node-down-after", type=float, default=15.0,
+                      help="seconds without a heartbeat before a data node counts as down "
+                           "(suspect from 6 s)")
+    meta.add_argument("--repair-interval", type=float, default=10.0,
+                      help="seconds between repair passes over the block map")
+    meta.add_argument("--repair-grace", type=float, default=300.0,
+                      help="seconds a data node may be silent before its copies are "
+                           "rebuilt elsewhere")
+    meta.add_argument("--orphan-interval", type=float, default=600.0,
+                      help="seconds between scans of the data nodes for orphan objects")
+    meta.add_argument("--orphan-grace", type=float, default=3600.0,
+                      help="an unreferenced object younger than this is never collected "
+                           "(commits of objects older than half of it are refused)")
     data = roles.add_parser("data", help="data node: stores immutable block objects")
     _common(data)
     data.add_argument("--meta", required=True, metavar="HOST:PORT",
@@ -46,7 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="largest object body accepted")
     data.add_argument("--reserve-bytes", type=int, default=64 * 1024 * 1024,
                       help="refuse new objects when free disk space falls below this")
+    data.add_argument("--scrub-rate", type=_not_negative(int), default=16 * 1024 * 1024,
+                      metavar="BYTES_PER_SECOND",
+                      help="pace of the background scrub re-verifying stored objects "
+                           "(0: no scrub)")
+    data.add_argument("--scrub-interval", type=_not_negative(float), default=86400.0,
+                      metavar="SECONDS", help="pause between the end of a scrub pass and the next")
     return parser
+
+
+def _not_negative(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def parse(text: str) -> T:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+        return value
+    parse.__name__ = kind.__name__      # argparse names the type in its error
+    return parse
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

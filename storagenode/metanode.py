@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -37,15 +38,16 @@ from typing import Any, Callable
 
 import msgpack
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import collector, metaschema
+from . import collector, metaschema, repair
 from .auth import authorized
 from .dataclient import DataClient
 from .h11serve import serve
 from .httpserve import HTTPError, Request, Response
 from .metaclient import MetaClient
+from .retry import retrying
 from .metastate import (HEARTBEAT_SPEC, OPS, QUERIES, BadRequest, Liveness, MetaError,
                         MetaState, Outcome, validate)
 
@@ -58,6 +60,7 @@ LOG_KEEP = 100_000          # log entries kept; older ones are trimmed
 NODE_UP_SECONDS = 6.0       # a data node is up when heard from this recently (3 beats)
 NODE_DOWN_SECONDS = 15.0    # ... suspect until then, down after
 DB_NAME = "meta.db"
+SOFT = ("heartbeat", "repair_status")   # methods answered from memory, never logged
 
 
 @dataclass
@@ -78,8 +81,22 @@ class _Heard:
 
 
 class _Metrics:
-    def __init__(self) -> None:
+    def __init__(self, node: "MetaNode") -> None:
         self.registry = CollectorRegistry()
+        for name, doc in [("degraded", "blocks below their promised redundancy (last pass)"),
+                          ("misplaced", "blocks not on their desired nodes (last pass)"),
+                          ("pending", "blocks found needing work in the current pass"),
+                          ("copies_made", "pieces copied or rebuilt by repair"),
+                          ("bytes_copied", "bytes written by repair"),
+                          ("deleted", "surplus pieces removed by repair"),
+                          ("failures", "repairs that failed and wait for the next pass"),
+                          ("passes", "repair passes completed")]:
+            Gauge(f"objfs_repair_{name}", doc, registry=self.registry).set_function(
+                functools.partial(lambda n: float(getattr(node.repair, n)), name))
+        for name in ("deleted", "adopted"):
+            Gauge(f"objfs_orphans_{name}", f"orphan objects {name}",
+                  registry=self.registry).set_function(
+                functools.partial(lambda n: float(getattr(node.orphans, n)), name))
         self.rpcs = Counter("objfs_meta_rpc", "metadata RPCs by method and outcome",
                             ["method", "outcome"], registry=self.registry)
         self.commit_seconds = Histogram(
@@ -96,8 +113,10 @@ class MetaNode:
     def __init__(self, db_path: Path, secret: str, *,
                  clock: Callable[[], int] = time.time_ns,
                  monotonic: Callable[[], float] = trio.current_time,
-                 log_keep: int = LOG_KEEP, pending_max: int = PENDING_MAX) -> None:
+                 log_keep: int = LOG_KEEP, pending_max: int = PENDING_MAX,
+                 node_down_after: float = NODE_DOWN_SECONDS) -> None:
         self.secret = secret
+        self._down_after = max(node_down_after, NODE_UP_SECONDS)
         self._clock = clock
         self._monotonic = monotonic
         self._log_keep = log_keep
@@ -107,7 +126,9 @@ class MetaNode:
         self._send, self._receive = trio.open_memory_channel[_Pending](pending_max)
         self._heard: dict[str, _Heard] = {}
         self._started = self._monotonic()
-        self.metrics = _Metrics()
+        self.repair = repair.RepairStatus()
+        self.orphans = collector.OrphanReport()
+        self.metrics = _Metrics(self)
 
     def close(self) -> None:
         self._writer.conn.close()
@@ -130,8 +151,7 @@ class MetaNode:
         if not authorized(request.header("authorization"), self.secret):
             raise HTTPError(401, "missing or wrong bearer secret")
         method, args = _decode(await request.body(RPC_BODY_MAX))
-        label = method if method in OPS or method in QUERIES or method == "heartbeat" \
-            else "unknown"
+        label = method if method in OPS or method in QUERIES or method in SOFT else "unknown"
         outcome = "failed"
         try:
             answer = await self._answer(method, args)
@@ -157,6 +177,8 @@ class MetaNode:
             return self._reader.query(method, args, self.liveness())
         if method == "heartbeat":
             return await self.heartbeat(args)
+        if method == "repair_status":
+            return {"repair": self.repair.as_map(), "orphans": dict(self.orphans.__dict__)}
         raise BadRequest(f"unknown method {method!r:.80}")
 
     # ---- ops and group commit
@@ -242,7 +264,7 @@ class MetaNode:
             h = self._heard.get(node_id)
             silent = now - (h.at if h else self._started)
             state = ("up" if h and silent <= NODE_UP_SECONDS else
-                     "suspect" if silent <= NODE_DOWN_SECONDS else "down")
+                     "suspect" if silent <= self._down_after else "down")
             live[node_id] = Liveness(state, h.capacity if h else 0, h.free if h else 0, silent)
         return live
 
@@ -266,13 +288,25 @@ def _msgpack(value: Any) -> Response:
                     {"content-type": "application/msgpack"})
 
 
-async def _collector(args: argparse.Namespace, secret: str) -> None:
-    """Delete unreferenced objects from the data nodes, through our own RPC."""
+async def _background(node: "MetaNode", args: argparse.Namespace, secret: str) -> None:
+    """The collector, the orphan scan and repair, each talking to us through
+    our own RPC (so they see exactly what clients see)."""
     async with MetaClient(args.listen, secret) as meta:
-        data = DataClient(secret)
+        data = DataClient(secret, timeout=30.0)
+        commit_max_age = int(args.orphan_grace * 1e9) // 2
         try:
-            await collector.collect_forever(meta, data, interval=args.gc_interval,
-                                            grace=args.gc_grace)
+            await retrying(lambda: meta.call("configure", commit_max_age_ns=commit_max_age),
+                           deadline=trio.current_time() + 60)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(
+                    collector.collect_forever, meta, data, interval=args.gc_interval,
+                    grace=args.gc_grace, dead_after=args.repair_grace))
+                nursery.start_soon(functools.partial(
+                    collector.orphans_forever, meta, data, interval=args.orphan_interval,
+                    grace=args.orphan_grace, report=node.orphans))
+                nursery.start_soon(functools.partial(
+                    repair.repair_forever, meta, data, interval=args.repair_interval,
+                    grace=args.repair_grace, status=node.repair))
         finally:
             await data.aclose()
 
@@ -282,14 +316,14 @@ async def run(args: argparse.Namespace, secret: str) -> None:
     state: Path = args.state
     state.mkdir(parents=True, exist_ok=True)
     try:
-        node = MetaNode(state / DB_NAME, secret)
+        node = MetaNode(state / DB_NAME, secret, node_down_after=args.node_down_after)
     except metaschema.SchemaError as exc:
         log.critical("%s", exc)
         raise SystemExit(2) from None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(node.write_loop)
-            nursery.start_soon(_collector, args, secret)
+            nursery.start_soon(_background, node, args, secret)
             await serve(node.handle, args.listen)
     finally:
         node.close()

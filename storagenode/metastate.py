@@ -50,13 +50,16 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import msgpack
 
-from .ids import ROOT_INODE, is_object_id, is_volume_name, parse_node_id
+from .ids import (ROOT_INODE, is_block_id, is_object_id, is_volume_name, object_age_ns,
+                  parse_node_id, shard_id)
 
 LINK_MAX = 65000            # most hard links to one inode (and subdirectories + 2)
+MAX_FILE_SIZE = 2**44 - 4096   # largest file size in bytes: ext4's with 4 KiB blocks
 NAME_MAX = 255              # bytes in one name
 SYMLINK_MAX = 4095          # bytes in a symlink target (PATH_MAX - 1)
 XATTR_NAME_MAX = 255
 XATTR_VALUE_MAX = 64 * 1024
+COMMIT_MAX_AGE_NS = 1800 * 10**9   # default: objects older than 30 min are not committed
 LIST_MAX = 10000            # most rows one readdir / pending_deletes answers
 BLOCK_SPAN_MAX = 65536      # most blocks one get_blocks or commit_blocks covers
 OPEN_INOS_MAX = 65536
@@ -128,8 +131,16 @@ def _list(item: Validator, max_len: int) -> Validator:
 
 
 def _oid(v: Any) -> str:
+    """A stored object's id: a block's, or a shard's (``<oid>.<i>``)."""
     if type(v) is not str or not is_object_id(v):
         raise BadRequest(f"malformed object id {v!r:.80}")
+    return v
+
+
+def _block_oid(v: Any) -> str:
+    """A block's object id as block maps hold it (never a shard's)."""
+    if type(v) is not str or not is_block_id(v):
+        raise BadRequest(f"malformed block object id {v!r:.80}")
     return v
 
 
@@ -148,7 +159,7 @@ def _holder(v: Any) -> str:
 def _block_entry(v: Any) -> tuple[int, str | None, int, list[str]]:
     if type(v) is not list or len(v) != 4:
         raise BadRequest("a block is [idx, oid or None, length, [node_ids]]")
-    return (_int(0)(v[0]), _optional(_oid)(v[1]), _int(0)(v[2]),
+    return (_int(0)(v[0]), _optional(_block_oid)(v[1]), _int(0)(v[2]),
             _list(_node_id, 64)(v[3]))
 
 
@@ -341,6 +352,10 @@ class MetaState:
     def node_ids(self) -> list[str]:
         return [n for (n,) in self._exec("SELECT node_id FROM nodes WHERE admin != 'removed'")]
 
+    def setting(self, key: str, default: int) -> int:
+        row = self._one("SELECT value FROM meta WHERE key = ?", key)
+        return default if row is None else int(row[0])
+
     def bump_epoch(self) -> None:
         self._exec("UPDATE meta SET value = value + 1 WHERE key = 'cluster_epoch'")
 
@@ -466,15 +481,28 @@ class MetaState:
                              *key).fetchall()
         self._exec("DELETE FROM blocks WHERE vol = ? AND ino = ?", *key)
         for oid, nodes in dropped:
-            self.queue_delete(oid, nodes, now)
+            self.queue_delete(inode.vol, oid, nodes, now)
         for table in ("xattrs", "orphans", "inodes"):
             self._exec(f"DELETE FROM {table} WHERE vol = ? AND ino = ?", *key)
 
-    def queue_delete(self, oid: str, nodes: str, now: int) -> None:
-        """Queue object ``oid`` for deletion unless a block still refers to it."""
-        if self._one("SELECT 1 FROM blocks WHERE oid = ? LIMIT 1", oid) is None:
-            self._exec("INSERT OR IGNORE INTO pending_deletes VALUES (?, ?, ?)",
-                       oid, nodes, now)
+    def queue_delete(self, vol: int, oid: str, nodes: str, now: int) -> None:
+        """Queue the objects of block ``oid`` (of volume ``vol``) for deletion
+        unless a block still refers to it: the object on each of ``nodes``
+        (JSON), or on an erasure-coded volume each shard ``<oid>.<i>`` on its
+        own node ``nodes[i]`` (a blank position has nothing to delete)."""
+        if self._one("SELECT 1 FROM blocks WHERE oid = ? LIMIT 1", oid) is not None:
+            return
+        if self.volume(vol).ec_k == 0:
+            rows = [(oid, nodes, now)]
+        else:
+            rows = [(shard_id(oid, i), json.dumps([node]), now)
+                    for i, node in enumerate(json.loads(nodes)) if node]
+        self.conn.executemany("INSERT OR IGNORE INTO pending_deletes VALUES (?, ?, ?)", rows)
+
+    def unqueue_delete(self, oid: str) -> None:
+        """Block ``oid`` is referenced again: keep its objects (or shards)."""
+        self._exec("DELETE FROM pending_deletes WHERE oid = ? OR (oid > ? AND oid < ?)",
+                   oid, oid + ".", oid + "/")      # "/" sorts right after "."
 
     def set_block(self, inode: Inode, idx: int, oid: str | None, length: int,
                   nodes: list[str], now: int) -> None:
@@ -488,10 +516,10 @@ class MetaState:
         if oid is not None:
             self._exec("INSERT INTO blocks VALUES (?, ?, ?, ?, ?, ?)",
                        *key, oid, length, json.dumps(nodes))
-            self._exec("DELETE FROM pending_deletes WHERE oid = ?", oid)
+            self.unqueue_delete(oid)
             inode.stored += length
         if old is not None:
-            self.queue_delete(old[0], old[2], now)
+            self.queue_delete(inode.vol, old[0], old[2], now)
 
     def truncate(self, inode: Inode, size: int, now: int) -> None:
         """Drop blocks at or past ``size`` and clip the last partial one."""
@@ -788,12 +816,15 @@ def _exchange(st: MetaState, r: _Rename, now: int) -> Any:
 
 
 def _op_setattr(st: MetaState, a: Args, now: int) -> Any:
+    """Change attributes; a size, even the current one, sets mtime (as ext4
+    does for truncate and O_TRUNC) unless mtime is given."""
     inode = st.inode(a["vol"], a["ino"])
     if a["size"] is not None:
         _check_regular(inode)
+        _check_file_size(a["size"])
         if a["size"] != inode.size:
             st.truncate(inode, a["size"], now)
-            inode.mtime_ns = now
+        inode.mtime_ns = now
     if a["mode"] is not None:
         inode.mode = stat.S_IFMT(inode.mode) | (a["mode"] & 0o7777)
     for key in ("uid", "gid", "atime_ns", "mtime_ns"):
@@ -820,6 +851,11 @@ def _check_regular(inode: Inode) -> None:
     _invalid(not stat.S_ISREG(inode.mode), f"inode {inode.ino} is not a regular file")
 
 
+def _check_file_size(size: int) -> None:
+    if size > MAX_FILE_SIZE:
+        raise MetaError(errno.EFBIG, f"size {size} is over the largest file size {MAX_FILE_SIZE}")
+
+
 def _check_blocks(blocks: list[tuple[int, str | None, int, list[str]]],
                   size: int, bs: int) -> None:
     _invalid(len({b[0] for b in blocks}) != len(blocks), "a block index appears twice")
@@ -830,10 +866,32 @@ def _check_blocks(blocks: list[tuple[int, str | None, int, list[str]]],
         _invalid(idx * bs + length > size, f"block {idx} ends past size {size}")
 
 
+def _check_fresh(st: MetaState, blocks: list[tuple[int, str | None, int, list[str]]],
+                 now: int) -> None:
+    """Refuse objects older than the commit age limit: the orphan scan may
+    collect an uncommitted object once it is older than twice that, so an
+    object committed in time is never one the scan could have taken."""
+    limit = st.setting("commit_max_age_ns", COMMIT_MAX_AGE_NS)
+    for idx, oid, _length, _nodes in blocks:
+        if oid is not None and object_age_ns(oid, now) > limit:
+            raise MetaError(errno.ESTALE, f"block {idx}: object {oid} is too old to commit; "
+                                          "store it again")
+
+
+def _op_configure(st: MetaState, a: Args, now: int) -> Any:
+    """Settings that ops depend on (logged, so replay gives the same result)."""
+    _invalid(a["commit_max_age_ns"] < 1_000_000_000, "commit_max_age_ns must be >= 1 s")
+    st._exec("INSERT OR REPLACE INTO meta VALUES ('commit_max_age_ns', ?)",
+             a["commit_max_age_ns"])
+    return {}
+
+
 def _op_commit_blocks(st: MetaState, a: Args, now: int) -> Any:
     inode = st.inode(a["vol"], a["ino"])
     _check_regular(inode)
+    _check_file_size(a["size"])
     _check_blocks(a["blocks"], a["size"], st.volume(inode.vol).block_size)
+    _check_fresh(st, a["blocks"], now)
     if a["size"] < inode.size:
         st.truncate(inode, a["size"], now)
     inode.size = a["size"]
@@ -1034,6 +1092,29 @@ def _q_get_blocks(st: MetaState, a: Args, live: Live) -> Any:
     return [[idx, oid, length, json.loads(nodes)] for idx, oid, length, nodes in rows]
 
 
+def _q_scan_blocks(st: MetaState, a: Args, live: Live) -> Any:
+    """Blocks after the key [vol, ino, idx], in key order: [vol, ino, idx, oid, nodes]."""
+    _invalid(len(a["after"]) != 3, "after is [vol, ino, idx]")
+    rows = st._exec("SELECT vol, ino, idx, oid, nodes FROM blocks WHERE (vol, ino, idx) > "
+                    "(?, ?, ?) ORDER BY vol, ino, idx LIMIT ?", *a["after"], a["limit"])
+    return [[vol, ino, idx, oid, json.loads(nodes)] for vol, ino, idx, oid, nodes in rows]
+
+
+def _q_object_refs(st: MetaState, a: Args, live: Live) -> Any:
+    """For each object id: {"nodes": holders} if a block map uses it,
+    {"pending": True} if it waits in pending_deletes, else None."""
+    refs: dict[str, Any] = {}
+    for oid in a["oids"]:
+        row = st._one("SELECT nodes FROM blocks WHERE oid = ?", oid)
+        if row is not None:
+            refs[oid] = {"nodes": json.loads(row[0])}
+        elif st._one("SELECT 1 FROM pending_deletes WHERE oid = ?", oid) is not None:
+            refs[oid] = {"pending": True}
+        else:
+            refs[oid] = None
+    return refs
+
+
 def _q_pending_deletes(st: MetaState, a: Args, live: Live) -> Any:
     rows = st._exec("SELECT oid, nodes FROM pending_deletes WHERE queued_ns <= ? "
                     "ORDER BY queued_ns, oid LIMIT ?", a["before_ns"], a["limit"])
@@ -1066,6 +1147,7 @@ OPS: dict[str, Method] = {
     "register_node": Method(_op_register_node, {
         "node_id": (_node_id, REQUIRED), "address": (_typed(str, 255), REQUIRED),
         "domain": (_typed(str, 64), ""), "weight": (_float, 1.0)}),
+    "configure": Method(_op_configure, {"commit_max_age_ns": (_int(0), REQUIRED)}),
     "set_node_admin": Method(_op_set_node_admin, {
         "node_id": (_node_id, REQUIRED), "admin": (_typed(str, 16), REQUIRED)}),
     "mknod": Method(_op_mknod, {**_NEW, "mode": MODE, "rdev": (_int(0), 0)}),
@@ -1109,6 +1191,9 @@ QUERIES: dict[str, Method] = {
     "listxattr": Method(_q_listxattr, {"vol": VOL, "ino": INO}),
     "get_blocks": Method(_q_get_blocks, {"vol": VOL, "ino": INO, "first": (_int(0), REQUIRED),
                                          "last": (_int(0), REQUIRED)}),
+    "scan_blocks": Method(_q_scan_blocks, {"after": (_list(_int(-1), 3), REQUIRED),
+                                           "limit": LIMIT}),
+    "object_refs": Method(_q_object_refs, {"oids": (_list(_oid, LIST_MAX), REQUIRED)}),
     "pending_deletes": Method(_q_pending_deletes, {"limit": LIMIT,
                                                    "before_ns": (_int(), INT64_MAX)}),
 }
@@ -1213,7 +1298,8 @@ def _fsck_blocks(conn: sqlite3.Connection) -> Iterator[str]:
         if stored != total:
             yield f"inode {vol}/{ino}: stored {stored}, blocks hold {total}"
     for (oid,) in conn.execute(
-            "SELECT oid FROM pending_deletes WHERE oid IN (SELECT oid FROM blocks)"):
+            "SELECT oid FROM pending_deletes "
+            "WHERE substr(oid, 1, 32) IN (SELECT oid FROM blocks)"):   # shards too
         yield f"object {oid} is pending delete but still referenced"
 
 

@@ -25,12 +25,13 @@ from .procs import NodeProcess
 
 
 class Cluster:
-    def __init__(self, root: Path, data_nodes: int = 3) -> None:
+    def __init__(self, root: Path, data_nodes: int = 3,
+                 meta_args: list[str] | None = None) -> None:
         self.root = root
         self.secret_file = root / "secret"
         create_secret(self.secret_file)
         self.secret = self.secret_file.read_text().strip()
-        self.meta = NodeProcess("meta", root / "meta", self.secret_file)
+        self.meta = NodeProcess("meta", root / "meta", self.secret_file, meta_args)
         self.data: list[NodeProcess] = []
         self.n_data = data_nodes
         self.mounts: list[Path] = []

@@ -18,7 +18,7 @@ from storagenode.metastate import BadRequest, Liveness, MetaError, MetaState, fs
 
 T0 = 1_700_000_000_000_000_000
 ROOT = 1
-OID = [f"{i:032x}" for i in range(1, 200)]
+OID = [f"{i:020x}{T0 // 1_000_000:012x}" for i in range(1, 200)]   # created at T0
 
 
 class FS:

@@ -1,0 +1,130 @@
+"""The repair planner: pure decisions about where a block's pieces go."""
+
+from __future__ import annotations
+
+import collections
+
+from storagenode.ids import new_object_id, shard_id
+from storagenode.repair import Layout, NodeView, plan_block
+
+GRACE = 60.0
+R3 = Layout(replicas=3)
+EC42 = Layout(replicas=1, k=4, m=2)
+
+
+def cluster(n: int, **changes: tuple[str, str, float]) -> dict[str, NodeView]:
+    nodes = {f"n{i}": NodeView(f"n{i}", f"127.0.0.1:{9000 + i}", "up", "active", 0.5)
+             for i in range(n)}
+    for node_id, (state, admin, silent) in changes.items():
+        nodes[node_id] = NodeView(node_id, nodes[node_id].address, state, admin, silent)
+    return nodes
+
+
+def settled(oid: str, nodes: dict[str, NodeView], layout: Layout = R3) -> list[str]:
+    """Where a block lands when nothing is wrong."""
+    return plan_block(oid, [], nodes, layout, GRACE).final
+
+
+def test_a_well_placed_block_needs_nothing() -> None:
+    nodes = cluster(5)
+    oid = new_object_id()
+    holders = settled(oid, nodes)
+    plan = plan_block(oid, holders, nodes, R3, GRACE)
+    assert plan.idle and plan.final == holders and plan.good == 3
+
+
+def test_a_dead_holder_is_replaced_and_dropped_without_deleting() -> None:
+    oid = new_object_id()
+    holders = settled(oid, cluster(5))
+    dead = holders[0]
+    nodes = cluster(5, **{dead: ("down", "active", GRACE + 1)})
+    plan = plan_block(oid, holders, nodes, R3, GRACE)
+    assert plan.good == 2 and len(plan.copies) == 1
+    target = plan.copies[0][1]
+    assert target not in holders and nodes[target].state == "up"
+    assert dead not in plan.final and len(plan.final) == 3
+    assert plan.deletes == []       # the dead node cannot be told; the orphan scan will
+
+
+def test_a_node_down_within_grace_is_waited_for() -> None:
+    oid = new_object_id()
+    holders = settled(oid, cluster(5))
+    nodes = cluster(5, **{holders[1]: ("down", "active", GRACE - 1)})
+    plan = plan_block(oid, holders, nodes, R3, GRACE)
+    assert plan.idle and plan.final == holders
+
+
+def test_under_replicated_block_gets_its_missing_copy() -> None:
+    nodes = cluster(4)
+    oid = new_object_id()
+    want = settled(oid, nodes)
+    plan = plan_block(oid, want[:2], nodes, R3, GRACE)
+    assert plan.copies == [(None, want[2])] and sorted(plan.final) == sorted(want)
+
+
+def test_draining_moves_copies_off_before_deleting() -> None:
+    oid = new_object_id()
+    holders = settled(oid, cluster(5))
+    nodes = cluster(5, **{holders[0]: ("up", "draining", 0.0)})
+    plan = plan_block(oid, holders, nodes, R3, GRACE)
+    assert len(plan.copies) == 1 and holders[0] not in plan.final
+    assert plan.deletes == [(oid, holders[0])]
+
+
+def test_the_last_copy_is_never_deleted_while_targets_are_unreachable() -> None:
+    oid = new_object_id()
+    nodes = cluster(4)
+    want = settled(oid, nodes)
+    other = next(n for n in nodes if n not in want)
+    # only a non-desired node holds the block, and one desired node is suspect
+    nodes = cluster(4, **{want[0]: ("suspect", "active", 8.0)})
+    plan = plan_block(oid, [other], nodes, R3, GRACE)
+    assert plan.blocked and plan.deletes == [] and other in plan.final
+    assert {t for _, t in plan.copies} == set(want[1:])
+
+
+def test_adding_a_node_moves_a_fair_share_to_it_and_nothing_between_old_nodes() -> None:
+    old, new = cluster(4), cluster(5)
+    blocks = [new_object_id() for _ in range(3000)]
+    moved = 0
+    for oid in blocks:
+        holders = settled(oid, old)
+        plan = plan_block(oid, holders, new, R3, GRACE)
+        assert all(target == "n4" for _, target in plan.copies)
+        assert len(plan.deletes) == len(plan.copies)
+        moved += len(plan.copies)
+    share = moved / (3 * len(blocks))
+    assert abs(share - 1 / 5) < 0.1 * (1 / 5), share
+
+
+def test_erasure_coded_block_rebuilds_only_the_lost_position() -> None:
+    oid = new_object_id()
+    holders = settled(oid, cluster(8), EC42)
+    assert len(set(holders)) == 6
+    dead = holders[3]
+    nodes = cluster(8, **{dead: ("down", "active", GRACE + 5)})
+    plan = plan_block(oid, holders, nodes, EC42, GRACE)
+    assert len(plan.copies) == 1 and plan.copies[0][0] == 3
+    assert plan.final[:3] == holders[:3] and plan.final[4:] == holders[4:]
+    assert plan.final[3] not in holders and plan.good == 5
+
+
+def test_erasure_coded_blank_position_is_filled_and_moves_delete_the_old_shard() -> None:
+    nodes = cluster(7)
+    oid = new_object_id()
+    holders = settled(oid, nodes, EC42)
+    blank = list(holders)
+    blank[1] = ""
+    plan = plan_block(oid, blank, nodes, EC42, GRACE)
+    assert [i for i, _ in plan.copies] == [1] and "" not in plan.final
+    drained = cluster(7, **{holders[2]: ("up", "draining", 0.0)})
+    plan = plan_block(oid, holders, drained, EC42, GRACE)
+    assert [i for i, _ in plan.copies] == [2]
+    assert plan.deletes == [(shard_id(oid, 2), holders[2])]
+
+
+def test_erasure_coded_blocks_spread_over_nodes() -> None:
+    nodes = cluster(6)
+    counts = collections.Counter(i for _ in range(200)
+                                 for i, n in enumerate(settled(new_object_id(), nodes, EC42)) if n)
+    assert set(counts.values()) == {200}
