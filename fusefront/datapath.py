@@ -2,24 +2,39 @@
 
 How this works
 --------------
-``ClusterView`` keeps the cluster map (data nodes, their addresses and
-state) fetched from the metadata node, refreshed every few seconds and at
-once after a node fails us.
+``ClusterView`` keeps the cluster map (data nodes, their addresses, state
+and admin state) fetched from the metadata node, refreshed every few seconds
+and at once after a node fails us.  New objects go only to *writable* nodes
+(state ``up`` and admin ``active``: not draining); reads may try any node.
 
-``BlockStore.upload`` frames a block (zstd + BLAKE3, in a worker thread),
-ranks the data nodes for a new object id by rendezvous hashing, and PUTs
-the object to the first ``copies`` nodes in parallel.  A node that fails is
-replaced by the next one in rank order; the block is acknowledged only when
-``copies`` distinct nodes hold it durably (``copies`` is the volume's replica
-count, or the number of nodes when fewer exist).  The client sends each
-copy itself: on loopback one trio process pushes ~850 MiB/s of PUTs, far
-above what the rest of the path delivers, so a chain (pipeline) would buy
-nothing here and cost latency and mid-chain failure handling.
+Replicated volumes: ``BlockStore.upload`` frames a block (zstd + BLAKE3, in
+a worker thread), ranks the writable nodes for a new object id by rendezvous
+hashing, and PUTs the object to the first ``copies`` nodes in parallel.  A
+node that fails is replaced by the next one in rank order; the block is
+acknowledged only when ``copies`` distinct nodes hold it durably
+(``copies`` is the volume's replica count, or the number of active nodes
+when fewer exist).  The client sends each copy itself: on loopback one trio
+process pushes ~850 MiB/s of PUTs, far above what the rest of the path
+delivers, so a chain (pipeline) would buy nothing here and cost latency and
+mid-chain failure handling.  ``download`` tries the nodes recorded in the
+block map, then the rest in rank order, and returns the first copy whose
+checksum verifies; a refused connection, a timeout, a missing or a corrupt
+copy all fall through to the next.
 
-``BlockStore.download`` tries the nodes recorded in the block map, then the
-rest in rank order, and returns the first copy whose checksum verifies; a
-refused connection, a timeout, a missing or a corrupt copy all fall through
-to the next.  Only when no copy verifies does the caller see an error.
+Erasure-coded volumes (``ec = (k, m)``): ``upload`` encodes the block into
+k + m shards (``storagenode.erasure``, in a worker thread) and PUTs shard i,
+object ``<oid>.<i>``, to the i-th writable node in rank order, all in
+parallel; a failed node is replaced by the next unused one, so the k + m
+holders are always distinct.  The block is acknowledged only when all k + m
+shards are durable (the redundancy the volume promises); the holder list
+is positional (``holders[i]`` has shard i).  ``download`` follows
+``shard_fetch_plan``: the k data shards first, in parallel (no decoding
+needed when they all verify), then for each shard that failed the next
+position (parity shards), and last every other node in rank order (a map
+gone stale); it decodes once k shards verify.
+
+Only when too few nodes answer does the caller see ``DataUnavailable``
+(``NoSpace`` when they are full).
 """
 
 from __future__ import annotations
@@ -30,9 +45,9 @@ from typing import Sequence
 
 import trio
 
-from storagenode import blockformat
+from storagenode import blockformat, erasure
 from storagenode.dataclient import DataClient, NodeError, NodeFull
-from storagenode.ids import NodeId, ObjectId, new_object_id
+from storagenode.ids import NodeId, ObjectId, new_object_id, shard_id
 from storagenode.metaclient import MetaClient
 from storagenode.placement import NodeSlot, rank
 
@@ -56,6 +71,18 @@ class DataNode:
     up: bool
     weight: float
     domain: str
+    active: bool = True        # admin state "active": not draining
+
+    @property
+    def writable(self) -> bool:
+        """May new objects go here?"""
+        return self.up and self.active
+
+
+def _data_node(n: dict[str, object]) -> DataNode:
+    return DataNode(NodeId(str(n["node_id"])), str(n["address"]), n["state"] == "up",
+                    float(n["weight"]), str(n["domain"]),  # type: ignore[arg-type]
+                    n.get("admin", "active") == "active")
 
 
 class ClusterView:
@@ -73,62 +100,116 @@ class ClusterView:
             if not force and trio.current_time() - self._fetched_at < MAP_REFRESH:
                 return
             cmap = await self.meta.call("cluster_map")
-            self.nodes = {n["node_id"]: DataNode(n["node_id"], n["address"], n["state"] == "up",
-                                                 float(n["weight"]), n["domain"])
-                          for n in cmap["nodes"]}
+            self.nodes = {n["node_id"]: _data_node(n) for n in cmap["nodes"]}
             self.epoch = cmap["epoch"]
             self._fetched_at = trio.current_time()
 
-    def ranked(self, oid: ObjectId, *, up_only: bool = True) -> list[DataNode]:
+    def ranked(self, oid: ObjectId, *, writable: bool = True) -> list[DataNode]:
+        """Nodes in rank order for ``oid``: the writable ones, or all."""
         slots = [NodeSlot(n.node_id, n.weight, n.domain) for n in self.nodes.values()
-                 if n.up or not up_only]
+                 if n.writable or not writable]
         return [self.nodes[s.node_id] for s in rank(oid, slots)]
+
+    def active_count(self) -> int:
+        return sum(n.active for n in self.nodes.values())
+
+
+Attempt = tuple[int, NodeId]          # (shard index, node to ask for it)
+
+
+def shard_fetch_plan(holders: Sequence[str], ranked: Sequence[NodeId],
+                     up: frozenset[NodeId] | set[NodeId], k: int, m: int) -> list[Attempt]:
+    """Where to look for the shards of one block, best first: each shard on
+    its recorded holder (holders that are up first, data shards before
+    parity), then every shard on every other node in rank order."""
+    recorded = [(i, NodeId(h)) for i, h in enumerate(holders[:k + m]) if h]
+    recorded.sort(key=lambda a: (a[1] not in up, a[0]))
+    seen = set(recorded)
+    search = [(i, n) for i in range(k + m) for n in ranked if (i, n) not in seen]
+    return recorded + search
 
 
 class BlockStore:
-    """Uploads and downloads block objects."""
+    """Uploads and downloads block objects (whole, or as erasure-coded shards)."""
 
     def __init__(self, view: ClusterView, data: DataClient, replicas: int,
-                 limiter: trio.CapacityLimiter) -> None:
+                 limiter: trio.CapacityLimiter, ec: tuple[int, int] = (0, 0)) -> None:
         self.view = view
         self.data = data
         self.replicas = replicas
         self.limiter = limiter
+        self.ec_k, self.ec_m = ec
+
+    @property
+    def pieces(self) -> int:
+        """Objects per block: copies, or data + parity shards."""
+        return self.ec_k + self.ec_m if self.ec_k else self.replicas
 
     async def upload(self, block: bytes | bytearray) -> tuple[ObjectId, list[NodeId]]:
-        """Store one block; returns its object id and the nodes holding it."""
-        obj = await trio.to_thread.run_sync(blockformat.encode, block, limiter=self.limiter)
+        """Store one block; returns its object id and the nodes holding it
+        (for an erasure-coded volume, the holder of each shard in order)."""
+        objs = await trio.to_thread.run_sync(self._encode, block, limiter=self.limiter)
         await self.view.refresh()
         oid = new_object_id()
         try:
-            return oid, await self._place(oid, obj)
+            return oid, await self._place(oid, objs)
         except DataUnavailable:
             await self.view.refresh(force=True)
-            return oid, await self._place(oid, obj)
+            return oid, await self._place(oid, objs)
 
-    async def _place(self, oid: ObjectId, obj: bytes) -> list[NodeId]:
+    def _encode(self, block: bytes | bytearray) -> list[bytes]:
+        """The object (replicated) or the k + m shard objects of ``block``."""
+        if self.ec_k:
+            return erasure.encode_block(block, self.ec_k, self.ec_m)
+        return [blockformat.encode(block)]
+
+    def _stored_id(self, oid: ObjectId, position: int) -> ObjectId:
+        """The id under which holder ``position`` stores its piece of ``oid``."""
+        return shard_id(oid, position) if self.ec_k else oid
+
+    def _pieces(self, objs: list[bytes]) -> list[bytes]:
+        """What each holder stores: a shard each, or the same object on
+        ``replicas`` nodes (fewer if fewer active nodes exist)."""
+        if self.ec_k:
+            return objs
+        return objs * min(self.replicas, self.view.active_count())
+
+    async def _place(self, oid: ObjectId, objs: list[bytes]) -> list[NodeId]:
+        """Put each piece (copy or shard) on its own writable node, replacing
+        failed nodes by the next in rank order; the holders, position by position."""
+        pieces = self._pieces(objs)
         candidates = self.view.ranked(oid)
-        want = min(self.replicas, len(self.view.nodes))
-        if want == 0:
-            raise DataUnavailable("no data nodes are registered")
-        stored: list[NodeId] = []
+        if not pieces or len(candidates) < len(pieces):
+            raise DataUnavailable(f"{len(candidates)} writable data nodes for "
+                                  f"{len(pieces) or self.pieces} pieces of a block")
+        placed: list[NodeId | None] = [None] * len(pieces)
         full = 0
-        while len(stored) < want and candidates:
-            batch, candidates = candidates[:want - len(stored)], candidates[want - len(stored):]
-            results = await self._put_all(batch, oid, obj)
-            stored += [n.node_id for n, r in zip(batch, results) if r is None]
+        while None in placed and candidates:
+            todo = [i for i, n in enumerate(placed) if n is None]
+            batch, candidates = candidates[:len(todo)], candidates[len(todo):]
+            results = await self._put_all([(node, self._stored_id(oid, i), pieces[i])
+                                           for i, node in zip(todo, batch)])
+            for i, node, result in zip(todo, batch, results):
+                placed[i] = node.node_id if result is None else None
             full += sum(isinstance(r, NodeFull) for r in results)
-        if len(stored) < want:
-            if full and full + len(stored) >= len(self.view.nodes):
+        if None in placed:                 # not acknowledged: take back what was stored
+            await self.discard(oid, [n or "" for n in placed])
+        return self._check_placed(placed, full)
+
+    def _check_placed(self, placed: list[NodeId | None], full: int) -> list[NodeId]:
+        stored = [n for n in placed if n is not None]
+        if len(stored) < len(placed):
+            if full and full + len(stored) >= sum(n.writable for n in self.view.nodes.values()):
                 raise NoSpace("every data node is full")
-            raise DataUnavailable(f"only {len(stored)} of {want} copies could be stored")
+            what = "shards" if self.ec_k else "copies"
+            raise DataUnavailable(f"only {len(stored)} of {len(placed)} {what} could be stored")
         return stored
 
-    async def _put_all(self, nodes: Sequence[DataNode], oid: ObjectId,
-                       obj: bytes) -> list[Exception | None]:
-        results: list[Exception | None] = [None] * len(nodes)
+    async def _put_all(self, puts: Sequence[tuple[DataNode, ObjectId, bytes]]
+                       ) -> list[Exception | None]:
+        results: list[Exception | None] = [None] * len(puts)
 
-        async def put(i: int, node: DataNode) -> None:
+        async def put(i: int, node: DataNode, oid: ObjectId, obj: bytes) -> None:
             try:
                 await self.data.put(node.address, oid, obj)
             except NodeError as exc:
@@ -136,13 +217,24 @@ class BlockStore:
                 results[i] = exc
 
         async with trio.open_nursery() as nursery:
-            for i, node in enumerate(nodes):
-                nursery.start_soon(put, i, node)
+            for i, (node, oid, obj) in enumerate(puts):
+                nursery.start_soon(put, i, node, oid, obj)
         return results
 
     async def download(self, oid: ObjectId, holders: Sequence[str]) -> bytes:
-        """The verified, decoded block ``oid``, from any node that has it."""
+        """The verified, decoded block ``oid``, from any node that has it
+        (or from any k of its shards)."""
         await self.view.refresh()
+        if self.ec_k:
+            block = await self._download_shards(oid, holders)
+        else:
+            block = await self._download_copy(oid, holders)
+        if block is None:
+            await self.view.refresh(force=True)
+            raise DataUnavailable(f"no data node returned a good copy of object {oid}")
+        return block
+
+    async def _download_copy(self, oid: ObjectId, holders: Sequence[str]) -> bytes | None:
         for node in self._fetch_order(oid, holders):
             try:
                 obj = await self.data.get(node.address, oid)
@@ -150,23 +242,81 @@ class BlockStore:
                                                      limiter=self.limiter)
             except (NodeError, blockformat.CorruptedObject) as exc:
                 log.warning("reading %s from %s failed: %s", oid, node.node_id, exc)
-        await self.view.refresh(force=True)
-        raise DataUnavailable(f"no data node returned a good copy of object {oid}")
+        return None
 
     def _fetch_order(self, oid: ObjectId, holders: Sequence[str]) -> list[DataNode]:
         known = [self.view.nodes[NodeId(h)] for h in holders if h in self.view.nodes]
         first = [n for n in known if n.up] + [n for n in known if not n.up]
-        rest = [n for n in self.view.ranked(oid, up_only=False) if n not in first]
+        rest = [n for n in self.view.ranked(oid, writable=False) if n not in first]
         return first + rest
+
+    # ----- erasure-coded blocks
+    async def _download_shards(self, oid: ObjectId, holders: Sequence[str]) -> bytes | None:
+        """Fetch shards in waves (as many as still needed, in plan order)
+        until k verify, then decode; None if the plan runs out first."""
+        k, m = self.ec_k, self.ec_m
+        ranked = [n.node_id for n in self.view.ranked(oid, writable=False)]
+        up = {n.node_id for n in self.view.nodes.values() if n.up}
+        plan = shard_fetch_plan(holders, ranked, up, k, m)
+        good: dict[int, erasure.Shard] = {}
+        while len(good) < k:
+            wave = _next_wave(plan, k - len(good), good)
+            if not wave:
+                return None
+            await self._fetch_wave(oid, wave, good)
+        try:
+            return await trio.to_thread.run_sync(erasure.decode_shards, list(good.values()),
+                                                 k, m, limiter=self.limiter)
+        except erasure.ErasureError as exc:
+            log.error("decoding %s from shards %s failed: %s", oid, sorted(good), exc)
+            return None
+
+    async def _fetch_wave(self, oid: ObjectId, wave: list[Attempt],
+                          good: dict[int, erasure.Shard]) -> None:
+        async def fetch(index: int, node_id: NodeId) -> None:
+            node = self.view.nodes.get(node_id)
+            if node is None:
+                return
+            try:
+                obj = await self.data.get(node.address, shard_id(oid, index))
+                good[index] = await trio.to_thread.run_sync(
+                    erasure.verify_shard, obj, self.ec_k, self.ec_m, index,
+                    limiter=self.limiter)
+            except (NodeError, erasure.CorruptShard) as exc:
+                log.warning("reading shard %d of %s from %s failed: %s",
+                            index, oid, node_id, exc)
+
+        async with trio.open_nursery() as nursery:
+            for index, node_id in wave:
+                nursery.start_soon(fetch, index, node_id)
 
     async def discard(self, oid: ObjectId, holders: Sequence[str]) -> None:
         """Best-effort removal of an object that was never committed (left
         behind on failure: the orphan collector's job)."""
-        for node_id in holders:
+        for position, node_id in enumerate(holders):
+            object_id = self._stored_id(oid, position)
             node = self.view.nodes.get(NodeId(node_id))
             if node is None:
                 continue
             try:
-                await self.data.delete(node.address, oid)
+                await self.data.delete(node.address, object_id)
             except NodeError as exc:
-                log.info("could not discard %s on %s: %s", oid, node_id, exc)
+                log.info("could not discard %s on %s: %s", object_id, node_id, exc)
+
+
+def _next_wave(plan: list[Attempt], need: int, good: dict[int, erasure.Shard]
+               ) -> list[Attempt]:
+    """Take from ``plan`` the first ``need`` attempts for distinct shards
+    not yet good (attempts for good shards are dropped, others kept)."""
+    wave: list[Attempt] = []
+    rest: list[Attempt] = []
+    for attempt in plan:
+        index = attempt[0]
+        if index in good:
+            continue
+        if len(wave) < need and all(index != i for i, _ in wave):
+            wave.append(attempt)
+        else:
+            rest.append(attempt)
+    plan[:] = rest
+    return wave

@@ -34,9 +34,10 @@ import trio
 from storagenode.dataclient import NodeError
 
 from storagenode.metaclient import MetaClient, MetaError, MetaUnavailable
+from storagenode.metastate import MAX_FILE_SIZE
 
 from .datapath import DataUnavailable, NoSpace
-from .filedata import FileData, Volume
+from .filedata import FileData, Volume, atime_due
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -123,11 +124,13 @@ class Operations(pyfuse3.Operations):
         return e
 
     def merged(self, a: dict[str, Any]) -> pyfuse3.EntryAttributes:
-        """Attributes with this mount's unflushed size and mtime applied."""
+        """Attributes with this mount's unflushed size, times and blocks applied
+        (a write changes mtime and ctime together, as on a local filesystem)."""
         f = self.files.get(a["ino"])
         if f is not None and f.changed:
-            a = dict(a, size=f.size, mtime_ns=f.mtime_ns)
-            a["blocks"] = max(a["blocks"], (f.size + 511) // 512)
+            a = dict(a, size=f.size, mtime_ns=f.mtime_ns,
+                     ctime_ns=max(a["ctime_ns"], f.mtime_ns),
+                     blocks=max(0, a["blocks"] + f.unstored_bytes() // 512))
         if f is not None and f.atime_ns > a["atime_ns"]:
             a = dict(a, atime_ns=f.atime_ns)      # a read access still on its way
         return self.entry(a)
@@ -191,6 +194,8 @@ class Operations(pyfuse3.Operations):
             changes["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_size and attr.st_size > MAX_FILE_SIZE:
+            raise pyfuse3.FUSEError(errno.EFBIG)
         await self.flush_inode(ino)
         if fields.update_size:
             return self.merged(await self.truncate(ino, attr.st_size, changes))
@@ -318,7 +323,12 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         ino = self.dirs[fh]
         if start_id == 0:
-            me = self.entry(await self.call("getattr", ino=ino))
+            a = await self.call("getattr", ino=ino)
+            if self.relatime and atime_due(a, time.time_ns()):
+                # a listing is a read access (relatime); the kernel drops the
+                # cached atime after readdir
+                a = await self.call("touch_atime", ino=ino, atime_ns=time.time_ns())
+            me = self.entry(a)
             if not pyfuse3.readdir_reply(token, b".", me, 1):
                 return
             start_id = 1
@@ -415,6 +425,11 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def write(self, fh: int, offset: int, data: bytes) -> int:
+        """Like a local filesystem at its largest file size: a write that
+        starts there fails (EFBIG), one that crosses it is cut short."""
+        if offset >= MAX_FILE_SIZE:
+            raise pyfuse3.FUSEError(errno.EFBIG)
+        data = data[:MAX_FILE_SIZE - offset]
         await self.handles[fh].write(offset, data, self.spawn)
         return len(data)
 
@@ -439,6 +454,12 @@ class Operations(pyfuse3.Operations):
             return
         try:
             await f.flush()
+        except Exception as exc:
+            # close() already reported this failure: keep nothing to commit later
+            if f.opens == 0:
+                log.warning("dropping unwritten data of inode %d: %s", f.ino, exc)
+                await f.discard()
+            raise
         finally:
             if f.opens == 0 and not f.pending():
                 del self.files[f.ino]
@@ -461,11 +482,14 @@ class Operations(pyfuse3.Operations):
         s = await self.call("statfs")
         out = pyfuse3.StatvfsData()
         frsize = 4096
-        copies = max(1, s["replicas"])
+        k, m = s.get("ec_k", 0), s.get("ec_m", 0)
+
+        def usable(raw: int) -> int:       # raw bytes -> data: / copies, or * k / (k + m)
+            return raw * k // (k + m) if k else raw // max(1, s["replicas"])
         out.f_bsize = 128 * 1024
         out.f_frsize = frsize
-        out.f_blocks = s["capacity"] // copies // frsize
-        out.f_bfree = s["free"] // copies // frsize
+        out.f_blocks = usable(s["capacity"]) // frsize
+        out.f_bfree = usable(s["free"]) // frsize
         out.f_bavail = out.f_bfree
         out.f_files = s["inodes"] + out.f_bfree
         out.f_ffree = out.f_bfree

@@ -110,7 +110,8 @@ def build(cfg: MountConfig, secret: str, volume: dict[str, Any]) -> Operations:
     meta = MetaClient(cfg.meta, secret, timeout=cfg.timeout)
     data = DataClient(secret, timeout=cfg.timeout)
     limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
-    store = BlockStore(ClusterView(meta), data, volume["replicas"], limiter)
+    store = BlockStore(ClusterView(meta), data, volume["replicas"], limiter,
+                       ec=(volume.get("ec_k", 0), volume.get("ec_m", 0)))
     vol = Volume(volume["vol"], volume["block_size"], meta, store,
                  BlockCache(cfg.cache_size), readahead=cfg.readahead,
                  dirty_limit=cfg.dirty_limit)

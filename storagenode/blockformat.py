@@ -64,13 +64,15 @@ def _checksum(head: bytes | memoryview, payload: bytes | memoryview) -> bytes:
     return h.digest()
 
 
-def encode(data: bytes | bytearray | memoryview, *, level: int = ZSTD_LEVEL) -> bytes:
-    """Frame one block: compress when it pays, checksum, prepend the header."""
+def encode(data: bytes | bytearray | memoryview, *, level: int = ZSTD_LEVEL,
+           compress: bool = True) -> bytes:
+    """Frame one block: compress when it pays (and ``compress``), checksum,
+    prepend the header."""
     raw = memoryview(data)
     if len(raw) > MAX_RAW_LENGTH:
         raise ValueError("block larger than the format allows")
-    packed = zstandard.ZstdCompressor(level=level).compress(raw)
-    if len(packed) <= len(raw) * (1 - MIN_SAVING):
+    packed = zstandard.ZstdCompressor(level=level).compress(raw) if compress else b""
+    if compress and len(packed) <= len(raw) * (1 - MIN_SAVING):
         codec, payload = CODEC_ZSTD, memoryview(packed)
     else:
         codec, payload = CODEC_RAW, raw

@@ -17,6 +17,23 @@ registered with the metadata node: ``register_node`` once, then a
 metadata node forgot us, so the next round registers again.  An unreachable
 metadata node is logged at most every ``WARN_EVERY_SECONDS`` and retried
 forever: a data node serves whether or not the metadata node is up.
+Each heartbeat carries ``lost``: up to ``HEARTBEAT_LOST_MAX`` ids from the
+store's ``LostCopies`` (objects quarantined here, by a read or the scrub);
+only after the metadata node accepted that heartbeat are they forgotten, so
+a lost copy is reported at least once, even across a restart (the store
+seeds the set from ``quarantine/``).  The metadata node takes this node out
+of those objects' holders and repair restores their redundancy.
+
+The ``Scrubber`` walks the store in object-id order, one page of
+``SCRUB_PAGE`` ids at a time, and re-verifies each object in full
+(``ObjectStore.verify``: a bad one is quarantined and so becomes lost).  It
+verifies one object at a time, in a worker thread taken from the same
+``DISK_THREADS`` limiter as requests, so it holds at most one of those
+threads and never starves clients.  Its pace is ``--scrub-rate`` bytes per
+second: before each object it asks a ``TokenBucket`` (pure: it takes the
+current time and returns how long to wait) and sleeps that long.  After a
+complete pass it sleeps ``--scrub-interval`` seconds; objects stored or
+deleted during a pass are simply met or missed by the walk.
 """
 
 from __future__ import annotations
@@ -26,7 +43,8 @@ import errno
 import logging
 import re
 import time
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 import prometheus_client as prom
 import trio
@@ -54,6 +72,8 @@ HEARTBEAT_SECONDS = 2.0
 WARN_EVERY_SECONDS = 30.0
 META_TIMEOUT = 5.0
 OBJECTS_PREFIX = "/v1/objects/"
+HEARTBEAT_LOST_MAX = 1000   # most lost ids one heartbeat reports
+SCRUB_PAGE = 1000           # object ids the scrub lists at a time
 
 # Store errors and the HTTP status they become, most specific first.
 _STATUS: list[tuple[type[Exception], int, str]] = [
@@ -78,6 +98,9 @@ class _StoreCollector(Collector):
         yield CounterMetricFamily("objfs_data_corrupt_objects",
                                   "stored objects found corrupt and quarantined",
                                   value=self.store.corrupt_found)
+        yield GaugeMetricFamily("objfs_data_lost_copies",
+                                "quarantined objects not yet reported to the metadata node",
+                                value=len(self.store.lost))
 
 
 class _Metrics:
@@ -96,10 +119,29 @@ class _Metrics:
         self.put_seconds = prom.Histogram("objfs_data_put_seconds",
                                           "time to store one object durably",
                                           registry=reg)
+        self.scrub = _ScrubMetrics(reg)
 
     def render(self) -> Response:
         return Response(200, prom.generate_latest(self.registry),
                         {"content-type": prom.CONTENT_TYPE_LATEST})
+
+
+class _ScrubMetrics:
+    """What the scrub counts."""
+
+    def __init__(self, reg: prom.CollectorRegistry) -> None:
+        self.objects = prom.Counter("objfs_scrub_objects", "objects the scrub verified",
+                                    registry=reg)
+        self.bytes = prom.Counter("objfs_scrub_bytes", "object bytes the scrub verified",
+                                  registry=reg)
+        self.corrupt = prom.Counter("objfs_scrub_corrupt",
+                                    "objects the scrub found corrupt and quarantined",
+                                    registry=reg)
+        self.passes = prom.Counter("objfs_scrub_passes", "complete scrub passes",
+                                   registry=reg)
+        self.progress = prom.Gauge("objfs_scrub_pass_progress",
+                                   "objects verified in the current pass / objects stored",
+                                   registry=reg)
 
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -150,7 +192,7 @@ class DataNode:
     """Request handling for one data node; ``handle`` is the httpserve handler."""
 
     def __init__(self, store: ObjectStore, node_id: NodeId, secret: str,
-                 max_object_bytes: int) -> None:
+                 max_object_bytes: int, scrub: ScrubSettings | None = None) -> None:
         self.store = store
         self.node_id = node_id
         self.secret = secret
@@ -158,6 +200,8 @@ class DataNode:
         self.metrics = _Metrics(store)
         self._disk = trio.CapacityLimiter(DISK_THREADS)
         self._bodies = trio.CapacityLimiter(BODIES_IN_FLIGHT)
+        self.scrubber = Scrubber(store, self._disk, self.metrics.scrub,
+                                 scrub or ScrubSettings())
 
     async def handle(self, request: Request) -> Response:
         """Serve one request and count it by method and status."""
@@ -207,7 +251,12 @@ class DataNode:
         """What the metadata node's ``heartbeat`` wants to hear from us."""
         stats = await self._disk_call(self.store.stats)
         return {"node_id": self.node_id, "capacity": stats.capacity, "free": stats.free,
-                "objects": stats.objects}
+                "objects": stats.objects,
+                "lost": self.store.lost.pending(HEARTBEAT_LOST_MAX)}
+
+    def heartbeat_delivered(self, args: dict[str, Any]) -> None:
+        """The metadata node accepted a heartbeat: its lost ids are reported."""
+        self.store.lost.forget(args.get("lost", []))
 
     async def _put(self, request: Request, oid: ObjectId) -> Response:
         async with self._bodies:
@@ -252,7 +301,8 @@ class DataNode:
         stats = await self._disk_call(self.store.stats)
         return Response.json({"node_id": self.node_id, "capacity": stats.capacity,
                               "free": stats.free, "used": stats.used,
-                              "objects": stats.objects})
+                              "objects": stats.objects, "lost": len(self.store.lost),
+                              "scrub": self.scrubber.status()})
 
 
 def _http_error(exc: Exception) -> HTTPError:
@@ -260,6 +310,123 @@ def _http_error(exc: Exception) -> HTTPError:
         if isinstance(exc, kind):
             return HTTPError(status, message, detail=str(exc))
     raise exc
+
+
+# -- the scrub -------------------------------------------------------------------
+
+class TokenBucket:
+    """Paces work to ``rate`` units per second, with bursts up to ``burst``.
+
+    Pure: ``take`` is told the time.  The level may go below zero (one
+    object can be bigger than the burst); the debt is the wait returned.
+    """
+
+    def __init__(self, rate: float, burst: float) -> None:
+        if rate <= 0 or burst < 0:
+            raise ValueError("rate must be positive and burst not negative")
+        self.rate = rate
+        self.burst = burst
+        self._level = burst
+        self._at: float | None = None
+
+    def take(self, amount: float, now: float) -> float:
+        """Spend ``amount`` at time ``now``; seconds to wait before doing that work."""
+        if self._at is not None:
+            self._level = min(self.burst, self._level + max(0.0, now - self._at) * self.rate)
+        self._at = now if self._at is None else max(self._at, now)
+        self._level -= amount
+        return max(0.0, -self._level / self.rate)
+
+
+@dataclass(frozen=True)
+class ScrubSettings:
+    rate: int = 16 * 1024 * 1024     # bytes per second; 0 disables the scrub
+    interval: float = 86400.0        # seconds between the end of a pass and the next
+
+
+@dataclass
+class _ScrubPass:
+    """Where the current pass is."""
+    after: str = ""
+    done: int = 0
+    corrupt: list[ObjectId] = field(default_factory=list)
+
+
+class Scrubber:
+    """The background scrub; see the module docstring."""
+
+    def __init__(self, store: ObjectStore, disk: trio.CapacityLimiter,
+                 metrics: _ScrubMetrics, settings: ScrubSettings,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self._disk = disk
+        self.wall_clock = wall_clock
+        self._bucket = TokenBucket(settings.rate, settings.rate) if settings.rate else None
+        self.passes = 0
+        self.corrupt = 0
+        self.last_pass_at: float | None = None     # wall clock at the end of a pass
+
+    def status(self) -> dict[str, Any]:
+        return {"rate": self.settings.rate, "passes": self.passes,
+                "corrupt": self.corrupt, "last_pass_at": self.last_pass_at}
+
+    async def run(self) -> None:
+        """Scrub pass after pass, until cancelled; return at once if disabled."""
+        if self._bucket is None:
+            log.info("scrub disabled (--scrub-rate 0)")
+            return
+        while True:
+            await self.scrub_pass()
+            await trio.sleep(self.settings.interval)
+
+    async def scrub_pass(self) -> list[ObjectId]:
+        """Verify every stored object once, at the set pace; the ids found corrupt."""
+        state = _ScrubPass()
+        self.metrics.progress.set(0)
+        more = True
+        while more:
+            page, more = await self._thread(self.store.list, state.after, SCRUB_PAGE)
+            await self._scrub_page(page, state)
+        self.passes += 1
+        self.last_pass_at = self.wall_clock()
+        self.metrics.passes.inc()
+        self.metrics.progress.set(1)
+        log.info("scrub pass %d done: %d objects, %d corrupt",
+                 self.passes, state.done, len(state.corrupt))
+        return state.corrupt
+
+    async def _scrub_page(self, page: Sequence[tuple[ObjectId, int]],
+                          state: _ScrubPass) -> None:
+        for oid, size in page:
+            if self._bucket is not None:
+                await trio.sleep(self._bucket.take(size, trio.current_time()))
+            if not await self._verify(oid, size):
+                state.corrupt.append(oid)
+            state.after = oid
+            state.done += 1
+            stored = self.store.object_count
+            self.metrics.progress.set(min(1.0, state.done / stored) if stored else 1.0)
+
+    async def _verify(self, oid: ObjectId, size: int) -> bool:
+        """Verify one object; False if it was corrupt (and is now quarantined)."""
+        self.metrics.objects.inc()
+        self.metrics.bytes.inc(size)
+        try:
+            await self._thread(self.store.verify, oid)
+        except QuarantinedObject:
+            self.corrupt += 1
+            self.metrics.corrupt.inc()
+            return False
+        except NoSuchObject:
+            pass                        # deleted since it was listed
+        except OSError as exc:
+            log.error("scrub could not read object %s: %s", oid, exc)
+        return True
+
+    async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._disk)
 
 
 # -- registration with the metadata node -------------------------------------
@@ -281,12 +448,18 @@ class _Throttled:
 MetaCall = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
+def _nothing(args: dict[str, Any]) -> None:
+    pass
+
+
 async def keep_registered(call: MetaCall, meta: str, registration: dict[str, Any],
-                          heartbeat: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+                          heartbeat: Callable[[], Awaitable[dict[str, Any]]],
+                          delivered: Callable[[dict[str, Any]], None] = _nothing) -> None:
     """Register with the metadata node, then heartbeat forever (until cancelled).
 
     ``call(method, args)`` is one metadata RPC; ``registration`` are the
-    ``register_node`` args; ``heartbeat()`` gives the current ``heartbeat`` args.
+    ``register_node`` args; ``heartbeat()`` gives the current ``heartbeat``
+    args, and ``delivered(args)`` is told of each heartbeat that succeeded.
     """
     warnings = _Throttled(WARN_EVERY_SECONDS)
     registered = False
@@ -296,7 +469,9 @@ async def keep_registered(call: MetaCall, meta: str, registration: dict[str, Any
                 await call("register_node", registration)
                 registered = True
                 log.info("registered with metadata node %s", meta)
-            await call("heartbeat", await heartbeat())
+            beat = await heartbeat()
+            await call("heartbeat", beat)
+            delivered(beat)
         except MetaError as exc:
             if exc.errno == errno.ENOENT:
                 registered = False      # it forgot us (restarted): register next round
@@ -323,13 +498,15 @@ async def run(args: argparse.Namespace, secret: str) -> None:
         raise SystemExit(2) from None
     store = await trio.to_thread.run_sync(
         lambda: ObjectStore(args.state, reserve_bytes=args.reserve_bytes))
-    node = DataNode(store, node_id, secret, args.max_object_bytes)
+    node = DataNode(store, node_id, secret, args.max_object_bytes,
+                    ScrubSettings(args.scrub_rate, args.scrub_interval))
     log.info("data node %s serving %d objects on %s", node_id, store.object_count, args.listen)
     async with MetaClient(args.meta, secret, timeout=META_TIMEOUT) as meta:
         async def call(method: str, call_args: dict[str, Any]) -> Any:
             return await meta.call(method, **call_args)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(keep_registered, call, args.meta,
-                               _registration(args, node_id), node.heartbeat_args)
+            nursery.start_soon(keep_registered, call, args.meta, _registration(args, node_id),
+                               node.heartbeat_args, node.heartbeat_delivered)
+            nursery.start_soon(node.scrubber.run)
             await httpserve.serve(node.handle, args.listen)

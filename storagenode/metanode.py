@@ -41,7 +41,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from . import collector, metaschema, repair
+from . import collector, metaschema, metastate, repair
 from .auth import authorized
 from .dataclient import DataClient
 from .h11serve import serve
@@ -60,7 +60,7 @@ LOG_KEEP = 100_000          # log entries kept; older ones are trimmed
 NODE_UP_SECONDS = 6.0       # a data node is up when heard from this recently (3 beats)
 NODE_DOWN_SECONDS = 15.0    # ... suspect until then, down after
 DB_NAME = "meta.db"
-SOFT = ("heartbeat", "repair_status")   # methods answered from memory, never logged
+SOFT = ("heartbeat", "repair_status", "fsck")   # methods answered from memory, never logged
 
 
 @dataclass
@@ -177,6 +177,8 @@ class MetaNode:
             return self._reader.query(method, args, self.liveness())
         if method == "heartbeat":
             return await self.heartbeat(args)
+        if method == "fsck":           # the namespace checker, on the read connection
+            return metastate.fsck(self._reader.conn)
         if method == "repair_status":
             return {"repair": self.repair.as_map(), "orphans": dict(self.orphans.__dict__)}
         raise BadRequest(f"unknown method {method!r:.80}")

@@ -125,7 +125,9 @@ TABLES = [
     #   oid:      the object holding the block (32 hex digits)
     #   length:   bytes of file data in the block (1..block_size); past it,
     #             up to the block's end, the file reads as zeros
-    #   nodes:    data nodes holding copies, a JSON list of node ids
+    #   nodes:    data nodes holding copies, a JSON list of node ids; on an
+    #             erasure-coded volume positional: nodes[i] holds shard i
+    #             (object <oid>.<i>), "" where a shard is known missing
     """CREATE TABLE blocks (
         vol    INTEGER NOT NULL,
         ino    INTEGER NOT NULL,
@@ -139,8 +141,10 @@ TABLES = [
 
     # Objects no longer referenced by any block map, to be deleted from the
     # data nodes by the collector, which then calls forget_deleted.
-    #   oid:       the object
-    #   nodes:     data nodes that hold copies, a JSON list of node ids
+    #   oid:       the object; for an erasure-coded block one row per shard,
+    #              named by the shard's object id <oid>.<i>
+    #   nodes:     data nodes that hold copies, a JSON list of node ids (one
+    #              node for a shard)
     #   queued_ns: time of the op that dropped the last reference
     """CREATE TABLE pending_deletes (
         oid       TEXT PRIMARY KEY,

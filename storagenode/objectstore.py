@@ -16,7 +16,16 @@ written once and never changed: re-putting identical bytes is a no-op,
 different bytes under the same id are refused (``ObjectExists``).  Every
 read is verified with ``blockformat.verify``; an object that fails is moved
 to ``quarantine/`` and ``CorruptedObject`` is raised, so corrupt bytes are
-never served.
+never served.  ``verify`` does the same full check for the data node's
+background scrub.
+
+Every object id quarantined (by any read, a put's check or the scrub) is
+added to ``lost``, a bounded ``LostCopies`` set: copies this node no longer
+has, to be reported to the metadata node.  The data node removes ids once a
+heartbeat carrying them succeeded; a put that re-stores an object removes
+its id too (repair put a good copy back).  At open the set is seeded from
+``quarantine/`` (files named ``{oid}.{time_ns}``), skipping ids whose object
+is stored again, so a restarted node still reports what it lost.
 
 The object count and bytes used are counted once at open (one walk) and
 then kept up to date by put, delete and quarantine under one lock; the lock
@@ -28,6 +37,7 @@ threads.  All methods are plain blocking code: the server calls them via
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import secrets
@@ -36,19 +46,20 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from . import blockformat
 from .blockformat import CorruptedObject
 from .ids import NodeId, ObjectId, is_object_id, parse_node_id
 
-__all__ = ["ObjectStore", "StoreStats", "StoreError", "NoSuchObject", "ObjectExists",
-           "StoreFull", "BadFraming", "CorruptedObject", "QuarantinedObject", "NodeIdMismatch",
-           "load_node_id"]
+__all__ = ["ObjectStore", "StoreStats", "LostCopies", "StoreError", "NoSuchObject",
+           "ObjectExists", "StoreFull", "BadFraming", "CorruptedObject", "QuarantinedObject",
+           "NodeIdMismatch", "load_node_id"]
 
 log = logging.getLogger(__name__)
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+LOST_MAX = 10_000           # most lost ids remembered until they are reported
 
 
 class StoreError(Exception):
@@ -85,6 +96,50 @@ class StoreStats:
     free: int       # bytes available to us on that file system
     used: int       # bytes of stored objects
     objects: int    # number of stored objects
+
+
+class LostCopies:
+    """Ids of objects this node lost (quarantined), oldest first, at most ``cap``.
+
+    Thread-safe.  When full, further ids are not remembered (a warning says
+    so); their files stay in ``quarantine/``, so the next start reports them.
+    """
+
+    def __init__(self, cap: int = LOST_MAX) -> None:
+        self.cap = cap
+        self._ids: dict[ObjectId, None] = {}     # insertion ordered
+        self._lock = threading.Lock()
+        self._warned = False
+
+    def add(self, oid: ObjectId) -> None:
+        with self._lock:
+            if oid in self._ids or len(self._ids) < self.cap:
+                self._ids[oid] = None
+                return
+            warn, self._warned = not self._warned, True
+        if warn:
+            log.warning("more than %d lost objects unreported; %s and later ones "
+                        "are reported after the next restart", self.cap, oid)
+
+    def discard(self, oid: ObjectId) -> None:
+        with self._lock:
+            self._ids.pop(oid, None)
+
+    def forget(self, oids: Iterable[ObjectId]) -> None:
+        """Drop ids the metadata node has been told about."""
+        with self._lock:
+            for oid in oids:
+                self._ids.pop(oid, None)
+            if not self._ids:
+                self._warned = False
+
+    def pending(self, limit: int) -> list[ObjectId]:
+        """Up to ``limit`` ids, oldest first."""
+        with self._lock:
+            return list(itertools.islice(self._ids, limit))
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -161,6 +216,8 @@ class ObjectStore:
         self._empty_tmp()
         self._count, self._used = self._scan()
         self._corrupt_found = 0
+        self.lost = LostCopies()
+        self._seed_lost()
 
     # -- opening ---------------------------------------------------------
 
@@ -177,6 +234,13 @@ class ObjectStore:
             count += 1
             used += entry.stat().st_size
         return count, used
+
+    def _seed_lost(self) -> None:
+        """Ids quarantined earlier whose object is not stored again."""
+        for entry in _sorted_entries(self._quarantine):
+            oid = entry.name.rsplit(".", 1)[0]     # a shard id has a dot too
+            if is_object_id(oid) and not self._path(ObjectId(oid)).exists():
+                self.lost.add(ObjectId(oid))
 
     # -- naming ----------------------------------------------------------
 
@@ -216,6 +280,7 @@ class ObjectStore:
                 os.rename(tmp, path)
                 self._count += 1
                 self._used += len(obj)
+                self.lost.discard(oid)      # a good copy is back
             _fsync_dir(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
@@ -277,6 +342,10 @@ class ObjectStore:
         """The whole object, verified; NoSuchObject or CorruptedObject."""
         obj, _ = self._load(oid, self._path(oid))
         return obj
+
+    def verify(self, oid: ObjectId) -> None:
+        """Read and verify the whole object (the scrub): as ``get``, without the bytes."""
+        self._load(oid, self._path(oid))
 
     def _load(self, oid: ObjectId, path: Path) -> tuple[bytes, blockformat.Header]:
         """The object at ``path`` and its header; quarantined if it fails verification."""
@@ -350,6 +419,7 @@ class ObjectStore:
             self._count -= 1
             self._used -= size
             self._corrupt_found += 1
+            self.lost.add(oid)
         log.error("object %s is corrupt (%s); moved to %s", oid, cause, target)
         _fsync_dir(path.parent)
         return QuarantinedObject(f"{oid}: {cause}")

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 
-from storagenode import blockformat, metastate
+from storagenode import blockformat, erasure, metastate
+from storagenode.ids import shard_id
 from storagenode.auth import create_secret
 
 from tools.common import sync_call
@@ -26,7 +27,8 @@ from .procs import NodeProcess
 
 class Cluster:
     def __init__(self, root: Path, data_nodes: int = 3,
-                 meta_args: list[str] | None = None) -> None:
+                 meta_args: list[str] | None = None,
+                 data_args: list[str] | None = None) -> None:
         self.root = root
         self.secret_file = root / "secret"
         create_secret(self.secret_file)
@@ -34,6 +36,7 @@ class Cluster:
         self.meta = NodeProcess("meta", root / "meta", self.secret_file, meta_args)
         self.data: list[NodeProcess] = []
         self.n_data = data_nodes
+        self.data_args = data_args or []
         self.mounts: list[Path] = []
 
     def start(self) -> "Cluster":
@@ -45,7 +48,8 @@ class Cluster:
 
     def add_data_node(self, node_id: str) -> NodeProcess:
         node = NodeProcess("data", self.root / node_id, self.secret_file,
-                           ["--meta", self.meta.address, "--node-id", node_id])
+                           ["--meta", self.meta.address, "--node-id", node_id]
+                           + self.data_args)
         node.start()
         self.data.append(node)
         return node
@@ -107,19 +111,40 @@ class Cluster:
 
     def consistency_problems(self) -> list[str]:
         """The test oracle: metadata fsck, and every referenced object present
-        and intact on every node the block map names."""
+        and intact on every node the block map names (on an erasure-coded
+        volume: shard i, a verified shard of that block, on holder i)."""
         db = self.root / "meta" / "meta.db"
         if not db.exists():
             return []
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
             problems = metastate.fsck(conn)
-            for oid, nodes in conn.execute("SELECT oid, nodes FROM blocks"):
-                problems += [f"object {oid} missing or corrupt on {node_id}"
-                             for node_id in json.loads(nodes)
-                             if not self._object_ok(node_id, oid)]
+            for oid, nodes, k, m in conn.execute(
+                    "SELECT b.oid, b.nodes, v.ec_k, v.ec_m FROM blocks b "
+                    "JOIN volumes v ON v.vol = b.vol"):
+                holders = json.loads(nodes)
+                problems += self._shard_problems(oid, holders, k, m) if k else [
+                    f"object {oid} missing or corrupt on {node_id}"
+                    for node_id in holders if not self._object_ok(node_id, oid)]
         finally:
             conn.close()
+        return problems
+
+    def _shard_problems(self, oid: str, holders: list[str], k: int, m: int) -> list[str]:
+        if len(holders) != k + m:
+            return [f"block {oid}: {len(holders)} holders for a {k}+{m} code"]
+        named = [h for h in holders if h]
+        problems = [f"block {oid}: shards on {len(set(named))} distinct of {len(named)} nodes"
+                    ] if len(set(named)) != len(named) else []
+        shards = []
+        for i, node_id in enumerate(holders):
+            shard = self._shard(node_id, oid, i, k, m) if node_id else None
+            if node_id and shard is None:
+                problems.append(f"shard {i} of {oid} missing or corrupt on {node_id}")
+            elif shard is not None:
+                shards.append(shard)
+        if len({(s.length, s.digest) for s in shards}) > 1:
+            problems.append(f"block {oid}: its shards belong to different objects")
         return problems
 
     def block_holders(self) -> dict[str, list[str]]:
@@ -138,6 +163,16 @@ class Cluster:
         except (OSError, blockformat.CorruptedObject):
             return False
         return True
+
+    def _shard(self, node_id: str, oid: str, index: int, k: int, m: int
+               ) -> erasure.Shard | None:
+        """Shard ``index`` of block ``oid`` on ``node_id``, verified (None if not)."""
+        sid = shard_id(oid, index)
+        path = self.root / node_id / "objects" / sid[:2] / sid[2:4] / sid
+        try:
+            return erasure.verify_shard(path.read_bytes(), k, m, index)
+        except (OSError, erasure.CorruptShard):
+            return None
 
 
 def daemon_pids(mountpoint: Path) -> list[int]:

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,16 +16,21 @@ from typing import Callable, Iterator
 
 import pytest
 
+from storagenode import blockformat
+from storagenode.ids import new_object_id
+
 from .cluster import Cluster
+from .procs import REPO
 
 # Fast clocks so the test sees a whole death-to-repair cycle in seconds.
 META_ARGS = ["--repair-interval", "1", "--repair-grace", "2", "--node-down-after", "4",
              "--orphan-interval", "2", "--orphan-grace", "12", "--gc-interval", "1"]
+DATA_ARGS = ["--scrub-rate", str(64 << 20), "--scrub-interval", "1"]
 
 
 @pytest.fixture
 def healing(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path / "cluster", data_nodes=4, meta_args=META_ARGS)
+    c = Cluster(tmp_path / "cluster", data_nodes=4, meta_args=META_ARGS, data_args=DATA_ARGS)
     problems: list[str] = []
     try:
         c.start()
@@ -177,3 +183,63 @@ def test_adding_a_node_moves_a_fair_share_and_draining_empties_one(healing: Clus
         ["data1", "data2", "data4", "data5"]
     for i in range(0, 600, 37):
         assert len((mnt / f"f{i}").read_bytes()) == 6000
+
+
+def admin(c: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tools.admin", *args, "--meta", c.meta.address,
+                           "--secret-file", str(c.secret_file)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def object_path(c: Cluster, node_id: str, oid: str) -> Path:
+    return c.root / node_id / "objects" / oid[:2] / oid[2:4] / oid
+
+
+def test_rot_and_loss_are_found_reported_and_repaired(healing: Cluster,
+                                                      tmp_path: Path) -> None:
+    c = healing
+    mnt = tmp_path / "mnt"
+    c.mount(mnt)
+    content = {f"f{i}": os.urandom(300_000) for i in range(6)}
+    for name, data in content.items():
+        (mnt / name).write_bytes(data)
+    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    holders = c.block_holders()
+    assert len(holders) == 6
+    (flip, flip_nodes), (cut, cut_nodes), (gone, gone_nodes) = list(holders.items())[:3]
+    path = object_path(c, flip_nodes[0], flip)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+    cut_path = object_path(c, cut_nodes[0], cut)
+    cut_path.write_bytes(cut_path.read_bytes()[:1000])
+    object_path(c, gone_nodes[1], gone).unlink()
+    orphan = new_object_id(time.time_ns() - 7200 * 10**9)     # an old upload never committed
+    orphan_path = object_path(c, "data1", orphan)
+    orphan_path.parent.mkdir(parents=True, exist_ok=True)
+    orphan_path.write_bytes(blockformat.encode(b"left behind"))
+
+    subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
+    for name, data in content.items():       # readers never see the damage
+        assert (mnt / name).read_bytes() == data
+
+    found = admin(c, "fsck", "--verify", "--orphan-grace", "60")
+    assert found.returncode == 1, found.stdout + found.stderr
+    assert f"{gone} on {gone_nodes[1]}" in found.stdout
+    assert f"{orphan} on data1" in found.stdout
+    assert "PROBLEMS FOUND" in found.stdout
+
+    fixed = admin(c, "fsck", "--verify", "--repair", "--orphan-grace", "60")
+    assert "repair:" in fixed.stdout, fixed.stdout + fixed.stderr
+    wait_for("fsck clean", lambda: admin(c, "fsck", "--verify", "--orphan-grace", "60")
+             .returncode == 0, timeout=120)
+    assert not orphan_path.exists()
+    quarantined = {p.name.split(".")[0] for n in c.data
+                   for p in (n.state / "quarantine").iterdir()}
+    assert {flip, cut} <= quarantined, "the scrub or a read quarantines rotten copies"
+    assert fully_redundant(c, set())
+    status = admin(c, "status")
+    assert status.returncode == 0 and "repair:" in status.stdout, status.stderr
+    subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
+    for name, data in content.items():
+        assert (mnt / name).read_bytes() == data

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from storagenode import blockformat
-from storagenode.ids import ObjectId, new_object_id
+from storagenode.ids import ObjectId, new_object_id, shard_id
 from storagenode.objectstore import (BadFraming, CorruptedObject, NodeIdMismatch,
                                      NoSuchObject, ObjectExists, ObjectStore,
                                      QuarantinedObject, StoreFull, load_node_id)
@@ -175,3 +175,27 @@ def test_node_id_is_created_once_and_checked(tmp_path: Path) -> None:
     assert load_node_id(tmp_path / "b", "data-1") == "data-1"
     with pytest.raises(ValueError):
         load_node_id(tmp_path / "c", "../bad id")
+
+
+def test_shard_ids_are_stored_listed_and_quarantined(tmp_path: Path) -> None:
+    """Erasure-coded shards live under ``<oid>.<i>``: same fan-out folder as
+    their block id, listed in id order, quarantined and reported lost under
+    their own id (also after a restart)."""
+    store = ObjectStore(tmp_path / "state")
+    oid = new_object_id()
+    shards = {shard_id(oid, i): obj_of(os.urandom(100 + i)) for i in (0, 1, 10, 23)}
+    for sid, obj in shards.items():
+        assert store.put(sid, obj) is True
+        assert stored_path(store.root, sid).parent == stored_path(store.root, oid).parent
+        assert store.get(sid) == obj
+    assert [o for o, _ in store.list("", 10)[0]] == sorted(shards)
+    assert [o for o, _ in store.list(shard_id(oid, 1), 10)[0]] == sorted(shards)[2:]
+    victim = shard_id(oid, 10)
+    flip_byte(stored_path(store.root, victim), 80)
+    with pytest.raises(QuarantinedObject):
+        store.get(victim)
+    assert store.delete(shard_id(oid, 0)) is True
+    assert victim in ObjectStore(tmp_path / "state").lost.pending(10)
+    for bad in (f"{oid}.123", f"{oid}./", f"{oid}.1.2"):
+        with pytest.raises(ValueError):
+            store.put(ObjectId(bad), obj_of(b"x"))

@@ -21,6 +21,7 @@ from storagenode.dataclient import DataClient
 from storagenode.metaclient import MetaClient, MetaError, MetaUnavailable
 from storagenode import collector
 
+from . import fsck
 from .common import sync_call
 from .localcluster import ClusterError, LocalCluster
 
@@ -44,28 +45,96 @@ def human(n: float) -> str:
     return str(n)
 
 
+def parse_ec(text: str) -> tuple[int, int]:
+    """``K+M`` (data and parity shards), e.g. ``4+2``."""
+    k, plus, m = text.strip().partition("+")
+    if not plus or not k.isdigit() or not m.isdigit() or int(k) < 1 or int(m) < 1:
+        raise argparse.ArgumentTypeError(f"not an erasure code K+M: {text!r}")
+    return int(k), int(m)
+
+
+def durability(v: dict[str, Any]) -> str:
+    """How a volume keeps its blocks: ``replicas 3`` or ``ec 4+2``."""
+    if v.get("ec_k"):
+        return f"ec {v['ec_k']}+{v['ec_m']}"
+    return f"replicas {v['replicas']}"
+
+
 def cmd_volume_create(a: argparse.Namespace) -> int:
+    k, m = a.ec or (0, 0)
     v = sync_call(a.meta, a.secret_file, "create_volume", name=a.name,
-                  block_size=a.block_size, replicas=a.replicas)
-    print(f"created volume {v['name']}: block size {human(v['block_size'])}, "
-          f"{v['replicas']} replicas")
+                  block_size=a.block_size, replicas=3 if a.replicas is None else a.replicas,
+                  ec_k=k, ec_m=m)
+    print(f"created volume {v['name']}: block size {human(v['block_size'])}, {durability(v)}")
     return 0
 
 
 def cmd_volume_list(a: argparse.Namespace) -> int:
     for v in sync_call(a.meta, a.secret_file, "volumes"):
-        print(f"{v['name']}\tblock size {human(v['block_size'])}\treplicas {v['replicas']}")
+        print(f"{v['name']}\tblock size {human(v['block_size'])}\t{durability(v)}")
     return 0
+
+
+def bar(done: float, total: float, width: int = 20) -> str:
+    filled = int(width * done / total) if total else width
+    return f"[{'#' * filled}{'.' * (width - filled)}]"
 
 
 def cmd_status(a: argparse.Namespace) -> int:
     cmap = sync_call(a.meta, a.secret_file, "cluster_map")
     print(f"cluster map epoch {cmap['epoch']}, {len(cmap['nodes'])} data nodes")
-    print(f"{'node':<12} {'address':<22} {'state':<6} {'weight':>6} {'used':>12} {'capacity':>12}")
+    print(f"{'node':<12} {'address':<22} {'state':<8} {'admin':<9} {'weight':>6} "
+          f"{'used':>10} {'capacity':>10}")
     for n in cmap["nodes"]:
         used = n["capacity"] - n["free"]
-        print(f"{n['node_id']:<12} {n['address']:<22} {n['state']:<6} {n['weight']:>6.1f} "
-              f"{human(used):>12} {human(n['capacity']):>12}")
+        silent = f" (silent {n['silent']:.0f} s)" if n["state"] != "up" else ""
+        print(f"{n['node_id']:<12} {n['address']:<22} {n['state']:<8} {n['admin']:<9} "
+              f"{n['weight']:>6.1f} {human(used):>10} {human(n['capacity']):>10} "
+              f"{bar(used, n['capacity'], 10)}{silent}")
+    print()
+    for v in sync_call(a.meta, a.secret_file, "volumes"):
+        print(f"volume {v['name']}: {durability(v)}, block size {human(v['block_size'])}")
+    status = sync_call(a.meta, a.secret_file, "repair_status")
+    r, o = status["repair"], status["orphans"]
+    print(f"\nrepair: {r['passes']} passes; last pass saw {r['total_blocks']} blocks: "
+          f"{r['degraded']} below full redundancy, {r['misplaced']} to move")
+    if r["total_blocks"]:
+        print(f"current pass {bar(r['scanned'], r['total_blocks'])} "
+              f"{r['scanned']}/{r['total_blocks']} blocks, {r['pending']} need work")
+    print(f"repaired so far: {r['copies_made']} pieces ({human(r['bytes_copied'])}), "
+          f"{r['deleted']} surplus removed, {r['failures']} attempts to retry")
+    print(f"orphan scan: {o['scanned']} objects seen, {o['deleted']} deleted, "
+          f"{o['adopted']} adopted")
+    return 0
+
+
+def cmd_fsck(a: argparse.Namespace) -> int:
+    secret = load_secret(a.secret_file)
+
+    async def run() -> fsck.Report:
+        async with MetaClient(a.meta, secret) as meta:
+            data = DataClient(secret, timeout=30.0)
+            try:
+                report = await fsck.check(meta, data, verify=a.verify,
+                                          orphan_grace=a.orphan_grace)
+                if a.repair and not report.clean:
+                    await fsck.repair(meta, data, report, a.orphan_grace)
+                return report
+            finally:
+                await data.aclose()
+
+    report = trio.run(run)
+    fsck.print_report(report)
+    if a.repair and not report.clean:
+        print("repair: bad pieces handed to the repair loop, old orphans collected; "
+              "run `objfs-admin status` to follow, fsck again to confirm")
+    return 0 if report.clean else 1
+
+
+def cmd_node(a: argparse.Namespace) -> int:
+    admin = {"drain": "draining", "activate": "active", "remove": "removed"}[a.action]
+    sync_call(a.meta, a.secret_file, "set_node_admin", node_id=a.node_id, admin=admin)
+    print(f"node {a.node_id}: {admin}")
     return 0
 
 
@@ -88,7 +157,7 @@ def cmd_gc(a: argparse.Namespace) -> int:
 def _local(a: argparse.Namespace) -> LocalCluster:
     return LocalCluster(state=a.state.resolve(), mountpoint=a.mount.resolve(),
                         data_nodes=a.data_nodes, base_port=a.port, volume=a.volume,
-                        replicas=a.replicas)
+                        replicas=3 if a.replicas is None else a.replicas, ec=a.ec or (0, 0))
 
 
 def cmd_local_up(a: argparse.Namespace) -> int:
@@ -127,9 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     create = cluster_cmd("create", "create a volume", cmd_volume_create, vol)
     create.add_argument("name")
     create.add_argument("--block-size", type=parse_size, default=4 << 20)
-    create.add_argument("--replicas", type=int, default=3)
+    durable = create.add_mutually_exclusive_group()
+    durable.add_argument("--replicas", type=int, help="copies of each block (default 3)")
+    durable.add_argument("--ec", type=parse_ec, metavar="K+M",
+                         help="erasure coding: K data + M parity shards (e.g. 4+2)")
     cluster_cmd("list", "list volumes", cmd_volume_list, vol)
-    cluster_cmd("status", "data nodes, their state and capacity", cmd_status)
+    cluster_cmd("status", "data nodes, capacity, redundancy and repair progress", cmd_status)
+    check = cluster_cmd("fsck", "compare the metadata with what the data nodes hold",
+                        cmd_fsck)
+    check.add_argument("--verify", action="store_true",
+                       help="also read every piece back and check its checksum")
+    check.add_argument("--repair", action="store_true",
+                       help="rebuild missing/corrupt pieces, collect old orphans")
+    check.add_argument("--orphan-grace", type=float, default=3600.0,
+                       help="unreferenced objects younger than this are left alone")
+    node = cluster_cmd("node", "drain, reactivate or remove a data node", cmd_node)
+    node.add_argument("action", choices=["drain", "activate", "remove"])
+    node.add_argument("node_id")
     cluster_cmd("gc", "delete objects no longer referenced", cmd_gc)
 
     local = sub.add_parser("local", help="a whole cluster on this machine").add_subparsers(
@@ -142,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-nodes", type=int, default=3)
         p.add_argument("--port", type=int, default=9400, help="metadata node port; data nodes follow")
         p.add_argument("--volume", default="demo")
-        p.add_argument("--replicas", type=int, default=3)
+        durable = p.add_mutually_exclusive_group()
+        durable.add_argument("--replicas", type=int, help="copies of each block (default 3)")
+        durable.add_argument("--ec", type=parse_ec, metavar="K+M",
+                             help="erasure coding: K data + M parity shards (e.g. 4+2)")
         p.set_defaults(fn=fn)
     return parser
 

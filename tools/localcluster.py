@@ -48,6 +48,7 @@ class LocalCluster:
     base_port: int = 9400
     volume: str = "demo"
     replicas: int = 3
+    ec: tuple[int, int] = (0, 0)       # (k, m) for an erasure-coded volume
     block_size: int = 4 * 1024 * 1024
 
     @property
@@ -120,7 +121,8 @@ class LocalCluster:
             sync_call(self.meta_address, self.secret_file, "volume", name=self.volume)
         except MetaError:
             sync_call(self.meta_address, self.secret_file, "create_volume", name=self.volume,
-                      block_size=self.block_size, replicas=self.replicas)
+                      block_size=self.block_size, replicas=self.replicas,
+                      ec_k=self.ec[0], ec_m=self.ec[1])
 
     def mounted(self) -> bool:
         return is_mounted(self.mountpoint)
