@@ -39,6 +39,9 @@ def healing(tmp_path: Path) -> Iterator[Cluster]:
         c.unmount_all()
         problems = c.consistency_problems()
     finally:
+        for node in c.data:
+            if node.proc and node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGCONT)
         c.stop()
     assert not problems, "inconsistent after the test:\n" + "\n".join(problems[:20])
 
@@ -97,8 +100,9 @@ def settled_passes(c: Cluster, passes: int = 2) -> bool:
     return bool(status["misplaced"] == 0 and status["degraded"] == 0)
 
 
-def test_a_killed_node_is_invisible_and_redundancy_comes_back(healing: Cluster,
-                                                              tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_a_failed_node_is_invisible_and_redundancy_comes_back(healing: Cluster,
+                                                              tmp_path: Path, sig: int) -> None:
     c = healing
     src, out = tmp_path / "src", tmp_path / "out"
     make_tree(src, 1, 40, 3 << 20)
@@ -120,7 +124,11 @@ def test_a_killed_node_is_invisible_and_redundancy_comes_back(healing: Cluster,
         job.start()
     time.sleep(0.5)
     victim = c.data[1]
-    victim.kill(signal.SIGKILL)
+    if sig == signal.SIGKILL:
+        victim.kill(sig)
+    else:
+        assert victim.proc is not None
+        victim.proc.send_signal(sig)        # hung: accepts connections, answers nothing
     killed_at = time.monotonic()
     for job in jobs:
         job.join()
@@ -132,13 +140,17 @@ def test_a_killed_node_is_invisible_and_redundancy_comes_back(healing: Cluster,
 
     dead = {"data2"}
     wait_for("full redundancy without the dead node", lambda: fully_redundant(c, dead))
-    print(f"\nredundancy restored {time.monotonic() - killed_at:.1f} s after the kill "
+    print(f"\nredundancy restored {time.monotonic() - killed_at:.1f} s after the failure "
           f"({sum(f.stat().st_size for f in src.rglob('*') if f.is_file()) >> 20} MiB "
           "copied in plus 20 files)")
 
     # the node comes back with its stale copies: they are adopted or removed,
     # never counted twice, and no file changes
-    victim.start()
+    if sig == signal.SIGKILL:
+        victim.start()
+    else:
+        assert victim.proc is not None
+        victim.proc.send_signal(signal.SIGCONT)
     c.wait_nodes_up(4)
     wait_for("stale copies reconciled", lambda: fully_redundant(c, set()) and
              every_copy_accounted(c), timeout=120)
