@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import AbstractSet, Any, Sequence
 
 import trio
 
@@ -79,10 +79,10 @@ class DataNode:
         return self.up and self.active
 
 
-def _data_node(n: dict[str, object]) -> DataNode:
-    return DataNode(NodeId(str(n["node_id"])), str(n["address"]), n["state"] == "up",
-                    float(n["weight"]), str(n["domain"]),  # type: ignore[arg-type]
-                    n.get("admin", "active") == "active")
+def _data_node(n: dict[str, Any]) -> DataNode:
+    """A node of the cluster map as the mount uses it."""
+    return DataNode(n["node_id"], n["address"], n["state"] == "up", float(n["weight"]),
+                    n["domain"], n.get("admin", "active") == "active")
 
 
 class ClusterView:
@@ -118,7 +118,7 @@ Attempt = tuple[int, NodeId]          # (shard index, node to ask for it)
 
 
 def shard_fetch_plan(holders: Sequence[str], ranked: Sequence[NodeId],
-                     up: frozenset[NodeId] | set[NodeId], k: int, m: int) -> list[Attempt]:
+                     up: AbstractSet[str], k: int, m: int) -> list[Attempt]:
     """Where to look for the shards of one block, best first: each shard on
     its recorded holder (holders that are up first, data shards before
     parity), then every shard on every other node in rank order."""

@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 import msgpack
 
 from .ids import (ROOT_INODE, is_block_id, is_object_id, is_volume_name, object_age_ns,
+                  split_shard_id,
                   parse_node_id, shard_id)
 
 LINK_MAX = 65000            # most hard links to one inode (and subdirectories + 2)
@@ -947,16 +948,19 @@ def _op_removexattr(st: MetaState, a: Args, now: int) -> Any:
 def _op_drop_copies(st: MetaState, a: Args, now: int) -> Any:
     """Node ``node_id`` no longer holds a good copy of ``oids`` (it found them
     corrupt, or lost them): take it out of their holders so repair restores
-    the redundancy.  An erasure-coded block keeps the shard's place, empty."""
+    the redundancy.  An erasure-coded block keeps the shard's place, empty;
+    a shard id (``<oid>.<i>``) blanks only position i."""
     node = a["node_id"]
-    for oid in a["oids"]:
+    for name in a["oids"]:
+        oid, shard = split_shard_id(name)
         for vol, ino, idx, nodes in st._exec(
                 "SELECT vol, ino, idx, nodes FROM blocks WHERE oid = ?", oid).fetchall():
             holders = json.loads(nodes)
             if node not in holders:
                 continue
             ec = st.volume(vol).ec_k > 0
-            holders = [("" if h == node else h) for h in holders] if ec else \
+            holders = [("" if h == node and shard in (None, i) else h)
+                       for i, h in enumerate(holders)] if ec else \
                 [h for h in holders if h != node]
             st._exec("UPDATE blocks SET nodes = ? WHERE vol = ? AND ino = ? AND idx = ?",
                      json.dumps(holders), vol, ino, idx)

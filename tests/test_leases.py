@@ -427,7 +427,7 @@ def test_idle_table_has_no_deadline_and_client_stops_early() -> None:
 
 SLOTS = 3
 KEYS = [F, G]
-SCFG = LeaseConfig(lease_time=10.0, recall_timeout=15.0, skew_margin=1.0,
+SCFG = LeaseConfig(lease_time=10.0, recall_timeout=4.0, skew_margin=1.0,
                    max_leases_per_session=3, max_cached_leases=7,
                    max_waiters_per_key=4, max_waiters=7)
 LT = SCFG.lease_time
@@ -445,9 +445,10 @@ class LeaseMachine(RuleBasedStateMachine):
     """Clients that hold, renew, release, fence and wait, against a model of
     what each client believes it holds (a cache lease ends when the client's
     session or the recall deadline it was told ends; an op lease when the
-    node releases it).  No two beliefs may conflict; epochs only grow; with
-    the node's ops released and the waiting clients renewing, every waiter
-    is granted as the clock runs past the deadlines."""
+    node releases it).  No two beliefs may conflict; epochs only grow; a
+    fence admits exactly the writes of believed WRITE leases; with the
+    node's ops released and every client alive but ignoring recalls, every
+    waiter is granted as the clock runs past the deadlines."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -473,13 +474,13 @@ class LeaseMachine(RuleBasedStateMachine):
     # -- what the clients hear --
 
     def on_grant(self, g: Grant) -> None:
+        assert self.alive(g.session)
+        assert g.expires == (self.renewed[g.session] + LT if g.cache else NEVER)
         if g.epoch in self.held:                       # the same lease again
-            assert self.held[g.epoch].grant == g
+            assert self.held[g.epoch].grant.key == g.key and g.cache
             return
         assert g.epoch > self.top.get(g.key, 0), "epochs on a key must grow"
         self.top[g.key] = g.epoch
-        assert self.alive(g.session)
-        assert g.expires == (self.renewed[g.session] + LT if g.cache else NEVER)
         self.held[g.epoch] = Held(g)
 
     def on_recall(self, rc: Recall) -> None:
@@ -641,13 +642,13 @@ class LeaseMachine(RuleBasedStateMachine):
         assert deadline is None or deadline > self.now
 
     def teardown(self) -> None:
-        """Liveness: ops finish, waiting clients renew, nobody else does
-        anything; every waiter must be granted."""
+        """Liveness: the node finishes its ops; every client stays alive
+        (renews) but ignores recalls; still every waiter must be granted."""
         for _ in range(100):
             self.finish_ops()
             if not self.tickets:
                 return
-            for sid in set(self.tickets.values()):
+            for sid in [s for s in self.renewed if self.alive(s)]:
                 self.renewed[sid] = self.now
                 self.t.renew(sid, self.now)
             deadline = self.t.next_deadline()

@@ -884,3 +884,37 @@ def _step(fs: FS, model: Model, method: str, a: dict[str, Any]) -> None:
     elif expected == 0:
         _apply_model(model, method, a, result)
     assert got == expected, (method, a, errno.errorcode.get(got), errno.errorcode.get(expected))
+
+
+# ---------------------------------------------------------------- repair ops
+
+def test_repair_ops_drop_copies_set_holders_and_commit_age(fs: FS) -> None:
+    f = fs.create(ROOT, b"f")
+    fs.commit(f["ino"], 4096, [[0, OID[0], 4096, ["n1", "n2"]]])
+    fs.op("drop_copies", node_id="n1", oids=[OID[0], OID[1]])
+    assert fs.q("get_blocks", vol=fs.vol, ino=f["ino"], first=0, last=0)[0][3] == ["n2"]
+    # compare and set: a stale view of the holders changes nothing
+    assert fs.op("set_holders", oid=OID[0], old=["n1", "n2"], new=["n3"]) is False
+    assert fs.op("set_holders", oid=OID[0], old=["n2"], new=["n2", "n3"]) is True
+    assert fs.q("object_refs", oids=[OID[0], OID[5]]) == {OID[0]: {"nodes": ["n2", "n3"]},
+                                                          OID[5]: None}
+    # an object older than the commit limit is refused, a fresh one is not
+    fs.op("configure", commit_max_age_ns=10**9)
+    fs.now = T0 + 5 * 10**9
+    fs.fails(errno.ESTALE, "commit_blocks", vol=fs.vol, ino=f["ino"], size=4096,
+             blocks=[[0, OID[1], 4096, ["n1"]]])
+    fresh = f"{7:020x}{fs.now // 1_000_000:012x}"
+    fs.commit(f["ino"], 4096, [[0, fresh, 4096, ["n1"]]])
+    assert fs.q("object_refs", oids=[OID[0]])[OID[0]] == {"pending": True}
+
+
+def test_drop_copies_blanks_only_the_lost_shard(fs: FS) -> None:
+    vol = fs.op("create_volume", name="ec", block_size=4096, replicas=1, ec_k=2, ec_m=1)["vol"]
+    f = fs.op("mknod", vol=vol, parent=ROOT, name=b"e", mode=stat.S_IFREG | 0o644, rdev=0,
+              uid=0, gid=0)
+    fs.op("commit_blocks", vol=vol, ino=f["ino"], size=4096,
+          blocks=[[0, OID[0], 4096, ["n1", "n2", "n3"]]])
+    fs.op("drop_copies", node_id="n2", oids=[f"{OID[0]}.1"])
+    fs.op("drop_copies", node_id="n3", oids=[f"{OID[0]}.0"])     # n3 holds shard 2, not 0
+    assert fs.q("scan_blocks", after=[0, 0, -1], limit=10) == [
+        [vol, f["ino"], 0, OID[0], ["n1", "", "n3"]]]
