@@ -40,6 +40,7 @@ Only when too few nodes answer does the caller see ``DataUnavailable``
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import AbstractSet, Any, Sequence
 
@@ -54,6 +55,7 @@ from storagenode.placement import NodeSlot, rank
 log = logging.getLogger(__name__)
 
 MAP_REFRESH = 5.0
+HEDGE_AFTER = 1.5           # seconds before a read also asks the next node
 
 
 class NoSpace(Exception):
@@ -235,14 +237,38 @@ class BlockStore:
         return block
 
     async def _download_copy(self, oid: ObjectId, holders: Sequence[str]) -> bytes | None:
-        for node in self._fetch_order(oid, holders):
-            try:
-                obj = await self.data.get(node.address, oid)
-                return await trio.to_thread.run_sync(blockformat.decode, obj,
-                                                     limiter=self.limiter)
-            except (NodeError, blockformat.CorruptedObject) as exc:
-                log.warning("reading %s from %s failed: %s", oid, node.node_id, exc)
+        """Ask the nodes in fetch order; a failure moves on at once, a node
+        silent for ``HEDGE_AFTER`` gets company (the next node is asked too:
+        a hung node costs a moment, not a timeout); the first good copy wins."""
+        order = self._fetch_order(oid, holders)
+        send, receive = trio.open_memory_channel[bytes | None](len(order))
+        async with trio.open_nursery() as nursery:
+            running = 0
+            for i, node in enumerate(order):
+                nursery.start_soon(self._fetch_copy, node, oid, send)
+                running += 1
+                last = i == len(order) - 1
+                with trio.move_on_after(math.inf if last else HEDGE_AFTER):
+                    while running:
+                        block = await receive.receive()
+                        running -= 1
+                        if block is not None:
+                            nursery.cancel_scope.cancel()
+                            return block
+                        if not last:
+                            break           # that one failed: ask the next now
+            nursery.cancel_scope.cancel()
         return None
+
+    async def _fetch_copy(self, node: DataNode, oid: ObjectId,
+                          send: trio.MemorySendChannel[bytes | None]) -> None:
+        block: bytes | None = None
+        try:
+            obj = await self.data.get(node.address, oid)
+            block = await trio.to_thread.run_sync(blockformat.decode, obj, limiter=self.limiter)
+        except (NodeError, blockformat.CorruptedObject) as exc:
+            log.warning("reading %s from %s failed: %s", oid, node.node_id, exc)
+        send.send_nowait(block)
 
     def _fetch_order(self, oid: ObjectId, holders: Sequence[str]) -> list[DataNode]:
         known = [self.view.nodes[NodeId(h)] for h in holders if h in self.view.nodes]

@@ -8,7 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import trio
+import trio.testing
+
 from storagenode import blockformat
+from storagenode.ids import ObjectId
 
 from .cluster import Cluster
 
@@ -109,3 +113,31 @@ def test_unreferenced_blocks_are_deleted(cluster: Cluster, mnt: Path) -> None:
     assert wait_for(lambda: len(stored_objects(cluster)) == 3)
     (mnt / "b").unlink()
     assert wait_for(lambda: len(stored_objects(cluster)) == 1)
+
+
+def test_a_hung_holder_costs_a_moment_not_a_timeout() -> None:
+    """Reads ask the next node when the first stays silent (hedging): with
+    the first holder hung forever, the block arrives after HEDGE_AFTER."""
+    from storagenode.ids import NodeId
+    from .test_erasure import FakeData, FakeMeta, node
+    from fusefront.datapath import HEDGE_AFTER, BlockStore, ClusterView
+
+    class HungData(FakeData):
+        hung: set[str] = set()
+
+        async def get(self, address: str, oid: ObjectId) -> bytes:  # type: ignore[override]
+            if address in self.hung:
+                await trio.sleep_forever()
+            return await super().get(address, oid)
+
+    async def main() -> None:
+        data = HungData()
+        store = BlockStore(ClusterView(FakeMeta([node(n) for n in "abcd"])),  # type: ignore[arg-type]
+                           data, 3, trio.CapacityLimiter(2))
+        block = os.urandom(50_000)
+        oid, holders = await store.upload(block)
+        data.hung = {holders[0]}
+        started = trio.current_time()
+        assert await store.download(oid, [NodeId(h) for h in holders]) == block
+        assert HEDGE_AFTER <= trio.current_time() - started < HEDGE_AFTER + 1
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.01))
