@@ -401,7 +401,6 @@ class LeaseTable:
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the table's invariants do not hold."""
-        return
         for key, ks in self._keys.items():
             assert ks.leases or ks.queue, f"idle key kept {key}"
             self._check_key(ks)
@@ -500,7 +499,7 @@ class LeaseTable:
         waiting = {w.session for w in ks.queue}
         writing = {w.session for w in ks.queue if w.mode is Mode.WRITE}
         for lease in ks.leases.values():
-            wanted_by = writing
+            wanted_by = waiting if lease.mode is Mode.WRITE else writing
             if lease.cache and not lease.recalled and wanted_by - {lease.session}:
                 self._recall(lease)
 
