@@ -93,6 +93,8 @@ class Volume:
         self.dirty_blocks = 0         # dirty block buffers over all files of the mount
         self.inflight = trio.Semaphore(MAX_INFLIGHT)
         self.prefetching = 0
+        # set by the lease client: the metadata node forgot our session
+        self.lost_session: Callable[[], Awaitable[None]] | None = None
 
     def over_dirty_limit(self) -> bool:
         """Do buffered writes of all files exceed the mount's budget?"""
@@ -104,9 +106,30 @@ class Volume:
         request surely never arrived, so that no outcome is guessed."""
         def temporary(exc: BaseException) -> bool:
             return isinstance(exc, MetaUnavailable) and (not exc.sent or method in QUERIES)
-        return await retrying(lambda: self.meta.call(method, vol=self.vol, **args),
-                              deadline=trio.current_time() + self.retry_window,
-                              temporary=temporary)
+        answer = await self._session_call(lambda: retrying(
+            lambda: self.meta.exchange(method, dict(args, vol=self.vol)),
+            deadline=trio.current_time() + self.retry_window, temporary=temporary))
+        return answer["result"]
+
+    async def _session_call(self, send: Callable[[], Awaitable[dict[str, Any]]]
+                            ) -> dict[str, Any]:
+        """``send()``, once more under a new session if the node forgot ours
+        (a request refused for that was not applied)."""
+        try:
+            return await send()
+        except MetaError as exc:
+            if exc.errno != errno.ENOTCONN or self.lost_session is None:
+                raise
+        await self.lost_session()
+        return await send()
+
+    async def call_leased(self, method: str, **args: Any) -> tuple[Any, list[Any]]:
+        """A query with the READ leases that come with it (retried like ``call``)."""
+        answer = await self._session_call(lambda: retrying(
+            lambda: self.meta.exchange(method, dict(args, vol=self.vol), lease=True),
+            deadline=trio.current_time() + self.retry_window,
+            temporary=lambda exc: isinstance(exc, MetaUnavailable)))
+        return answer["result"], list(answer.get("leases") or [])
 
     def is_zero(self, data: bytes | bytearray) -> bool:
         return data == self._zeros[:len(data)]
@@ -130,6 +153,7 @@ class FileData:
         self.uploaded: dict[int, BlockRef | None] = {}   # stored, not yet committed
         self.inflight: dict[int, trio.Event] = {}         # background uploads running
         self.stale: list[BlockRef] = []        # uploaded, then rewritten: never committed
+        self.fence: int | None = None          # epoch of the WRITE lease the buffers are under
         self.changed = False          # size or mtime differ from the metadata node
         self.lock = trio.Lock()
         self.opens = 0
@@ -380,7 +404,8 @@ class FileData:
         blocks: list[list[Any]] = [[i, r.oid, r.length, list(r.holders)] if r else [i, None, 0, []]
                                    for i, r in sorted(self.uploaded.items())]
         attrs: dict[str, Any] = await self.v.call(
-            "commit_blocks", ino=self.ino, size=self.size, blocks=blocks, mtime_ns=self.mtime_ns)
+            "commit_blocks", ino=self.ino, size=self.size, blocks=blocks, mtime_ns=self.mtime_ns,
+            fence=self.fence)
         return attrs
 
     async def _store_again(self) -> None:

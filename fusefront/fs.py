@@ -37,6 +37,7 @@ from storagenode.metaclient import MetaClient, MetaError, MetaUnavailable
 from storagenode.metastate import MAX_FILE_SIZE
 
 from .datapath import DataUnavailable, NoSpace
+from .leaseclient import Leases
 from .filedata import FileData, Volume, atime_due
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,11 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, volume: Volume, *, attr_timeout: float, entry_timeout: float,
-                 replicas: int, relatime: bool = True) -> None:
+                 replicas: int, relatime: bool = True, leases: bool = True) -> None:
         super().__init__()
+        self.leases: Leases | None = Leases(
+            volume.meta, flush=self.flush_inode, invalidate=self.kernel_forget,
+            vol=volume.vol) if leases else None
         self.v = volume
         self.meta: MetaClient = volume.meta
         self.attr_timeout = attr_timeout
@@ -104,7 +108,35 @@ class Operations(pyfuse3.Operations):
     async def call(self, method: str, **args: Any) -> Any:
         return await self.v.call(method, **args)
 
-    def entry(self, a: dict[str, Any]) -> pyfuse3.EntryAttributes:
+    def attr_time(self, ino: int) -> float:
+        """How long the kernel may cache what it learns of ``ino``: while a
+        lease covers it (capped by the attr_timeout option); a fixed time
+        when leases are off."""
+        if self.leases is None:
+            return self.attr_timeout
+        return min(self.attr_timeout, self.leases.cache_time(ino))
+
+    def entry_time(self, parent: int | None) -> float:
+        if self.leases is None:
+            return self.entry_timeout
+        return 0.0 if parent is None else min(self.entry_timeout,
+                                              self.leases.cache_time(parent))
+
+    def kernel_forget(self, ino: int, names: list[bytes]) -> None:
+        """Drop what the kernel caches of ``ino`` (a recalled lease); runs in a
+        worker thread, may block behind a request in flight (FACTS.md 6)."""
+        self.xattr_names.pop(ino, None)
+        for name in names:
+            try:
+                pyfuse3.invalidate_entry(ino, name)
+            except OSError:
+                pass                # the kernel did not cache it
+        try:
+            pyfuse3.invalidate_inode(ino, False)
+        except OSError:
+            pass
+
+    def entry(self, a: dict[str, Any], parent: int | None = None) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = a["ino"]
         e.generation = a["generation"]
@@ -119,11 +151,11 @@ class Operations(pyfuse3.Operations):
         e.st_atime_ns = a["atime_ns"]
         e.st_mtime_ns = a["mtime_ns"]
         e.st_ctime_ns = a["ctime_ns"]
-        e.attr_timeout = self.attr_timeout
-        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_time(a["ino"])
+        e.entry_timeout = self.entry_time(parent)
         return e
 
-    def merged(self, a: dict[str, Any]) -> pyfuse3.EntryAttributes:
+    def merged(self, a: dict[str, Any], parent: int | None = None) -> pyfuse3.EntryAttributes:
         """Attributes with this mount's unflushed size, times and blocks applied
         (a write changes mtime and ctime together, as on a local filesystem)."""
         f = self.files.get(a["ino"])
@@ -133,7 +165,7 @@ class Operations(pyfuse3.Operations):
                      blocks=max(0, a["blocks"] + f.unstored_bytes() // 512))
         if f is not None and f.atime_ns > a["atime_ns"]:
             a = dict(a, atime_ns=f.atime_ns)      # a read access still on its way
-        return self.entry(a)
+        return self.entry(a, parent)
 
     def open_inos(self) -> list[int]:
         return sorted(ino for ino, f in self.files.items() if f.opens > 0)
@@ -162,15 +194,37 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self.check_name(name)
-        try:
-            return self.merged(await self.call("lookup", parent=parent, name=name))
-        except MetaError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
+        a = await self.leased("lookup", parent, parent=parent, name=name)
+        if self.leases is not None:
+            self.leases.note_name(parent, name)
+        if a is not None:
+            return self.merged(a, parent)
         negative = pyfuse3.EntryAttributes()     # st_ino 0: the kernel caches the absence
         negative.st_ino = 0
-        negative.entry_timeout = self.entry_timeout
+        negative.entry_timeout = self.entry_time(parent)
         return negative
+
+    async def leased(self, method: str, key: int, /, **args: Any) -> Any:
+        """A query whose answer may be cached under the READ leases that come
+        with it (lookup: parent, child; getattr: inode; readdir: directory,
+        entries).  A lookup of a missing name answers None."""
+        if self.leases is None:
+            try:
+                return await self.call(method, **args)
+            except MetaError as exc:
+                if method == "lookup" and exc.errno == errno.ENOENT:
+                    return None
+                raise
+        result, grants = await self.v.call_leased(method, **args)
+        if method == "readdir":
+            inos = [key] + [row[2]["ino"] for row in result]
+        elif method == "lookup":
+            inos = [key, result["ino"] if result else 0]
+        else:
+            inos = [key]
+        for leased_ino, grant in zip(inos, grants):
+            self.leases.note(leased_ino, grant)
+        return result
 
     @fuse_op
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -178,7 +232,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def getattr(self, ino: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return self.merged(await self.call("getattr", ino=ino))
+        return self.merged(await self.leased("getattr", ino, ino=ino))
 
     @fuse_op
     async def setattr(self, ino: int, attr: pyfuse3.EntryAttributes,
@@ -221,26 +275,28 @@ class Operations(pyfuse3.Operations):
         self.check_name(name)
         return self.entry(await self.call("mknod", parent=parent, name=name,
                                           mode=mode & ~ctx.umask, rdev=rdev,
-                                          uid=ctx.uid, gid=ctx.gid))
+                                          uid=ctx.uid, gid=ctx.gid), parent)
 
     @fuse_op
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
         return self.entry(await self.call("mkdir", parent=parent, name=name,
-                                          mode=mode & ~ctx.umask, uid=ctx.uid, gid=ctx.gid))
+                                          mode=mode & ~ctx.umask, uid=ctx.uid, gid=ctx.gid),
+                          parent)
 
     @fuse_op
     async def symlink(self, parent: int, name: bytes, target: bytes,
                       ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
         return self.entry(await self.call("symlink", parent=parent, name=name, target=target,
-                                          uid=ctx.uid, gid=ctx.gid))
+                                          uid=ctx.uid, gid=ctx.gid), parent)
 
     @fuse_op
     async def link(self, ino: int, new_parent: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(new_name)
-        return self.merged(await self.call("link", ino=ino, parent=new_parent, name=new_name))
+        return self.merged(await self.call("link", ino=ino, parent=new_parent, name=new_name),
+                           new_parent)
 
     @fuse_op
     async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
@@ -271,10 +327,15 @@ class Operations(pyfuse3.Operations):
             self.note_maybe_orphan(result["replaced"])
 
     # ----- extended attributes
+    @staticmethod
+    def check_not_acl(name: bytes) -> None:
+        """No POSIX ACLs (like ext4 mounted noacl): tools fall back to chmod."""
+        if name.startswith(b"system.posix_acl_"):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+
     @fuse_op
     async def setxattr(self, ino: int, name: bytes, value: bytes, ctx: Any) -> None:
-        if name.startswith(b"system.posix_acl_"):
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)   # no ACLs: tools fall back to chmod
+        self.check_not_acl(name)
         self.xattr_names.pop(ino, None)
         await self.call("setxattr", ino=ino, name=name, value=value, flags=0)
 
@@ -295,7 +356,7 @@ class Operations(pyfuse3.Operations):
         names = frozenset(await self.call("listxattr", ino=ino))
         if len(self.xattr_names) > 100_000:
             self.xattr_names.clear()
-        self.xattr_names[ino] = (now + self.attr_timeout, names)
+        self.xattr_names[ino] = (now + self.attr_time(ino), names)
         return names
 
     @fuse_op
@@ -305,6 +366,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def removexattr(self, ino: int, name: bytes, ctx: Any) -> None:
+        self.check_not_acl(name)
         self.xattr_names.pop(ino, None)
         await self.call("removexattr", ino=ino, name=name)
 
@@ -339,9 +401,11 @@ class Operations(pyfuse3.Operations):
             start_id = 2
         after = start_id - 2
         while True:
-            rows = await self.call("readdir", ino=ino, after=after, limit=256)
+            rows = await self.leased("readdir", ino, ino=ino, after=after, limit=256)
             for cursor, name, attrs in rows:
-                if not pyfuse3.readdir_reply(token, name, self.merged(attrs), cursor + 2):
+                if self.leases is not None:
+                    self.leases.note_name(ino, name)
+                if not pyfuse3.readdir_reply(token, name, self.merged(attrs, ino), cursor + 2):
                     return
                 after = cursor
             if len(rows) < 256:
@@ -373,7 +437,12 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def open(self, ino: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        a = await self.call("getattr", ino=ino)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if self.leases is not None:
+            # a READ lease makes a writer elsewhere flush first (close-to-open
+            # and better); a WRITE lease lets this mount buffer writes
+            await self.leases.acquire(ino, "write" if writing else "read")
+        a = await self.leased("getattr", ino, ino=ino)
         if stat.S_ISDIR(a["mode"]):
             raise pyfuse3.FUSEError(errno.EISDIR)
         f = self.file(a)
@@ -393,7 +462,9 @@ class Operations(pyfuse3.Operations):
         a = await self.call("mknod", parent=parent, name=name,
                             mode=(mode & ~ctx.umask & 0o7777) | stat.S_IFREG, rdev=0,
                             uid=ctx.uid, gid=ctx.gid)
-        return self.new_handle(self.file(a)), self.entry(a)
+        if self.leases is not None:
+            await self.leases.acquire(a["ino"], "write")
+        return self.new_handle(self.file(a)), self.entry(a, parent)
 
     @fuse_op
     async def read(self, fh: int, offset: int, size: int) -> bytes:
@@ -430,7 +501,13 @@ class Operations(pyfuse3.Operations):
         if offset >= MAX_FILE_SIZE:
             raise pyfuse3.FUSEError(errno.EFBIG)
         data = data[:MAX_FILE_SIZE - offset]
-        await self.handles[fh].write(offset, data, self.spawn)
+        f = self.handles[fh]
+        if self.leases is not None:
+            # buffer only under a WRITE lease; its epoch fences the commit
+            if self.leases.write_epoch(f.ino) is None:
+                await self.leases.acquire(f.ino, "write")
+            f.fence = self.leases.write_epoch(f.ino)
+        await f.write(offset, data, self.spawn)
         return len(data)
 
     @fuse_op

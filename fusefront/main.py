@@ -115,9 +115,12 @@ def build(cfg: MountConfig, secret: str, volume: dict[str, Any]) -> Operations:
     vol = Volume(volume["vol"], volume["block_size"], meta, store,
                  BlockCache(cfg.cache_size), readahead=cfg.readahead,
                  dirty_limit=cfg.dirty_limit)
-    return Operations(vol, attr_timeout=cfg.attr_timeout,
-                      entry_timeout=cfg.entry_timeout, replicas=volume["replicas"],
-                      relatime="noatime" not in cfg.fuse_options)
+    ops = Operations(vol, attr_timeout=cfg.attr_timeout,
+                     entry_timeout=cfg.entry_timeout, replicas=volume["replicas"],
+                     relatime="noatime" not in cfg.fuse_options, leases=not cfg.noleases)
+    if ops.leases is not None:
+        vol.lost_session = ops.leases.lost_session
+    return ops
 
 
 async def serve(ops: Operations) -> None:
@@ -126,9 +129,14 @@ async def serve(ops: Operations) -> None:
         async with trio.open_nursery() as nursery:
             ops.nursery = nursery
             nursery.start_soon(_stop_on_signal)
+            if ops.leases is not None:
+                await ops.leases.open()
+                nursery.start_soon(ops.leases.run)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
         await _flush_all(ops)
+        if ops.leases is not None:
+            await ops.leases.close()
     finally:
         await ops.meta.aclose()
         await ops.v.store.data.aclose()

@@ -24,8 +24,10 @@ DEFAULT_CACHE_ROOT = Path("/var/cache/objfs")
 OWN_OPTIONS: dict[str, str] = {
     "secret_file": "file holding the cluster's shared secret (default /etc/objfs/secret)",
     "cache_dir": "folder for this mount's cache and log (default /var/cache/objfs/VOLUME)",
-    "attr_timeout": "seconds the kernel may cache attributes (default 1.0)",
-    "entry_timeout": "seconds the kernel may cache directory entries (default 1.0)",
+    "attr_timeout": "most seconds the kernel may cache attributes, and only under a lease "
+                    "(default 30; with noleases a fixed time, default then 1)",
+    "entry_timeout": "most seconds the kernel may cache directory entries, as attr_timeout",
+    "noleases": "no leases: caches last a fixed time and other mounts' changes show late",
     "cache_size": "bytes of clean file data kept in memory (default 96 MiB)",
     "dirty_limit": "bytes of unwritten file data buffered per mount before writers wait (default 64 MiB)",
     "readahead": "blocks fetched ahead of a sequential reader (default 4)",
@@ -57,8 +59,9 @@ class MountConfig:
     mountpoint: Path
     secret_file: Path = DEFAULT_SECRET
     cache_dir: Path | None = None
-    attr_timeout: float = 1.0
-    entry_timeout: float = 1.0
+    attr_timeout: float = 30.0
+    entry_timeout: float = 30.0
+    noleases: bool = False
     cache_size: int = 96 * 1024 * 1024
     dirty_limit: int = 64 * 1024 * 1024
     readahead: int = 4
@@ -111,7 +114,7 @@ def apply_option(cfg: MountConfig, item: str) -> None:
         setattr(cfg, name, _number(name, value, float))
     elif name in ("cache_size", "dirty_limit", "readahead"):
         setattr(cfg, name, int(_number(name, value, int)))
-    elif name in ("foreground", "debug", "nonempty"):
+    elif name in ("foreground", "debug", "nonempty", "noleases"):
         setattr(cfg, name, True)
     elif name == "log":
         cfg.log = value
@@ -154,8 +157,10 @@ def parse_args(argv: list[str]) -> MountConfig:
     args = build_parser().parse_args(argv)
     meta, volume = parse_source(args.source)
     cfg = MountConfig(meta=meta, volume=volume, mountpoint=args.mountpoint)
-    for group in args.options:
-        for item in group.split(","):
-            apply_option(cfg, item.strip())
+    items = [item.strip() for group in args.options for item in group.split(",")]
+    if "noleases" in items:       # fixed cache times: short by default
+        cfg.attr_timeout = cfg.entry_timeout = 1.0
+    for item in items:
+        apply_option(cfg, item)
     cfg.foreground = cfg.foreground or args.foreground
     return cfg

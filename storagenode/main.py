@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     meta.add_argument("--node-down-after", type=float, default=15.0,
                       help="seconds without a heartbeat before a data node counts as down "
                            "(suspect from 6 s)")
+    meta.add_argument("--lease-time", type=float, default=10.0,
+                      help="seconds a client's session and leases live without a renewal "
+                           "(a crashed client holds others up at most this long)")
     meta.add_argument("--repair-interval", type=float, default=10.0,
                       help="seconds between repair passes over the block map")
     meta.add_argument("--repair-grace", type=float, default=300.0,

@@ -82,17 +82,33 @@ class MetaClient:
             ("host", address), ("content-type", "application/msgpack"),
             *auth_header(secret).items())]
         self._pool: _Pool | None = None
+        self.session: str | None = None     # sent with every call once set (leases)
 
     async def call(self, method: str, **args: Any) -> Any:
         """Call ``method`` with ``args``; its result, or MetaError / MetaUnavailable."""
-        body = msgpack.packb({"method": method, "args": args}, use_bin_type=True)
-        exchange = _Exchange(self._headers, body)
+        return (await self.exchange(method, args))["result"]
+
+    async def call_leased(self, method: str, **args: Any) -> tuple[Any, list[Any]]:
+        """A query answered with the READ leases taken for it (see metanode)."""
+        answer = await self.exchange(method, args, lease=True)
+        return answer["result"], list(answer.get("leases") or [])
+
+    async def exchange(self, method: str, args: dict[str, Any], *, lease: bool = False,
+                       timeout: float | None = None) -> dict[str, Any]:
+        """One RPC; the whole answer map (``result``, maybe ``leases``)."""
+        request: dict[str, Any] = {"method": method, "args": args}
+        if self.session is not None:
+            request["session"] = self.session
+        if lease:
+            request["lease"] = True
+        exchange = _Exchange(self._headers, msgpack.packb(request, use_bin_type=True))
+        limit = self.timeout if timeout is None else timeout
         try:
-            with trio.fail_after(self.timeout):
+            with trio.fail_after(limit):
                 await self._current_pool().run(exchange)
         except trio.TooSlowError:
             raise MetaUnavailable(f"{self.address}: {method}: no answer within "
-                                  f"{self.timeout} s", exchange.sent) from None
+                                  f"{limit} s", exchange.sent) from None
         except _TRANSPORT_ERRORS as exc:
             raise MetaUnavailable(f"{self.address}: {method}: {exc!r}", exchange.sent) from exc
         return self._answer(method, exchange.status, exchange.answer)
@@ -106,7 +122,7 @@ class MetaClient:
             self._pool = _Pool(token, self._host, self._port, POOL_SIZE)
         return self._pool
 
-    def _answer(self, method: str, status: int, content: bytes) -> Any:
+    def _answer(self, method: str, status: int, content: bytes) -> dict[str, Any]:
         if status >= 500:
             raise MetaUnavailable(f"{self.address}: {method}: HTTP {status}")
         if status != 200:
@@ -120,7 +136,7 @@ class MetaClient:
             raise MetaUnavailable(f"{self.address}: {method}: garbled answer")
         if "errno" in answer:
             raise MetaError(answer["errno"], answer.get("error", ""))
-        return answer["result"]
+        return answer
 
     async def aclose(self) -> None:
         """Close the pooled connections (the client stays usable: it reconnects)."""

@@ -46,10 +46,13 @@ from .auth import authorized
 from .dataclient import DataClient
 from .h11serve import serve
 from .httpserve import HTTPError, Request, Response
+from .ids import InodeId, VolumeId
+from .leases import LeaseConfig, LeaseKey, Mode, NoSession
+from .leaseserver import LeaseServer, grant_map
 from .metaclient import MetaClient
 from .retry import retrying
-from .metastate import (HEARTBEAT_SPEC, OPS, QUERIES, BadRequest, Liveness, MetaError,
-                        MetaState, Outcome, validate)
+from .metastate import (HEARTBEAT_SPEC, LEASE_SPECS, OPS, QUERIES, BadRequest, Liveness,
+                        MetaError, MetaState, Outcome, op_keys, validate)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,9 @@ LOG_KEEP = 100_000          # log entries kept; older ones are trimmed
 NODE_UP_SECONDS = 6.0       # a data node is up when heard from this recently (3 beats)
 NODE_DOWN_SECONDS = 15.0    # ... suspect until then, down after
 DB_NAME = "meta.db"
-SOFT = ("heartbeat", "repair_status", "fsck")   # methods answered from memory, never logged
+LEASE_RPCS = ("open_session", "renew", "close_session", "events", "acquire", "release")
+SOFT = ("heartbeat", "repair_status", "fsck") + LEASE_RPCS   # answered from memory, not logged
+LEASED_QUERIES = ("lookup", "getattr", "readdir")
 
 
 @dataclass
@@ -114,7 +119,8 @@ class MetaNode:
                  clock: Callable[[], int] = time.time_ns,
                  monotonic: Callable[[], float] = trio.current_time,
                  log_keep: int = LOG_KEEP, pending_max: int = PENDING_MAX,
-                 node_down_after: float = NODE_DOWN_SECONDS) -> None:
+                 node_down_after: float = NODE_DOWN_SECONDS,
+                 lease_config: LeaseConfig | None = None, lease_quiet: bool = False) -> None:
         self.secret = secret
         self._down_after = max(node_down_after, NODE_UP_SECONDS)
         self._clock = clock
@@ -126,6 +132,7 @@ class MetaNode:
         self._send, self._receive = trio.open_memory_channel[_Pending](pending_max)
         self._heard: dict[str, _Heard] = {}
         self._started = self._monotonic()
+        self.leases = LeaseServer(lease_config, clock=monotonic, quiet=lease_quiet)
         self.repair = repair.RepairStatus()
         self.orphans = collector.OrphanReport()
         self.metrics = _Metrics(self)
@@ -150,11 +157,11 @@ class MetaNode:
     async def _rpc(self, request: Request) -> Response:
         if not authorized(request.header("authorization"), self.secret):
             raise HTTPError(401, "missing or wrong bearer secret")
-        method, args = _decode(await request.body(RPC_BODY_MAX))
+        method, args, session, lease = _decode(await request.body(RPC_BODY_MAX))
         label = method if method in OPS or method in QUERIES or method in SOFT else "unknown"
         outcome = "failed"
         try:
-            answer = await self._answer(method, args)
+            answer = await self._answer(method, args, session, lease)
             outcome = "error" if "errno" in answer else "ok"
             return _msgpack(answer)
         except BadRequest as exc:
@@ -163,18 +170,26 @@ class MetaNode:
         finally:
             self.metrics.rpcs.labels(label, outcome).inc()
 
-    async def _answer(self, method: str, args: Any) -> dict[str, Any]:
+    async def _answer(self, method: str, args: Any, session: str | None,
+                      lease: bool) -> dict[str, Any]:
         try:
-            return {"result": await self.call(method, args)}
+            if lease and method in LEASED_QUERIES and session:
+                result, grants = await self.leased_query(method, args, session)
+                return {"result": result, "leases": grants}
+            return {"result": await self.call(method, args, session)}
         except MetaError as exc:
             return {"errno": exc.errno, "error": exc.message}
+        except NoSession:
+            return {"errno": errno.ENOTCONN, "error": "session expired or unknown"}
 
-    async def call(self, method: str, args: Any) -> Any:
-        """Run one RPC: its result, or MetaError / BadRequest."""
+    async def call(self, method: str, args: Any, session: str | None = None) -> Any:
+        """Run one RPC: its result, or MetaError / BadRequest / NoSession."""
         if method in OPS:
-            return await self.op(method, args)
+            return await self.op(method, args, session)
         if method in QUERIES:
             return self._reader.query(method, args, self.liveness())
+        if method in LEASE_RPCS:
+            return await self.lease_rpc(method, args, session)
         if method == "heartbeat":
             return await self.heartbeat(args)
         if method == "fsck":           # the namespace checker, on the read connection
@@ -183,11 +198,85 @@ class MetaNode:
             return {"repair": self.repair.as_map(), "orphans": dict(self.orphans.__dict__)}
         raise BadRequest(f"unknown method {method!r:.80}")
 
+    # ---- leases
+
+    async def lease_rpc(self, method: str, args: Any, session: str | None) -> Any:
+        a = validate(LEASE_SPECS[method], args)
+        if method == "open_session":
+            return self.leases.open_session()
+        if not session:
+            raise BadRequest(f"{method} needs a session")
+        if method == "renew":
+            return self.leases.renew(session)
+        if method == "close_session":
+            self.leases.close_session(session)
+            return {}
+        if method == "events":
+            return await self.leases.events(session, a["wait"])
+        if method == "release":
+            self.leases.release(session, a["epochs"])
+            return {}
+        mode = Mode.WRITE if a["mode"] == "write" else Mode.READ
+        grant = await self.leases.acquire(session, LeaseKey(a["vol"], a["ino"]), mode,
+                                          cache=True, wait=a["wait"])
+        return None if grant is None else grant_map(grant, self._monotonic())
+
+    async def leased_query(self, method: str, args: Any,
+                           session: str) -> tuple[Any, list[Any]]:
+        """A query whose answer the client may cache: READ leases are taken
+        (now or not at all) BEFORE reading, so any later change recalls
+        them.  lookup: [parent, child]; getattr: [inode]; readdir: [dir,
+        then one per entry]."""
+        grab = functools.partial(self._try_read_lease, session, args.get("vol"))
+        key = args.get("parent") if method == "lookup" else args.get("ino")
+        first = await grab(key)
+        try:
+            result = self._reader.query(method, args, self.liveness())
+        except MetaError as exc:
+            if method == "lookup" and exc.errno == errno.ENOENT:
+                return None, [first, None]     # the absence may be cached too
+            raise
+        if method == "getattr":
+            return result, [first]
+        if method == "lookup":
+            second = await grab(result["ino"])
+            if second is not None:
+                result = self._reader.query(method, args, self.liveness())
+            return result, [first, second]
+        entries = [await grab(entry[2]["ino"]) for entry in result]
+        if any(e is not None for e in entries):
+            result = self._reader.query(method, args, self.liveness())
+        return result, [first] + entries
+
+    async def _try_read_lease(self, session: str, vol: Any, ino: Any) -> Any:
+        if not isinstance(vol, int) or not isinstance(ino, int):
+            return None
+        grant = await self.leases.acquire(session, LeaseKey(VolumeId(vol), InodeId(ino)),
+                                          Mode.READ, cache=True, wait=False)
+        return None if grant is None else grant_map(grant, self._monotonic())
+
     # ---- ops and group commit
 
-    async def op(self, method: str, args: Any) -> Any:
-        """Apply one op durably; answered after its batch commits."""
+    async def op(self, method: str, args: Any, session: str | None = None) -> Any:
+        """Apply one op durably; answered after its batch commits.  First the
+        op takes WRITE op leases on every inode it changes, which recalls
+        other clients' cached views of them (see leaseserver)."""
         self._reader.check(method, args)
+        fence = args.get("fence") if method == "commit_blocks" else None
+        if fence is not None and session:
+            grant = self.leases.admit_write(session, args["vol"], args["ino"], fence)
+            if grant is None:
+                raise MetaError(errno.EIO, "write lease lost (expired or recalled): "
+                                           "the buffered data was not committed")
+            grants = [grant]
+        else:
+            grants = await self.leases.hold(session, op_keys(self._reader, method, args))
+        try:
+            return await self._apply(method, args)
+        finally:
+            self.leases.unhold(grants)
+
+    async def _apply(self, method: str, args: Any) -> Any:
         pending = _Pending({"method": method, "args": args, "time_ns": 0})
         await self._send.send(pending)
         await pending.done.wait()
@@ -271,8 +360,9 @@ class MetaNode:
         return live
 
 
-def _decode(body: bytes) -> tuple[str, Any]:
-    """The method and args of an RPC body; HTTPError 400 when malformed."""
+def _decode(body: bytes) -> tuple[str, Any, str | None, bool]:
+    """The method, args, session and lease wish of an RPC body; HTTPError 400
+    when malformed."""
     try:
         request = msgpack.unpackb(body, raw=False)
     except Exception:
@@ -280,9 +370,12 @@ def _decode(body: bytes) -> tuple[str, Any]:
     if not isinstance(request, dict) or not isinstance(request.get("method"), str):
         raise HTTPError(400, "body must be a map with a str 'method'")
     args = request.get("args", {})
-    if not isinstance(args, dict) or set(request) - {"method", "args"}:
-        raise HTTPError(400, "body holds only 'method' and an 'args' map")
-    return request["method"], args
+    if not isinstance(args, dict) or set(request) - {"method", "args", "session", "lease"}:
+        raise HTTPError(400, "body holds only 'method', an 'args' map, 'session', 'lease'")
+    session = request.get("session")
+    if session is not None and (not isinstance(session, str) or len(session) > 64):
+        raise HTTPError(400, "session must be a short str")
+    return request["method"], args, session, request.get("lease") is True
 
 
 def _msgpack(value: Any) -> Response:
@@ -318,13 +411,16 @@ async def run(args: argparse.Namespace, secret: str) -> None:
     state: Path = args.state
     state.mkdir(parents=True, exist_ok=True)
     try:
-        node = MetaNode(state / DB_NAME, secret, node_down_after=args.node_down_after)
+        node = MetaNode(state / DB_NAME, secret, node_down_after=args.node_down_after,
+                        lease_config=LeaseConfig(lease_time=args.lease_time,
+                                                 skew_margin=min(1.0, args.lease_time / 4)))
     except metaschema.SchemaError as exc:
         log.critical("%s", exc)
         raise SystemExit(2) from None
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(node.write_loop)
+            nursery.start_soon(node.leases.run)
             nursery.start_soon(_background, node, args, secret)
             await serve(node.handle, args.listen)
     finally:

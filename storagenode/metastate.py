@@ -1167,7 +1167,7 @@ OPS: dict[str, Method] = {
                                             "atime_ns": (_int(0), REQUIRED)}),
     "commit_blocks": Method(_op_commit_blocks, {
         "vol": VOL, "ino": INO, "size": (_int(0), REQUIRED), "blocks": _BLOCKS,
-        "mtime_ns": TIME}),
+        "mtime_ns": TIME, "fence": (_optional(_int(0)), None)}),
     "setxattr": Method(_op_setxattr, {**_XATTR, "value": (_typed(bytes, 1 << 20), REQUIRED),
                                       "flags": (_int(0), 0)}),
     "removexattr": Method(_op_removexattr, _XATTR),
@@ -1201,6 +1201,41 @@ QUERIES: dict[str, Method] = {
     "pending_deletes": Method(_q_pending_deletes, {"limit": LIMIT,
                                                    "before_ns": (_int(), INT64_MAX)}),
 }
+
+
+LEASE_SPECS: dict[str, Spec] = {
+    "open_session": {}, "renew": {}, "close_session": {},
+    "events": {"wait": (_float, 20.0)},
+    "acquire": {"vol": VOL, "ino": INO, "mode": (_typed(str, 8), "read"),
+                "wait": (_int(0, 1), 1)},
+    "release": {"epochs": (_list(_int(0), LIST_MAX), REQUIRED)},
+}
+
+
+def op_keys(st: MetaState, method: str, args: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """The inodes (vol, ino) whose cached views an op invalidates: a
+    directory gaining or losing an entry, an inode whose attributes change.
+    Children are looked up in the current state (``args`` are validated)."""
+    vol = args.get("vol", 0)
+
+    def child(parent: str, name: str) -> list[tuple[int, int]]:
+        try:
+            entry = st.entry(vol, args[parent], args[name])
+        except (MetaError, KeyError, TypeError, sqlite3.Error):
+            return []
+        return [] if entry is None else [(vol, entry.ino)]
+    if method in ("mknod", "mkdir", "symlink"):
+        return [(vol, args["parent"])]
+    if method == "link":
+        return [(vol, args["parent"]), (vol, args["ino"])]
+    if method in ("unlink", "rmdir"):
+        return [(vol, args["parent"])] + child("parent", "name")
+    if method == "rename":
+        return [(vol, args["parent"]), (vol, args["new_parent"])] + \
+            child("parent", "name") + child("new_parent", "new_name")
+    if method in ("setattr", "commit_blocks", "setxattr", "removexattr", "purge"):
+        return [(vol, args["ino"])]
+    return []
 
 
 # ---------------------------------------------------------------- fsck

@@ -473,8 +473,10 @@ def test_setattr(fs: FS) -> None:
                 atime_ns=11, mtime_ns=22)
     assert got["mode"] == stat.S_IFREG | 0o4700 and (got["uid"], got["gid"]) == (5, 6)
     assert (got["atime_ns"], got["mtime_ns"], got["ctime_ns"]) == (11, 22, fs.now)
-    same = fs.op("setattr", vol=fs.vol, ino=f["ino"], size=0)
-    assert same["mtime_ns"] == 22 and same["ctime_ns"] == fs.now
+    same = fs.op("setattr", vol=fs.vol, ino=f["ino"], size=0)     # as ext4: times move
+    assert same["mtime_ns"] == same["ctime_ns"] == fs.now
+    kept = fs.op("setattr", vol=fs.vol, ino=f["ino"], size=0, mtime_ns=33)
+    assert kept["mtime_ns"] == 33
     grown = fs.op("setattr", vol=fs.vol, ino=f["ino"], size=1 << 40)
     assert grown["size"] == 1 << 40 and grown["mtime_ns"] == fs.now and grown["blocks"] == 0
     d = fs.mkdir(ROOT, b"d")
@@ -482,6 +484,15 @@ def test_setattr(fs: FS) -> None:
     link = fs.op("symlink", vol=fs.vol, parent=ROOT, name=b"l", target=b"t", uid=0, gid=0)
     fs.fails(errno.EINVAL, "setattr", vol=fs.vol, ino=link["ino"], size=0)
     fs.fails(errno.ENOENT, "setattr", vol=fs.vol, ino=999, mode=0o600)
+
+
+def test_file_size_limit(fs: FS) -> None:
+    f = fs.create(ROOT, b"f")
+    top = metastate.MAX_FILE_SIZE
+    assert fs.op("setattr", vol=fs.vol, ino=f["ino"], size=top)["size"] == top
+    fs.fails(errno.EFBIG, "setattr", vol=fs.vol, ino=f["ino"], size=top + 1)
+    fs.fails(errno.EFBIG, "commit_blocks", vol=fs.vol, ino=f["ino"], size=top + 1, blocks=[])
+    assert fs.q("getattr", vol=fs.vol, ino=f["ino"])["size"] == top
 
 
 def test_truncate_drops_and_clips_blocks(fs: FS) -> None:

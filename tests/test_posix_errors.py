@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import stat
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -42,9 +43,21 @@ def tree(r: Path) -> None:
     os.setxattr(r / "f", "user.present", b"1")
 
 
+def create_in_removed_cwd(r: Path) -> None:
+    """open(O_CREAT) relative to a working directory removed meanwhile."""
+    old = os.getcwd()
+    os.chdir(r / "empty")
+    try:
+        os.rmdir(r / "empty")
+        os.close(os.open("new", os.O_CREAT | WR))
+    finally:
+        os.chdir(old)
+
+
 Probe = Callable[[Path], Any]
 PROBES: dict[str, tuple[str, Probe]] = {
     "open_missing": ("ENOENT", lambda r: os.open(r / "nope", RD)),
+    "create_in_removed_directory": ("ENOENT", create_in_removed_cwd),
     "exchange_with_missing": ("ENOENT", lambda r: renameat2(r / "f", r / "nope", RENAME_EXCHANGE)),
     "link_missing": ("ENOENT", lambda r: os.link(r / "nope", r / "g")),
     "mkdir_existing": ("EEXIST", lambda r: os.mkdir(r / "d")),
@@ -60,6 +73,7 @@ PROBES: dict[str, tuple[str, Probe]] = {
     "rmdir_file": ("ENOTDIR", lambda r: os.rmdir(r / "f")),
     "rename_dir_over_file": ("ENOTDIR", lambda r: os.rename(r / "empty", r / "f")),
     "open_dir_for_writing": ("EISDIR", lambda r: os.open(r / "d", WR)),
+    "o_creat_on_dir": ("EISDIR", lambda r: os.open(r / "d", os.O_CREAT | WR)),
     "unlink_dir": ("EISDIR", lambda r: os.unlink(r / "d")),
     "rename_file_over_dir": ("EISDIR", lambda r: os.rename(r / "f", r / "empty")),
     "truncate_dir": ("EISDIR", lambda r: os.truncate(r / "d", 0)),
@@ -271,3 +285,19 @@ def test_enospc_when_every_data_node_is_full(small_cluster: Cluster, tmp_path: P
         time.sleep(1)
     assert (mnt / "after").read_bytes() == b"a" * MiB
     assert (mnt / "kept").read_bytes() == kept
+
+
+def test_posix_acls_are_not_supported(pair: Pair) -> None:
+    """Like ext4 mounted noacl: setting or removing an ACL is EOPNOTSUPP, a
+    file has none, and the mode bits stay the one permission check."""
+    folder, _ = pair.fresh("acl")
+    (folder / "f").write_text("x")
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, perm, 0xFFFFFFFF)
+                                          for tag, perm in ((1, 6), (4, 4), (0x20, 0)))
+    name = "system.posix_acl_access"
+    unsupported = errno.errorcode[errno.EOPNOTSUPP]      # "ENOTSUP": the same number
+    assert errname(lambda: os.setxattr(folder / "f", name, acl)) == unsupported
+    assert errname(lambda: os.removexattr(folder / "f", name)) == unsupported
+    assert errname(lambda: os.getxattr(folder / "f", name)) == "ENODATA"
+    os.chmod(folder / "f", 0o640)
+    assert stat.S_IMODE(os.stat(folder / "f").st_mode) == 0o640

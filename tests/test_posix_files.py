@@ -10,6 +10,7 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -29,9 +30,9 @@ def stored_objects(cluster: Cluster) -> int:
                for p in (node.state / "objects").rglob("*") if p.is_file())
 
 
-def wait_for(condition: object, timeout: float = 60.0) -> None:
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():       # type: ignore[operator]
+    while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.25)
 

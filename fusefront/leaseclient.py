@@ -1,0 +1,206 @@
+"""The mount's side of leases (docs/LEASES.md): what this client may cache.
+
+How this works
+--------------
+At mount the client opens a session with the metadata node; every RPC then
+carries the session id.  A renewal every third of the lease time keeps the
+session (and so every lease) alive; ``valid_until`` is when the client must
+stop trusting its leases if renewals stop answering: the send time of the
+last answered renewal plus the lease time minus the skew margin, which is
+always before the server's own end of the session.
+
+Leases arrive with query answers (``lookup``, ``getattr``, ``readdir`` ask
+for READ leases, granted now or never) and from ``acquire`` (opens wait for
+them).  ``held`` maps an inode to its lease.  The kernel may cache an
+inode's attributes, entries and pages only while a lease is held, and never
+longer than the session is surely valid: ``cache_time`` is 0 without a
+lease, else the time left (capped).  So when renewals stop (a partition, a
+crashed metadata node), every cache in the kernel times out by itself
+before anyone else can be granted a conflicting lease.
+
+A recall (from the long-poll ``events`` call, or repeated in a renewal)
+drops the lease, flushes the file's buffered writes if it was a WRITE lease
+(the commit still carries the lease's epoch, so it is admitted), starts the
+kernel invalidations in a separate task (they can block behind a request in
+flight on that inode, FACTS.md 6) and waits for them at most
+``INVALIDATE_WAIT``, then releases.  A lost session (ENOTCONN) drops every
+lease and opens a new session; buffered writes of the old session can then
+no longer be committed (fenced out) unless nobody changed the file since.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Iterable
+
+import trio
+
+from storagenode.metaclient import MetaClient, MetaError, MetaUnavailable
+
+log = logging.getLogger(__name__)
+
+CACHE_MAX = 60.0            # longest the kernel may cache anything, seconds
+INVALIDATE_WAIT = 1.0       # most a recall waits for the kernel's invalidations
+EVENTS_WAIT = 20.0          # long-poll length
+
+
+@dataclass
+class Held:
+    epoch: int
+    mode: str               # "read" / "write"
+
+
+Invalidate = Callable[[int, list[bytes]], None]     # sync; run in a thread
+Flush = Callable[[int], Awaitable[None]]
+
+
+class Leases:
+    def __init__(self, meta: MetaClient, *, flush: Flush, invalidate: Invalidate,
+                 vol: int) -> None:
+        self.meta = meta
+        self.vol = vol
+        self._flush = flush
+        self._invalidate = invalidate
+        self.held: dict[int, Held] = {}
+        self.names: dict[int, set[bytes]] = {}     # dir ino -> names the kernel was told
+        self.lease_time = 0.0
+        self.margin = 0.0
+        self.valid_until = -1.0
+        self.recalls = 0
+        self._session_lock = trio.Lock()
+
+    # ---- session
+
+    async def open(self) -> None:
+        sent = trio.current_time()
+        self.meta.session = None
+        answer = await self.meta.call("open_session")
+        self.meta.session = answer["session"]
+        self.lease_time, self.margin = answer["lease_time"], answer["skew_margin"]
+        self.valid_until = sent + self.lease_time - self.margin
+
+    async def run(self) -> None:
+        """Renewals and recalls, until cancelled (unmount)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._renew_loop)
+            nursery.start_soon(self._events_loop)
+
+    async def close(self) -> None:
+        if self.meta.session is not None:
+            try:
+                await self.meta.call("close_session")
+            except (MetaError, MetaUnavailable) as exc:
+                log.info("closing the lease session: %s", exc)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await trio.sleep(max(self.lease_time / 3, 0.2))
+            sent = trio.current_time()
+            try:
+                answer = await self.meta.call("renew")
+            except MetaUnavailable as exc:
+                log.warning("lease renewal failed (caches time out by themselves): %s", exc)
+                continue
+            except MetaError as exc:
+                if exc.errno == errno.ENOTCONN:
+                    await self.lost_session()
+                    continue
+                raise
+            self.valid_until = sent + self.lease_time - self.margin
+            for recall in answer["recalls"]:
+                await self.recall(recall["ino"], recall["epoch"])
+
+    async def _events_loop(self) -> None:
+        while True:
+            try:
+                recalls = (await self.meta.exchange("events", {"wait": EVENTS_WAIT},
+                                                    timeout=EVENTS_WAIT + 10))["result"]
+            except (MetaUnavailable, MetaError) as exc:
+                log.info("waiting for lease events failed: %s", exc)
+                await trio.sleep(1.0)
+                continue
+            async with trio.open_nursery() as nursery:
+                for recall in recalls:
+                    nursery.start_soon(self.recall, recall["ino"], recall["epoch"])
+
+    async def lost_session(self) -> None:
+        """The metadata node forgot us (expiry, restart): drop every lease
+        (the kernel's caches run out by themselves) and start again."""
+        async with self._session_lock:
+            log.warning("lease session lost; dropping %d leases", len(self.held))
+            self.held.clear()
+            self.names.clear()
+            await self.open()
+
+    # ---- what may be cached
+
+    def cache_time(self, ino: int) -> float:
+        if ino not in self.held:
+            return 0.0
+        return max(0.0, min(CACHE_MAX, self.valid_until - trio.current_time()))
+
+    def note(self, ino: int, grant: dict[str, Any] | None) -> None:
+        if grant is not None and grant.get("cache", True):
+            self.held[ino] = Held(grant["epoch"], grant["mode"])
+
+    def note_name(self, parent: int, name: bytes) -> None:
+        if parent in self.held:
+            self.names.setdefault(parent, set()).add(name)
+
+    def write_epoch(self, ino: int) -> int | None:
+        held = self.held.get(ino)
+        return held.epoch if held is not None and held.mode == "write" else None
+
+    async def acquire(self, ino: int, mode: str) -> bool:
+        """Wait for a lease on ``ino``; False if the node could not grant one."""
+        held = self.held.get(ino)
+        if held is not None and (held.mode == "write" or mode == "read"):
+            return True
+        try:
+            grant = await self.meta.call("acquire", vol=self.vol, ino=ino, mode=mode, wait=1)
+        except MetaError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
+            await self.lost_session()
+            grant = await self.meta.call("acquire", vol=self.vol, ino=ino, mode=mode, wait=1)
+        self.note(ino, grant)
+        return grant is not None
+
+    # ---- recalls
+
+    async def recall(self, ino: int, epoch: int) -> None:
+        held = self.held.get(ino)
+        if held is not None and held.epoch == epoch:
+            self.recalls += 1
+            if held.mode == "write":
+                try:
+                    await self._flush(ino)
+                except Exception as exc:    # the data stays buffered; close reports it
+                    log.warning("flush for a recall of inode %d failed: %s", ino, exc)
+            if self.held.get(ino) is held:
+                del self.held[ino]
+            await self._kernel_forget(ino, sorted(self.names.pop(ino, ())))
+        await self.release([epoch])
+
+    async def _kernel_forget(self, ino: int, names: list[bytes]) -> None:
+        done = trio.Event()
+
+        async def invalidate() -> None:
+            try:
+                await trio.to_thread.run_sync(self._invalidate, ino, names,
+                                              abandon_on_cancel=True)
+            finally:
+                done.set()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(invalidate)
+            with trio.move_on_after(INVALIDATE_WAIT):
+                await done.wait()
+            nursery.cancel_scope.cancel()
+
+    async def release(self, epochs: Iterable[int]) -> None:
+        try:
+            await self.meta.call("release", epochs=list(epochs))
+        except (MetaError, MetaUnavailable) as exc:
+            log.info("release failed (the lease runs out by itself): %s", exc)

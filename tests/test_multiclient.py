@@ -1,0 +1,198 @@
+"""Several mounts of one volume: close-to-open, leases recalled on change,
+concurrent namespace changes, and a crashed client.  Real mounts, real
+processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from .cluster import Cluster, daemon_pids
+
+LEASE_TIME = 4.0
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> Iterator[tuple[Cluster, Path, Path]]:
+    c = Cluster(tmp_path / "cluster", meta_args=["--lease-time", str(LEASE_TIME)])
+    problems: list[str] = []
+    try:
+        c.start()
+        c.create_volume("vol", block_size=1 << 20)
+        a, b = tmp_path / "a", tmp_path / "b"
+        c.mount(a)
+        c.mount(b)
+        yield c, a, b
+        c.unmount_all()
+        problems = c.consistency_problems()
+    finally:
+        c.stop()
+    assert not problems, "inconsistent after the test:\n" + "\n".join(problems[:20])
+
+
+def test_close_to_open_and_sizes_never_go_back(two: tuple[Cluster, Path, Path]) -> None:
+    _, a, b = two
+    for round_ in range(20):
+        data = os.urandom(1000 + 70_001 * round_)
+        (a / "f").write_bytes(data)                  # closed on A ...
+        assert os.stat(b / "f").st_size == len(data)  # ... B sees the size at once
+        assert (b / "f").read_bytes() == data         # and every byte
+    with open(a / "log", "ab") as log:
+        for i in range(30):
+            log.write(b"line %d\n" % i)
+            log.flush()
+            os.fsync(log.fileno())
+            assert os.stat(b / "log").st_size == log.tell()
+
+
+def test_changes_on_one_client_show_on_the_other_at_once(two: tuple[Cluster, Path, Path]
+                                                         ) -> None:
+    _, a, b = two
+    (a / "d").mkdir()
+    assert os.listdir(b / "d") == []                 # B caches the empty directory
+    assert not (b / "d" / "x").exists()              # ... and the absence of x
+    took = []
+    for i in range(10):
+        started = time.monotonic()
+        (a / "d" / "x").write_bytes(b"hello")
+        took.append(time.monotonic() - started)
+        assert os.listdir(b / "d") == ["x"]
+        assert (b / "d" / "x").read_bytes() == b"hello"
+        os.rename(a / "d" / "x", a / "d" / "y")
+        assert os.listdir(b / "d") == ["y"] and not (b / "d" / "x").exists()
+        os.unlink(a / "d" / "y")
+        assert os.listdir(b / "d") == [] and not (b / "d" / "y").exists()
+    print(f"\ncreate+write on A while B caches the directory: "
+          f"median {sorted(took)[len(took) // 2] * 1000:.1f} ms")
+
+
+def test_mkdir_race_has_one_winner(two: tuple[Cluster, Path, Path]) -> None:
+    _, a, b = two
+    results: list[str] = []
+
+    def make(root: Path, i: int) -> None:
+        try:
+            os.mkdir(root / f"race{i}")
+            results.append("ok")
+        except FileExistsError:
+            results.append("exists")
+    for i in range(20):
+        threads = [threading.Thread(target=make, args=(root, i)) for root in (a, b, a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert results.count("ok") == 20 and results.count("exists") == 60
+    assert sorted(os.listdir(b)) == sorted(f"race{i}" for i in range(20))
+
+
+def test_crashed_writer_holds_others_up_only_for_the_lease_time(
+        two: tuple[Cluster, Path, Path]) -> None:
+    c, a, b = two
+    fd = os.open(a / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"durable" * 1000)
+    os.fsync(fd)                                      # acknowledged
+    os.write(fd, b"never flushed" * 1000)            # buffered under A's write lease
+    for pid in daemon_pids(a):
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(OSError):
+        os.close(fd)                                  # the dead mount fails the close
+    started = time.monotonic()
+    assert (b / "f").read_bytes() == b"durable" * 1000
+    waited = time.monotonic() - started
+    print(f"\nB proceeded {waited:.1f} s after A was killed (lease time {LEASE_TIME} s)")
+    assert waited < LEASE_TIME + 3
+    c.umount(a)                                       # the dead mount can be cleaned ...
+    c.mount(a)                                        # ... and mounted again
+    assert (a / "f").read_bytes() == b"durable" * 1000
+    subprocess.run(["sync", "-f", str(a)], check=True)
+
+
+def test_locks_hold_among_the_processes_of_one_mount(two: tuple[Cluster, Path, Path]) -> None:
+    _, a, _ = two
+    (a / "lock").write_bytes(b"")
+    script = ("import fcntl, sys\n"
+              "f = open(sys.argv[1], 'r+')\n"
+              "try:\n"
+              "    fcntl.{call}(f, fcntl.{flag} | fcntl.LOCK_NB)\n"
+              "    print('got')\n"
+              "except BlockingIOError:\n"
+              "    print('busy')\n")
+    for call, flag in (("flock", "LOCK_EX"), ("lockf", "LOCK_EX")):
+        with open(a / "lock", "r+") as held:
+            import fcntl
+            getattr(fcntl, call)(held, getattr(fcntl, flag))
+            other = subprocess.run([sys.executable, "-c", script.format(call=call, flag=flag),
+                                    str(a / "lock")], capture_output=True, text=True)
+            assert other.stdout.strip() == "busy", (call, other.stderr)
+        free = subprocess.run([sys.executable, "-c", script.format(call=call, flag=flag),
+                               str(a / "lock")], capture_output=True, text=True)
+        assert free.stdout.strip() == "got", (call, free.stderr)
+
+
+WORKER = r"""
+import json, os, random, sys
+root, me, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = random.Random(seed)
+mine = set()
+for i in range(150):
+    d = os.path.join(root, f"d{rng.randrange(3)}")
+    choice = rng.random()
+    if choice < 0.5 or not mine:
+        name = os.path.join(d, f"{me}-{i}")
+        with open(name, "wb") as f:
+            f.write(name.encode())
+        mine.add(name)
+    elif choice < 0.8:
+        old = rng.choice(sorted(mine))
+        new = os.path.join(root, f"d{rng.randrange(3)}", f"{me}-r{i}")
+        os.rename(old, new)
+        mine.discard(old)
+        mine.add(new)
+    else:
+        victim = rng.choice(sorted(mine))
+        os.unlink(victim)
+        mine.discard(victim)
+print(json.dumps(sorted(os.path.relpath(p, root) for p in mine)))
+"""
+
+
+def test_four_clients_change_one_directory_tree_and_lose_nothing(tmp_path: Path) -> None:
+    c = Cluster(tmp_path / "cluster", meta_args=["--lease-time", str(LEASE_TIME)])
+    problems: list[str] = []
+    try:
+        c.start()
+        c.create_volume("vol", block_size=1 << 20)
+        mounts = [tmp_path / f"m{i}" for i in range(4)]
+        for m in mounts:
+            c.mount(m)
+        for d in range(3):
+            (mounts[0] / f"d{d}").mkdir()
+        workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(m), f"c{i}", str(i)],
+                                    stdout=subprocess.PIPE, text=True)
+                   for i, m in enumerate(mounts)]
+        expected: set[str] = set()
+        for w in workers:
+            out, _ = w.communicate(timeout=300)
+            assert w.returncode == 0
+            expected |= set(json.loads(out))
+        for m in mounts:                  # every client sees the same, complete tree
+            seen = {str(p.relative_to(m)) for p in m.glob("d*/*")}
+            assert seen == expected, (m, sorted(seen ^ expected)[:10])
+            for rel in sorted(expected)[:40]:     # content written by the file's creator
+                writer = os.path.basename((m / rel).read_bytes().decode()).split("-")[0]
+                assert writer == os.path.basename(rel).split("-")[0], rel
+        c.unmount_all()
+        problems = c.consistency_problems()
+    finally:
+        c.stop()
+    assert not problems, "\n".join(problems[:20])
