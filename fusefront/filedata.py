@@ -128,7 +128,8 @@ class Volume:
         answer = await self._session_call(lambda: retrying(
             lambda: self.meta.exchange(method, dict(args, vol=self.vol), lease=True),
             deadline=trio.current_time() + self.retry_window,
-            temporary=lambda exc: isinstance(exc, MetaUnavailable)))
+            temporary=lambda exc: isinstance(exc, MetaUnavailable) and (
+                not exc.sent or method in QUERIES)))
         return answer["result"], list(answer.get("leases") or [])
 
     def is_zero(self, data: bytes | bytearray) -> bool:

@@ -459,11 +459,13 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self.check_name(name)
-        a = await self.call("mknod", parent=parent, name=name,
-                            mode=(mode & ~ctx.umask & 0o7777) | stat.S_IFREG, rdev=0,
-                            uid=ctx.uid, gid=ctx.gid)
-        if self.leases is not None:
-            await self.leases.acquire(a["ino"], "write")
+        args = dict(parent=parent, name=name, mode=(mode & ~ctx.umask & 0o7777) | stat.S_IFREG,
+                    rdev=0, uid=ctx.uid, gid=ctx.gid)
+        if self.leases is None:
+            a = await self.call("mknod", **args)
+        else:       # the new file's WRITE lease comes with the answer
+            a, grants = await self.v.call_leased("mknod", **args)
+            self.leases.note(a["ino"], grants[0] if grants else None)
         return self.new_handle(self.file(a)), self.entry(a, parent)
 
     @fuse_op

@@ -77,7 +77,7 @@ def recall_map(recall: Recall, now: float) -> dict[str, Any]:
 class LeaseServer:
     def __init__(self, config: LeaseConfig | None = None,
                  clock: Callable[[], float] = trio.current_time,
-                 quiet: bool = True) -> None:
+                 quiet: bool = False) -> None:
         self.config = config or LeaseConfig()
         self._clock = clock
         now = clock()
@@ -92,18 +92,26 @@ class LeaseServer:
     # ---- the timer task
 
     async def run(self) -> None:
+        renew_at = self._clock()
         while True:
             deadline = self.table.next_deadline()
-            renew_internal = self._clock() + self.config.lease_time / 3
-            with trio.move_on_at(min(deadline or math.inf, renew_internal)):
+            with trio.move_on_at(min(deadline or math.inf, renew_at)):
                 await self._wake.wait()
             self._wake = trio.Event()
             now = self._clock()
-            self.table.renew(INTERNAL, now)
+            if now >= renew_at:
+                self.table.renew(INTERNAL, now)
+                renew_at = now + self.config.lease_time / 3
             self.table.tick(now)
-            self._deliver()
+            self._send_events()
 
     def _deliver(self) -> None:
+        """Send the table's events and let the timer task re-plan (a call
+        may have moved the next deadline)."""
+        self._send_events()
+        self._wake.set()
+
+    def _send_events(self) -> None:
         for event in self.table.take_events():
             if isinstance(event, Recall):
                 box = self._mail.setdefault(event.session, _Mailbox())
@@ -114,7 +122,6 @@ class LeaseServer:
                 if waiting is not None:
                     waiting.grant = event.grant if isinstance(event, Granted) else None
                     waiting.done.set()
-        self._wake.set()
 
     # ---- sessions
 

@@ -176,6 +176,14 @@ class MetaNode:
             if lease and method in LEASED_QUERIES and session:
                 result, grants = await self.leased_query(method, args, session)
                 return {"result": result, "leases": grants}
+            if lease and method == "mknod" and session:
+                # a new file: its creator gets the WRITE lease in the same trip
+                result = await self.call(method, args, session)
+                grant = await self.leases.acquire(
+                    session, LeaseKey(VolumeId(args["vol"]), InodeId(result["ino"])),
+                    Mode.WRITE, cache=True, wait=False)
+                return {"result": result,
+                        "leases": [grant and grant_map(grant, self._monotonic())]}
             return {"result": await self.call(method, args, session)}
         except MetaError as exc:
             return {"errno": exc.errno, "error": exc.message}
