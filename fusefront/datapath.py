@@ -10,13 +10,18 @@ and at once after a node fails us.  New objects go only to *writable* nodes
 Replicated volumes: ``BlockStore.upload`` frames a block (zstd + BLAKE3, in
 a worker thread), ranks the writable nodes for a new object id by rendezvous
 hashing, and PUTs the object to the first ``copies`` nodes in parallel.  A
-node that fails is replaced by the next one in rank order; the block is
-acknowledged only when ``copies`` distinct nodes hold it durably
+node that fails is replaced at once by the next one in rank order, and one
+still silent after ``PUT_HEDGE_AFTER`` gets a stand-in (the next node is
+asked too; whichever stores it first holds that copy: a hung or cut-off node
+costs a moment, not a timeout); ``Placing`` keeps that bookkeeping.  The
+block is acknowledged only when ``copies`` distinct nodes hold it durably
 (``copies`` is the volume's replica count, or the number of active nodes
-when fewer exist).  The client sends each copy itself: on loopback one trio
-process pushes ~850 MiB/s of PUTs, far above what the rest of the path
-delivers, so a chain (pipeline) would buy nothing here and cost latency and
-mid-chain failure handling.  ``download`` tries the nodes recorded in the
+when fewer exist).  A copy stored twice over by a stand-in is taken back;
+one a cancelled request may still have stored is left to the orphan scan.
+The client sends each copy itself: on loopback one trio process pushes
+~850 MiB/s of PUTs, far above what the rest of the path delivers, so a
+chain (pipeline) would buy nothing here and cost latency and mid-chain
+failure handling.  ``download`` tries the nodes recorded in the
 block map, then the rest in rank order, and returns the first copy whose
 checksum verifies; a refused connection, a timeout, a missing or a corrupt
 copy all fall through to the next.
@@ -24,10 +29,11 @@ copy all fall through to the next.
 Erasure-coded volumes (``ec = (k, m)``): ``upload`` encodes the block into
 k + m shards (``storagenode.erasure``, in a worker thread) and PUTs shard i,
 object ``<oid>.<i>``, to the i-th writable node in rank order, all in
-parallel; a failed node is replaced by the next unused one, so the k + m
-holders are always distinct.  The block is acknowledged only when all k + m
-shards are durable (the redundancy the volume promises); the holder list
-is positional (``holders[i]`` has shard i).  ``download`` follows
+parallel; a failed or silent node is replaced (or joined) by the next
+unused one, as for copies, so the k + m holders are always distinct.  The
+block is acknowledged only when all k + m shards are durable (the
+redundancy the volume promises); the holder list is positional
+(``holders[i]`` has shard i).  ``download`` follows
 ``shard_fetch_plan``: the k data shards first, in parallel (no decoding
 needed when they all verify), then for each shard that failed the next
 position (parity shards), and last every other node in rank order (a map
@@ -56,6 +62,8 @@ log = logging.getLogger(__name__)
 
 MAP_REFRESH = 5.0
 HEDGE_AFTER = 1.5           # seconds before a read also asks the next node
+PUT_HEDGE_AFTER = 2.0       # seconds before a piece being stored also goes to a spare node
+DISCARD_WITHIN = 2.0        # seconds a best-effort discard may take (then: the orphan scan)
 
 
 class NoSpace(Exception):
@@ -117,6 +125,57 @@ class ClusterView:
 
 
 Attempt = tuple[int, NodeId]          # (shard index, node to ask for it)
+Ask = tuple[int, DataNode]            # (position, node to store that piece on)
+
+
+class Placing:
+    """Where the pieces of one new block go (pure bookkeeping, no I/O).
+
+    Position i is first asked of the i-th node in rank order; every other
+    node is a spare, used at most once, in rank order, so holders are
+    distinct.  A failure asks the next spare for that position unless
+    another request for it is still out; ``hedge`` gives each position
+    whose only request is still out one more (so at most two at a time).
+    The first node to store a position holds it; a later success there is
+    ``extra`` (a copy to take back).  Settled when every position is held
+    or one has no request out and no spare left (the block failed)."""
+
+    def __init__(self, pieces: int, ranked: Sequence[DataNode]) -> None:
+        self.holders: list[NodeId | None] = [None] * pieces
+        self.asking = [1] * pieces          # requests out, per position
+        self.first: list[Ask] = list(enumerate(ranked[:pieces]))
+        self.spare = list(ranked[pieces:])
+        self.extra: list[tuple[int, NodeId]] = []
+        self.full = 0                       # nodes that answered "full"
+
+    def stored(self, position: int, node: DataNode) -> None:
+        self.asking[position] -= 1
+        if self.holders[position] is None:
+            self.holders[position] = node.node_id
+        else:
+            self.extra.append((position, node.node_id))
+
+    def failed(self, position: int, full: bool) -> list[Ask]:
+        self.asking[position] -= 1
+        self.full += full
+        if self.holders[position] is None and not self.asking[position]:
+            return self._ask(position)
+        return []
+
+    def hedge(self) -> list[Ask]:
+        return [ask for i, held in enumerate(self.holders)
+                if held is None and self.asking[i] == 1 for ask in self._ask(i)]
+
+    def _ask(self, position: int) -> list[Ask]:
+        if not self.spare:
+            return []
+        self.asking[position] += 1
+        return [(position, self.spare.pop(0))]
+
+    @property
+    def settled(self) -> bool:
+        return all(held is not None or not asking
+                   for held, asking in zip(self.holders, self.asking))
 
 
 def shard_fetch_plan(holders: Sequence[str], ranked: Sequence[NodeId],
@@ -177,26 +236,20 @@ class BlockStore:
         return objs * min(self.replicas, self.view.active_count())
 
     async def _place(self, oid: ObjectId, objs: list[bytes]) -> list[NodeId]:
-        """Put each piece (copy or shard) on its own writable node, replacing
-        failed nodes by the next in rank order; the holders, position by position."""
+        """Put each piece (copy or shard) on its own writable node (see
+        ``Placing``); the holders, position by position."""
         pieces = self._pieces(objs)
         candidates = self.view.ranked(oid)
         if not pieces or len(candidates) < len(pieces):
             raise DataUnavailable(f"{len(candidates)} writable data nodes for "
                                   f"{len(pieces) or self.pieces} pieces of a block")
-        placed: list[NodeId | None] = [None] * len(pieces)
-        full = 0
-        while None in placed and candidates:
-            todo = [i for i, n in enumerate(placed) if n is None]
-            batch, candidates = candidates[:len(todo)], candidates[len(todo):]
-            results = await self._put_all([(node, self._stored_id(oid, i), pieces[i])
-                                           for i, node in zip(todo, batch)])
-            for i, node, result in zip(todo, batch, results):
-                placed[i] = node.node_id if result is None else None
-            full += sum(isinstance(r, NodeFull) for r in results)
-        if None in placed:                 # not acknowledged: take back what was stored
-            await self.discard(oid, [n or "" for n in placed])
-        return self._check_placed(placed, full)
+        placing = Placing(len(pieces), candidates)
+        await self._put_pieces(oid, pieces, placing)
+        if None in placing.holders:        # not acknowledged: take back what was stored
+            await self.discard(oid, [n or "" for n in placing.holders])
+        for position, node_id in placing.extra:     # stored twice over: not needed
+            await self.discard(oid, [""] * position + [node_id])
+        return self._check_placed(placing.holders, placing.full)
 
     def _check_placed(self, placed: list[NodeId | None], full: int) -> list[NodeId]:
         stored = [n for n in placed if n is not None]
@@ -207,21 +260,44 @@ class BlockStore:
             raise DataUnavailable(f"only {len(stored)} of {len(placed)} {what} could be stored")
         return stored
 
-    async def _put_all(self, puts: Sequence[tuple[DataNode, ObjectId, bytes]]
-                       ) -> list[Exception | None]:
-        results: list[Exception | None] = [None] * len(puts)
-
-        async def put(i: int, node: DataNode, oid: ObjectId, obj: bytes) -> None:
-            try:
-                await self.data.put(node.address, oid, obj)
-            except NodeError as exc:
-                log.warning("storing %s on %s failed: %s", oid, node.node_id, exc)
-                results[i] = exc
-
+    async def _put_pieces(self, oid: ObjectId, pieces: list[bytes], placing: Placing) -> None:
+        """Run ``placing`` until it settles: PUT what it asks, report each
+        answer, hedge every ``PUT_HEDGE_AFTER``; then cancel what is still out."""
+        send, receive = trio.open_memory_channel[tuple[Ask, NodeError | None]](math.inf)
         async with trio.open_nursery() as nursery:
-            for i, (node, oid, obj) in enumerate(puts):
-                nursery.start_soon(put, i, node, oid, obj)
-        return results
+            asks = placing.first
+            hedge_at = trio.current_time() + PUT_HEDGE_AFTER
+            while True:
+                for ask in asks:
+                    nursery.start_soon(self._put_piece, oid, pieces, ask, send)
+                if placing.settled:
+                    break
+                with trio.move_on_at(hedge_at) as waiting:
+                    (position, node), error = await receive.receive()
+                if waiting.cancelled_caught:
+                    asks, hedge_at = placing.hedge(), hedge_at + PUT_HEDGE_AFTER
+                    if asks:
+                        log.info("storing %s: no answer yet, also asking %s", oid,
+                                 ", ".join(n.node_id for _, n in asks))
+                elif error is None:
+                    asks = []
+                    placing.stored(position, node)
+                else:
+                    asks = placing.failed(position, isinstance(error, NodeFull))
+            nursery.cancel_scope.cancel()
+
+    async def _put_piece(self, oid: ObjectId, pieces: list[bytes], ask: Ask,
+                         answers: trio.MemorySendChannel[tuple[Ask, NodeError | None]]
+                         ) -> None:
+        position, node = ask
+        object_id = self._stored_id(oid, position)
+        try:
+            await self.data.put(node.address, object_id, pieces[position])
+        except NodeError as exc:
+            log.warning("storing %s on %s failed: %s", object_id, node.node_id, exc)
+            answers.send_nowait((ask, exc))
+        else:
+            answers.send_nowait((ask, None))
 
     async def download(self, oid: ObjectId, holders: Sequence[str]) -> bytes:
         """The verified, decoded block ``oid``, from any node that has it
@@ -317,17 +393,22 @@ class BlockStore:
                 nursery.start_soon(fetch, index, node_id)
 
     async def discard(self, oid: ObjectId, holders: Sequence[str]) -> None:
-        """Best-effort removal of an object that was never committed (left
-        behind on failure: the orphan collector's job)."""
-        for position, node_id in enumerate(holders):
-            object_id = self._stored_id(oid, position)
-            node = self.view.nodes.get(NodeId(node_id))
-            if node is None:
-                continue
+        """Best-effort removal of an object that was never committed: from
+        every holder the map has up, in parallel, for at most
+        ``DISCARD_WITHIN`` (what is left behind is the orphan collector's job;
+        a caller never waits a timeout on a node that is gone)."""
+        async def delete(node: DataNode, object_id: ObjectId) -> None:
             try:
                 await self.data.delete(node.address, object_id)
             except NodeError as exc:
-                log.info("could not discard %s on %s: %s", object_id, node_id, exc)
+                log.info("could not discard %s on %s: %s", object_id, node.node_id, exc)
+
+        with trio.move_on_after(DISCARD_WITHIN):
+            async with trio.open_nursery() as nursery:
+                for position, node_id in enumerate(holders):
+                    node = self.view.nodes.get(NodeId(node_id))
+                    if node is not None and node.up:
+                        nursery.start_soon(delete, node, self._stored_id(oid, position))
 
 
 def _next_wave(plan: list[Attempt], need: int, good: dict[int, erasure.Shard]

@@ -28,12 +28,13 @@ from .procs import NodeProcess
 class Cluster:
     def __init__(self, root: Path, data_nodes: int = 3,
                  meta_args: list[str] | None = None,
-                 data_args: list[str] | None = None) -> None:
+                 data_args: list[str] | None = None, meta_host: str = "127.0.0.1") -> None:
         self.root = root
         self.secret_file = root / "secret"
         create_secret(self.secret_file)
         self.secret = self.secret_file.read_text().strip()
-        self.meta = NodeProcess("meta", root / "meta", self.secret_file, meta_args)
+        self.meta = NodeProcess("meta", root / "meta", self.secret_file, meta_args,
+                                host=meta_host)
         self.data: list[NodeProcess] = []
         self.n_data = data_nodes
         self.data_args = data_args or []
@@ -46,10 +47,13 @@ class Cluster:
         self.wait_nodes_up(self.n_data)
         return self
 
-    def add_data_node(self, node_id: str) -> NodeProcess:
+    def add_data_node(self, node_id: str, extra: list[str] | None = None, *,
+                      host: str = "127.0.0.1", netns: str | None = None) -> NodeProcess:
+        """Start data node ``node_id`` with the cluster's data args plus ``extra``,
+        listening on ``host`` (inside network namespace ``netns`` if given)."""
         node = NodeProcess("data", self.root / node_id, self.secret_file,
                            ["--meta", self.meta.address, "--node-id", node_id]
-                           + self.data_args)
+                           + self.data_args + (extra or []), host=host, netns=netns)
         node.start()
         self.data.append(node)
         return node

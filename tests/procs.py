@@ -2,6 +2,9 @@
 
 ``NodeProcess`` starts ``objfs-node`` in a role, waits until ``/health``
 answers, and on exit stops the process by PID (SIGTERM, then SIGKILL).
+A node may listen on another address of this machine (``host``) and run
+inside a network namespace (``netns``: the command is prefixed with
+``ip netns exec``, which execs the node, so the PID is still the node's).
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ class NodeProcess:
     """One ``objfs-node`` process; use as a context manager or call stop()."""
 
     def __init__(self, role: str, state: Path, secret_file: Path,
-                 extra: list[str] | None = None, port: int | None = None) -> None:
+                 extra: list[str] | None = None, port: int | None = None, *,
+                 host: str = "127.0.0.1", netns: str | None = None) -> None:
         self.role = role
         self.state = state
         self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.argv = NODE + [role, "--state", str(state), "--listen", self.address,
-                            "--secret-file", str(secret_file)] + (extra or [])
+        self.address = f"{host}:{self.port}"
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.argv = prefix + NODE + [role, "--state", str(state), "--listen", self.address,
+                                     "--secret-file", str(secret_file)] + (extra or [])
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = state.parent / f"{state.name}.log"
 

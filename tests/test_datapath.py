@@ -141,3 +141,69 @@ def test_a_hung_holder_costs_a_moment_not_a_timeout() -> None:
         assert await store.download(oid, [NodeId(h) for h in holders]) == block
         assert HEDGE_AFTER <= trio.current_time() - started < HEDGE_AFTER + 1
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.01))
+
+
+def test_placing_replaces_failures_hedges_silence_and_keeps_holders_distinct() -> None:
+    from storagenode.ids import NodeId
+    from fusefront.datapath import DataNode, Placing
+    a, b, c, d, e = (DataNode(NodeId(n), n, True, 1.0, "") for n in "abcde")
+    placing = Placing(3, [a, b, c, d, e])
+    assert placing.first == [(0, a), (1, b), (2, c)]
+    placing.stored(0, a)
+    assert placing.hedge() == [(1, d), (2, e)]      # both still silent: a spare each
+    assert placing.hedge() == []                    # at most two requests per position
+    placing.stored(2, e)
+    placing.stored(2, c)                            # the slow one answered too
+    assert placing.extra == [(2, NodeId("c"))]
+    assert placing.failed(1, full=True) == []       # d is still out for position 1
+    assert not placing.settled
+    assert placing.failed(1, full=False) == []      # no spare left: the block failed
+    assert placing.settled and placing.holders == ["a", None, "e"] and placing.full == 1
+
+    placing = Placing(2, [a, b, c])
+    assert placing.failed(0, full=False) == [(0, c)]    # a failure asks the next at once
+    placing.stored(1, b)
+    placing.stored(0, c)
+    assert placing.settled and placing.holders == ["c", "b"] and not placing.extra
+
+
+def test_a_hung_node_costs_a_write_a_moment_not_a_timeout() -> None:
+    """Stores also go to a spare node when one stays silent (hedging): with
+    a node hung forever, a block whose first nodes include it is stored after
+    PUT_HEDGE_AFTER, on three other nodes; taking a block back never waits
+    on the hung node longer than DISCARD_WITHIN."""
+    from .test_erasure import FakeData, FakeMeta, node
+    from fusefront.datapath import DISCARD_WITHIN, PUT_HEDGE_AFTER, BlockStore, ClusterView
+
+    class HungData(FakeData):
+        hung = "a"
+        asked: list[str] = []
+
+        async def put(self, address: str, oid: ObjectId, obj: bytes) -> None:
+            self.asked.append(address)
+            if address == self.hung:
+                await trio.sleep_forever()
+            await super().put(address, oid, obj)
+
+        async def delete(self, address: str, oid: ObjectId) -> bool:
+            if address == self.hung:
+                await trio.sleep_forever()
+            return await super().delete(address, oid)
+
+    async def main() -> None:
+        data = HungData()
+        store = BlockStore(ClusterView(FakeMeta([node(n) for n in "abcd"])),  # type: ignore[arg-type]
+                           data, 3, trio.CapacityLimiter(2))
+        block = os.urandom(50_000)
+        while "a" not in data.asked:         # until a block's first three nodes include a
+            data.asked.clear()
+            started = trio.current_time()
+            oid, holders = await store.upload(block)
+        assert PUT_HEDGE_AFTER <= trio.current_time() - started < PUT_HEDGE_AFTER + 1
+        assert sorted(holders) == ["b", "c", "d"]
+        assert all(oid in data.stores[h] for h in holders)
+        started = trio.current_time()
+        await store.discard(oid, ["a"] + holders)
+        assert trio.current_time() - started <= DISCARD_WITHIN
+        assert not any(oid in data.stores.get(h, {}) for h in holders)
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.01))
