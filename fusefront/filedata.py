@@ -141,6 +141,7 @@ class FileData:
         self.v = volume
         self.ino = InodeId(attrs["ino"])
         self.size = attrs["size"]
+        self.committed_size = attrs["size"]   # no committed block lies past this
         self.mtime_ns = attrs["mtime_ns"]
         self.atime_ns = attrs["atime_ns"]
         self.ctime_ns = attrs["ctime_ns"]
@@ -165,6 +166,8 @@ class FileData:
     async def _span(self, idx: int) -> dict[int, BlockRef]:
         """The committed refs of the span holding block ``idx``."""
         number = idx // MAP_SPAN
+        if number * MAP_SPAN * self.bs >= self.committed_size:
+            self.spans.setdefault(number, {})     # past the committed end: nothing stored
         while number not in self.spans:
             gen = self.map_gen
             first = number * MAP_SPAN
@@ -205,6 +208,7 @@ class FileData:
     def refresh(self, attrs: dict[str, Any]) -> None:
         """Take the metadata node's view (close-to-open: at open, when idle here)."""
         self.size, self.mtime_ns = attrs["size"], attrs["mtime_ns"]
+        self.committed_size = attrs["size"]
         self.atime_ns, self.ctime_ns = attrs["atime_ns"], attrs["ctime_ns"]
         self._forget_map()
 
@@ -385,6 +389,7 @@ class FileData:
                 raise
             await self._store_again()     # uploaded too long ago (see metastate._check_fresh)
             attrs = await self._send_commit()
+        self.committed_size = attrs["size"]
         self.map_gen += 1
         for idx, ref in self.uploaded.items():
             span = self.spans.get(idx // MAP_SPAN)
@@ -443,7 +448,7 @@ class FileData:
             if self.pending():
                 await self._flush_all()
             attrs = await commit()
-            self.size = size
+            self.size = self.committed_size = size
             self.mtime_ns = attrs["mtime_ns"]
             self._forget_map()    # the metadata node dropped and clipped blocks
             return attrs

@@ -204,6 +204,15 @@ class Operations(pyfuse3.Operations):
         negative.entry_timeout = self.entry_time(parent)
         return negative
 
+    async def change(self, method: str, **args: Any) -> Any:
+        """An op answered with the inode's new attributes, which the kernel
+        may cache under the lease that comes with them."""
+        if self.leases is None:
+            return await self.call(method, **args)
+        result, grants = await self.v.call_leased(method, **args)
+        self.leases.note(result["ino"], grants[0] if grants else None)
+        return result
+
     async def leased(self, method: str, key: int, /, **args: Any) -> Any:
         """A query whose answer may be cached under the READ leases that come
         with it (lookup: parent, child; getattr: inode; readdir: directory,
@@ -253,7 +262,7 @@ class Operations(pyfuse3.Operations):
         await self.flush_inode(ino)
         if fields.update_size:
             return self.merged(await self.truncate(ino, attr.st_size, changes))
-        return self.merged(await self.call("setattr", ino=ino, **changes))
+        return self.merged(await self.change("setattr", ino=ino, **changes))
 
     async def truncate(self, ino: int, size: int, changes: dict[str, Any]) -> dict[str, Any]:
         async def commit() -> dict[str, Any]:
@@ -273,14 +282,14 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
-        return self.entry(await self.call("mknod", parent=parent, name=name,
+        return self.entry(await self.change("mknod", parent=parent, name=name,
                                           mode=mode & ~ctx.umask, rdev=rdev,
                                           uid=ctx.uid, gid=ctx.gid), parent)
 
     @fuse_op
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
-        return self.entry(await self.call("mkdir", parent=parent, name=name,
+        return self.entry(await self.change("mkdir", parent=parent, name=name,
                                           mode=mode & ~ctx.umask, uid=ctx.uid, gid=ctx.gid),
                           parent)
 
@@ -288,14 +297,14 @@ class Operations(pyfuse3.Operations):
     async def symlink(self, parent: int, name: bytes, target: bytes,
                       ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
-        return self.entry(await self.call("symlink", parent=parent, name=name, target=target,
+        return self.entry(await self.change("symlink", parent=parent, name=name, target=target,
                                           uid=ctx.uid, gid=ctx.gid), parent)
 
     @fuse_op
     async def link(self, ino: int, new_parent: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(new_name)
-        return self.merged(await self.call("link", ino=ino, parent=new_parent, name=new_name),
+        return self.merged(await self.change("link", ino=ino, parent=new_parent, name=new_name),
                            new_parent)
 
     @fuse_op
@@ -461,11 +470,11 @@ class Operations(pyfuse3.Operations):
         self.check_name(name)
         args = dict(parent=parent, name=name, mode=(mode & ~ctx.umask & 0o7777) | stat.S_IFREG,
                     rdev=0, uid=ctx.uid, gid=ctx.gid)
-        if self.leases is None:
-            a = await self.call("mknod", **args)
-        else:       # the new file's WRITE lease comes with the answer
-            a, grants = await self.v.call_leased("mknod", **args)
-            self.leases.note(a["ino"], grants[0] if grants else None)
+        a = await self.change("mknod", **args)     # with the new file's WRITE lease
+        if self.leases is not None and self.leases.write_epoch(a["ino"]) is not None:
+            # a new file has no xattrs, and nobody can add one without recalling us
+            self.xattr_names[a["ino"]] = (trio.current_time() + self.attr_time(a["ino"]),
+                                          frozenset())
         return self.new_handle(self.file(a)), self.entry(a, parent)
 
     @fuse_op

@@ -31,6 +31,7 @@ import argparse
 import errno
 import functools
 import logging
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ DB_NAME = "meta.db"
 LEASE_RPCS = ("open_session", "renew", "close_session", "events", "acquire", "release")
 SOFT = ("heartbeat", "repair_status", "fsck") + LEASE_RPCS   # answered from memory, not logged
 LEASED_QUERIES = ("lookup", "getattr", "readdir")
+LEASED_OPS = ("mknod", "mkdir", "symlink", "link", "setattr")
 
 
 @dataclass
@@ -176,14 +178,9 @@ class MetaNode:
             if lease and method in LEASED_QUERIES and session:
                 result, grants = await self.leased_query(method, args, session)
                 return {"result": result, "leases": grants}
-            if lease and method == "mknod" and session:
-                # a new file: its creator gets the WRITE lease in the same trip
-                result = await self.call(method, args, session)
-                grant = await self.leases.acquire(
-                    session, LeaseKey(VolumeId(args["vol"]), InodeId(result["ino"])),
-                    Mode.WRITE, cache=True, wait=False)
-                return {"result": result,
-                        "leases": [grant and grant_map(grant, self._monotonic())]}
+            if lease and method in LEASED_OPS and session:
+                result, grant = await self.leased_op(method, args, session)
+                return {"result": result, "leases": [grant]}
             return {"result": await self.call(method, args, session)}
         except MetaError as exc:
             return {"errno": exc.errno, "error": exc.message}
@@ -255,6 +252,21 @@ class MetaNode:
         if any(e is not None for e in entries):
             result = self._reader.query(method, args, self.liveness())
         return result, [first] + entries
+
+    async def leased_op(self, method: str, args: Any, session: str) -> tuple[Any, Any]:
+        """An op whose resulting attributes the client may cache: a lease on
+        the inode it made or changed (WRITE for a new regular file, so its
+        creator can buffer writes; READ otherwise), taken after the op (now
+        or never), then the attributes read again, so that any change made
+        between the op and the grant is in the answer."""
+        result = await self.call(method, args, session)
+        key = LeaseKey(VolumeId(args["vol"]), InodeId(result["ino"]))
+        mode = Mode.WRITE if method == "mknod" and stat.S_ISREG(result["mode"]) else Mode.READ
+        grant = await self.leases.acquire(session, key, mode, cache=True, wait=False)
+        if grant is None:
+            return result, None
+        fresh = self._reader.query("getattr", {"vol": key.vol, "ino": key.ino}, {})
+        return fresh, grant_map(grant, self._monotonic())
 
     async def _try_read_lease(self, session: str, vol: Any, ino: Any) -> Any:
         if not isinstance(vol, int) or not isinstance(ino, int):
