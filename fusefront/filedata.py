@@ -21,7 +21,12 @@ otherwise its object is discarded as ``stale``.  ``flush`` (close, fsync,
 the dirty limit, or ``COMMIT_BATCH`` uploaded blocks) waits for those
 uploads, uploads the rest (all-zero blocks become holes, nothing stored) and
 commits the new block map, size and mtime in one metadata operation, so
-another reader sees either the old or the new file, never a mix.  Memory is
+another reader sees either the old or the new file, never a mix.
+Small files skip the data nodes: block 0 of a file of at most ``INLINE_MAX``
+bytes (at flush) is sent inside the commit and kept in the block map (a ref
+with no object, ``data`` holding the bytes); it is never uploaded in the
+background, never stale or discarded, and stored as an object at the next
+flush once the file has outgrown ``INLINE_MAX``.  Memory is
 bounded: uploads in flight and read-ahead are limited over the whole mount,
 and writers flush when the mount's unwritten data passes ``dirty_limit``.
 
@@ -43,7 +48,7 @@ import trio
 
 from storagenode.ids import InodeId, ObjectId
 from storagenode.metaclient import MetaClient, MetaUnavailable
-from storagenode.metastate import MetaError
+from storagenode.metastate import INLINE_MAX, MetaError
 from storagenode.metastate import QUERIES
 from storagenode.retry import retrying
 
@@ -62,9 +67,22 @@ MAP_SPAN = 65536        # block map entries fetched per request
 
 @dataclass(frozen=True)
 class BlockRef:
-    oid: ObjectId
+    """A stored block: an object (``oid``, on ``holders``), or inline
+    (``oid`` None, the block's bytes in ``data``)."""
+    oid: ObjectId | None
     length: int
     holders: tuple[str, ...]
+    data: bytes | None = None
+
+    @classmethod
+    def from_row(cls, row: list[Any]) -> BlockRef:
+        """A block as get_blocks answers it (5 elements when inline)."""
+        return cls(row[1], row[2], tuple(row[3]), row[4] if len(row) > 4 else None)
+
+    def as_entry(self, idx: int) -> list[Any]:
+        """Block ``idx`` as commit_blocks takes it."""
+        entry = [idx, self.oid, self.length, list(self.holders)]
+        return entry if self.data is None else entry + [self.data]
 
 
 def atime_due(attrs: dict[str, Any], now: int) -> bool:
@@ -174,7 +192,7 @@ class FileData:
             rows = await self.v.call("get_blocks", ino=self.ino, first=first,
                                      last=first + MAP_SPAN - 1)
             if gen == self.map_gen:       # else a commit overtook the answer: ask again
-                self.spans[number] = {r[0]: BlockRef(r[1], r[2], tuple(r[3])) for r in rows}
+                self.spans[number] = {r[0]: BlockRef.from_row(r) for r in rows}
         return self.spans[number]
 
     def _known_ref(self, idx: int) -> BlockRef | None:
@@ -236,7 +254,7 @@ class FileData:
             ref = self._known_ref(idx)
             if self.v.prefetching >= MAX_PREFETCH:
                 return                  # enough read-ahead in flight over the mount
-            if ref and idx not in self.dirty and self.v.cache.peek(ref.oid) is None \
+            if ref and ref.oid and idx not in self.dirty and self.v.cache.peek(ref.oid) is None \
                     and not self.v.cache.fetching(ref.oid):
                 self.v.prefetching += 1
                 prefetch(functools.partial(self._prefetch, ref))
@@ -248,7 +266,10 @@ class FileData:
             self.v.prefetching -= 1
 
     async def _fetch(self, ref: BlockRef) -> bytes:
-        return await self.v.cache.get(ref.oid, lambda: self.v.store.download(ref.oid, ref.holders))
+        oid = ref.oid
+        if oid is None:
+            return ref.data or b""
+        return await self.v.cache.get(oid, lambda: self.v.store.download(oid, ref.holders))
 
     # ----- writing
     async def write(self, offset: int, data: bytes, spawn: Spawn) -> None:
@@ -280,13 +301,17 @@ class FileData:
         if buf is None:
             base = memoryview(b"") if whole else await self._stored(idx)
             if idx in self.uploaded:          # rewritten before its commit
-                ref = self.uploaded.pop(idx)
-                if ref is not None:
-                    self.stale.append(ref)
+                self._drop_uploaded(idx)
             valid = max(0, min(len(base), self.size - idx * self.bs))
             buf = self.dirty[idx] = bytearray(base[:valid])
             self.v.dirty_blocks += 1
         return buf
+
+    def _drop_uploaded(self, idx: int) -> None:
+        """Block ``idx`` will not be committed as uploaded: its object is stale."""
+        ref = self.uploaded.pop(idx)
+        if ref is not None and ref.oid is not None:
+            self.stale.append(ref)
 
     def _forget_dirty(self, idx: int) -> None:
         del self.dirty[idx]
@@ -295,7 +320,7 @@ class FileData:
 
     # ----- write-behind: full blocks upload while the writer goes on
     async def _start_upload(self, idx: int, spawn: Spawn) -> None:
-        if idx in self.inflight or idx not in self.dirty:
+        if idx in self.inflight or idx not in self.dirty or self._may_inline(idx):
             return
         await self.v.inflight.acquire()          # backpressure: bounded over the mount
         if idx in self.inflight or idx not in self.dirty:
@@ -321,8 +346,19 @@ class FileData:
             self.v.inflight.release()
             done.set()
 
+    def _may_inline(self, idx: int) -> bool:
+        """Would block ``idx`` go inline if flushed now?"""
+        return idx == 0 and self.size <= INLINE_MAX
+
+    async def _store(self, idx: int, data: bytes | bytearray) -> BlockRef | None:
+        """Block ``idx`` made ready to commit: inline if it may be, else uploaded."""
+        if self._may_inline(idx) and not self.v.is_zero(data):
+            return BlockRef(None, len(data), (), bytes(data))
+        return await self._upload(data)
+
     async def _upload(self, data: bytes | bytearray) -> BlockRef | None:
-        """Store one block; None for an all-zero block (a hole, nothing stored)."""
+        """Store one block as an object; None for an all-zero block (a hole,
+        nothing stored)."""
         if self.v.is_zero(data):
             return None
         async with self.v.upload_slots:
@@ -367,16 +403,19 @@ class FileData:
         # and a later write to the block starts a new buffer.
         snapshot = dict(self.dirty)
 
-        async def upload(idx: int, data: bytearray) -> None:
-            ref = await self._upload(data)
-            old = self.uploaded.get(idx)     # stored by a flush that failed later
-            if old is not None:
-                self.stale.append(old)
+        async def upload(idx: int, data: bytes | bytearray) -> None:
+            ref = await self._store(idx, data)
+            if idx in self.uploaded:         # stored by a flush that failed later
+                self._drop_uploaded(idx)
             self.uploaded[idx] = ref
 
+        outgrown = self.uploaded.get(0)      # inline at a flush that failed, file grew since
         async with trio.open_nursery() as nursery:
             for idx, data in snapshot.items():
                 nursery.start_soon(upload, idx, data)
+            if outgrown and outgrown.data is not None and 0 not in snapshot \
+                    and not self._may_inline(0):
+                nursery.start_soon(upload, 0, outgrown.data)
         for idx in snapshot:
             self._forget_dirty(idx)
         return await self._commit()
@@ -403,12 +442,16 @@ class FileData:
         self.changed = bool(self.dirty)
         stale, self.stale = self.stale, []
         for ref in stale:                  # never committed: no one else can refer to it
-            await self.v.store.discard(ref.oid, ref.holders)
+            await self._discard(ref)
         return attrs
 
+    async def _discard(self, ref: BlockRef) -> None:
+        if ref.oid is not None:
+            await self.v.store.discard(ref.oid, ref.holders)
+
     async def _send_commit(self) -> dict[str, Any]:
-        blocks: list[list[Any]] = [[i, r.oid, r.length, list(r.holders)] if r else [i, None, 0, []]
-                                   for i, r in sorted(self.uploaded.items())]
+        blocks = [r.as_entry(i) if r else [i, None, 0, []]
+                  for i, r in sorted(self.uploaded.items())]
         attrs: dict[str, Any] = await self.v.call(
             "commit_blocks", ino=self.ino, size=self.size, blocks=blocks, mtime_ns=self.mtime_ns,
             fence=self.fence)
@@ -418,8 +461,8 @@ class FileData:
         """Copy every uploaded, uncommitted block to a fresh object (the old
         ones are still stored: the orphan scan waits twice the commit limit)."""
         for idx, ref in list(self.uploaded.items()):
-            if ref is None:
-                continue
+            if ref is None or ref.oid is None:
+                continue              # a hole, or inline: nothing stored to age
             data = await self.v.store.download(ref.oid, ref.holders)
             self.uploaded[idx] = await self._upload(data[:ref.length])
             self.stale.append(ref)
@@ -437,7 +480,7 @@ class FileData:
             self.changed = False
             self._forget_map()
         for ref in dropped:          # never committed: no one else refers to them
-            await self.v.store.discard(ref.oid, ref.holders)
+            await self._discard(ref)
 
     # ----- truncating
     async def truncate(self, size: int, commit: Callable[[], Awaitable[dict[str, Any]]]

@@ -13,12 +13,41 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class SchemaError(Exception):
     """The database cannot be used by this version of objfs."""
 
+
+# The block map: block `idx` of file (vol, ino) is stored in object `oid`,
+# or, for the only block of a small file, inline in `data`; a row has one
+# of the two, never both.  Absent rows are holes (read as zeros).
+#   vol, ino: the file
+#   idx:      block number; the block covers bytes from idx * block_size
+#   oid:      the object holding the block (32 hex digits); NULL for an
+#             inline block
+#   length:   bytes of file data in the block (1..block_size); past it,
+#             up to the block's end, the file reads as zeros
+#   nodes:    data nodes holding copies, a JSON list of node ids; on an
+#             erasure-coded volume positional: nodes[i] holds shard i
+#             (object <oid>.<i>), "" where a shard is known missing;
+#             [] for an inline block
+#   data:     inline data of a small file's only block (idx 0, length
+#             bytes, at most metastate.INLINE_MAX); NULL for blocks stored
+#             as objects
+_BLOCKS_TABLE = """CREATE TABLE {name} (
+        vol    INTEGER NOT NULL,
+        ino    INTEGER NOT NULL,
+        idx    INTEGER NOT NULL,
+        oid    TEXT,
+        length INTEGER NOT NULL,
+        nodes  TEXT NOT NULL,
+        data   BLOB,
+        PRIMARY KEY (vol, ino, idx),
+        CHECK ((oid IS NULL) != (data IS NULL))
+    ) STRICT, WITHOUT ROWID"""
+_BLOCKS_INDEX = "CREATE INDEX blocks_by_oid ON blocks (oid)"
 
 TABLES = [
     # Key/value settings of the database itself.
@@ -118,26 +147,9 @@ TABLES = [
         PRIMARY KEY (vol, ino, name)
     ) STRICT, WITHOUT ROWID""",
 
-    # The block map: block `idx` of file (vol, ino) is stored in object `oid`.
-    # Absent rows are holes (read as zeros).
-    #   vol, ino: the file
-    #   idx:      block number; the block covers bytes from idx * block_size
-    #   oid:      the object holding the block (32 hex digits)
-    #   length:   bytes of file data in the block (1..block_size); past it,
-    #             up to the block's end, the file reads as zeros
-    #   nodes:    data nodes holding copies, a JSON list of node ids; on an
-    #             erasure-coded volume positional: nodes[i] holds shard i
-    #             (object <oid>.<i>), "" where a shard is known missing
-    """CREATE TABLE blocks (
-        vol    INTEGER NOT NULL,
-        ino    INTEGER NOT NULL,
-        idx    INTEGER NOT NULL,
-        oid    TEXT NOT NULL,
-        length INTEGER NOT NULL,
-        nodes  TEXT NOT NULL,
-        PRIMARY KEY (vol, ino, idx)
-    ) STRICT, WITHOUT ROWID""",
-    "CREATE INDEX blocks_by_oid ON blocks (oid)",
+    # The block map: see _BLOCKS_TABLE.
+    _BLOCKS_TABLE.format(name="blocks"),
+    _BLOCKS_INDEX,
 
     # Objects no longer referenced by any block map, to be deleted from the
     # data nodes by the collector, which then calls forget_deleted.
@@ -231,6 +243,14 @@ UPGRADES = {
     1: ["ALTER TABLE volumes ADD COLUMN ec_k INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE volumes ADD COLUMN ec_m INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE nodes ADD COLUMN admin TEXT NOT NULL DEFAULT 'active'"],
+    # 2 -> 3: inline data of small files.  SQLite cannot drop the NOT NULL of
+    # blocks.oid, so the table is rebuilt with the new column and its check.
+    2: [_BLOCKS_TABLE.format(name="blocks_v3"),
+        "INSERT INTO blocks_v3 (vol, ino, idx, oid, length, nodes) "
+        "SELECT vol, ino, idx, oid, length, nodes FROM blocks",
+        "DROP TABLE blocks",
+        "ALTER TABLE blocks_v3 RENAME TO blocks",
+        _BLOCKS_INDEX],
 }
 
 

@@ -29,6 +29,8 @@ Invariants (``fsck`` checks all of them):
   exactly for orphans (unlinked while open, listed in ``orphans``);
 - a block of a file lies inside the file (idx * block_size + length <= size),
   its length is 1..block_size, and ``stored`` is the sum of the lengths;
+- a block is stored either in an object or inline (``data``: block 0 only,
+  length == len(data) <= INLINE_MAX, no holders), never both;
 - an object is in ``pending_deletes`` only when no block refers to it.
 
 Semantics follow a local Linux filesystem (ext4): errno and the order in
@@ -63,6 +65,7 @@ XATTR_VALUE_MAX = 64 * 1024
 COMMIT_MAX_AGE_NS = 1800 * 10**9   # default: objects older than 30 min are not committed
 LIST_MAX = 10000            # most rows one readdir / pending_deletes answers
 BLOCK_SPAN_MAX = 65536      # most blocks one get_blocks or commit_blocks covers
+INLINE_MAX = 4096           # most bytes of a small file kept inline in its block map
 OPEN_INOS_MAX = 65536
 INT64_MAX = 2**63 - 1
 UINT32_MAX = 2**32 - 1
@@ -157,11 +160,23 @@ def _holder(v: Any) -> str:
     return "" if v == "" else _node_id(v)
 
 
-def _block_entry(v: Any) -> tuple[int, str | None, int, list[str]]:
-    if type(v) is not list or len(v) != 4:
-        raise BadRequest("a block is [idx, oid or None, length, [node_ids]]")
-    return (_int(0)(v[0]), _optional(_block_oid)(v[1]), _int(0)(v[2]),
-            _list(_node_id, 64)(v[3]))
+BlockEntry = tuple[int, str | None, int, list[str], bytes | None]
+
+
+def _block_entry(v: Any) -> BlockEntry:
+    """[idx, oid or None, length, [node_ids]] (an object, or a hole when oid
+    is None), or [idx, None, length, [], data] (inline data)."""
+    if type(v) is not list or len(v) not in (4, 5):
+        raise BadRequest("a block is [idx, oid or None, length, [node_ids]] "
+                         "or [idx, None, length, [], data]")
+    entry = (_int(0)(v[0]), _optional(_block_oid)(v[1]), _int(0)(v[2]),
+             _list(_node_id, 64)(v[3]), None if len(v) == 4 else _typed(bytes, INLINE_MAX)(v[4]))
+    data = entry[4]
+    if data is not None and (entry[1] is not None or entry[3] or not data
+                             or entry[2] != len(data)):
+        raise BadRequest("an inline block is [idx, None, len(data), [], data], "
+                         f"data 1..{INLINE_MAX} bytes")
+    return entry
 
 
 def validate(spec: Spec, args: Any) -> Args:
@@ -482,7 +497,8 @@ class MetaState:
                              *key).fetchall()
         self._exec("DELETE FROM blocks WHERE vol = ? AND ino = ?", *key)
         for oid, nodes in dropped:
-            self.queue_delete(inode.vol, oid, nodes, now)
+            if oid is not None:         # inline data went with the row
+                self.queue_delete(inode.vol, oid, nodes, now)
         for table in ("xattrs", "orphans", "inodes"):
             self._exec(f"DELETE FROM {table} WHERE vol = ? AND ino = ?", *key)
 
@@ -506,20 +522,23 @@ class MetaState:
                    oid, oid + ".", oid + "/")      # "/" sorts right after "."
 
     def set_block(self, inode: Inode, idx: int, oid: str | None, length: int,
-                  nodes: list[str], now: int) -> None:
-        """Point block ``idx`` at ``oid`` (None: a hole), keeping ``stored`` right."""
+                  nodes: list[str], now: int, data: bytes | None = None) -> None:
+        """Point block ``idx`` at ``oid``, or hold ``data`` inline (neither: a
+        hole), keeping ``stored`` right; a replaced object goes to pending
+        deletes, replaced inline data just goes."""
         key = (inode.vol, inode.ino, idx)
         old = self._one("SELECT oid, length, nodes FROM blocks "
                         "WHERE vol = ? AND ino = ? AND idx = ?", *key)
         if old is not None:
             self._exec("DELETE FROM blocks WHERE vol = ? AND ino = ? AND idx = ?", *key)
             inode.stored -= old[1]
-        if oid is not None:
-            self._exec("INSERT INTO blocks VALUES (?, ?, ?, ?, ?, ?)",
-                       *key, oid, length, json.dumps(nodes))
-            self.unqueue_delete(oid)
+        if oid is not None or data is not None:
+            self._exec("INSERT INTO blocks (vol, ino, idx, oid, length, nodes, data) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)", *key, oid, length, json.dumps(nodes), data)
+            if oid is not None:
+                self.unqueue_delete(oid)
             inode.stored += length
-        if old is not None:
+        if old is not None and old[0] is not None:
             self.queue_delete(inode.vol, old[0], old[2], now)
 
     def truncate(self, inode: Inode, size: int, now: int) -> None:
@@ -537,9 +556,10 @@ class MetaState:
     def _clip(self, inode: Inode, idx: int, limit: int) -> None:
         row = self._one("SELECT length FROM blocks WHERE vol = ? AND ino = ? AND idx = ?",
                         inode.vol, inode.ino, idx)
-        if row is not None and row[0] > limit:
-            self._exec("UPDATE blocks SET length = ? WHERE vol = ? AND ino = ? AND idx = ?",
-                       limit, inode.vol, inode.ino, idx)
+        if row is not None and row[0] > limit:      # inline data is clipped too
+            self._exec("UPDATE blocks SET length = ?, data = substr(data, 1, ?) "
+                       "WHERE vol = ? AND ino = ? AND idx = ?",
+                       limit, limit, inode.vol, inode.ino, idx)
             inode.stored -= row[0] - limit
 
 
@@ -857,23 +877,25 @@ def _check_file_size(size: int) -> None:
         raise MetaError(errno.EFBIG, f"size {size} is over the largest file size {MAX_FILE_SIZE}")
 
 
-def _check_blocks(blocks: list[tuple[int, str | None, int, list[str]]],
-                  size: int, bs: int) -> None:
+def _check_blocks(blocks: list[BlockEntry], size: int, bs: int) -> None:
     _invalid(len({b[0] for b in blocks}) != len(blocks), "a block index appears twice")
-    for idx, oid, length, _nodes in blocks:
-        if oid is None:
+    for idx, oid, length, _nodes, data in blocks:
+        if data is not None:
+            _invalid(idx != 0, f"block {idx}: only block 0 can be inline")
+            _invalid(size > INLINE_MAX,
+                     f"inline data in a file of {size} bytes (most {INLINE_MAX})")
+        elif oid is None:
             continue
         _invalid(not 0 < length <= bs, f"block {idx}: length {length} not in 1..{bs}")
         _invalid(idx * bs + length > size, f"block {idx} ends past size {size}")
 
 
-def _check_fresh(st: MetaState, blocks: list[tuple[int, str | None, int, list[str]]],
-                 now: int) -> None:
+def _check_fresh(st: MetaState, blocks: list[BlockEntry], now: int) -> None:
     """Refuse objects older than the commit age limit: the orphan scan may
     collect an uncommitted object once it is older than twice that, so an
     object committed in time is never one the scan could have taken."""
     limit = st.setting("commit_max_age_ns", COMMIT_MAX_AGE_NS)
-    for idx, oid, _length, _nodes in blocks:
+    for idx, oid, _length, _nodes, _data in blocks:
         if oid is not None and object_age_ns(oid, now) > limit:
             raise MetaError(errno.ESTALE, f"block {idx}: object {oid} is too old to commit; "
                                           "store it again")
@@ -896,8 +918,8 @@ def _op_commit_blocks(st: MetaState, a: Args, now: int) -> Any:
     if a["size"] < inode.size:
         st.truncate(inode, a["size"], now)
     inode.size = a["size"]
-    for idx, oid, length, nodes in a["blocks"]:
-        st.set_block(inode, idx, oid, length, nodes, now)
+    for idx, oid, length, nodes, data in a["blocks"]:
+        st.set_block(inode, idx, oid, length, nodes, now, data)
     inode.mtime_ns = now if a["mtime_ns"] is None else a["mtime_ns"]
     inode.ctime_ns = now
     st.save(inode)
@@ -1090,17 +1112,27 @@ def _q_get_blocks(st: MetaState, a: Args, live: Live) -> Any:
     st.inode(a["vol"], a["ino"])
     _invalid(a["last"] - a["first"] >= BLOCK_SPAN_MAX,
              f"get_blocks covers at most {BLOCK_SPAN_MAX} blocks")
-    rows = st._exec("SELECT idx, oid, length, nodes FROM blocks WHERE vol = ? AND ino = ? "
-                    "AND idx BETWEEN ? AND ? ORDER BY idx",
+    rows = st._exec("SELECT idx, oid, length, nodes, data FROM blocks WHERE vol = ? "
+                    "AND ino = ? AND idx BETWEEN ? AND ? ORDER BY idx",
                     a["vol"], a["ino"], a["first"], a["last"])
-    return [[idx, oid, length, json.loads(nodes)] for idx, oid, length, nodes in rows]
+    return [_block_row(*row) for row in rows]
+
+
+def _block_row(idx: int, oid: str | None, length: int, nodes: str,
+               data: bytes | None) -> list[Any]:
+    """A block as get_blocks answers: [idx, oid, length, holders] for an
+    object, [idx, None, length, [], data] for inline data."""
+    row = [idx, oid, length, json.loads(nodes)]
+    return row if data is None else row + [bytes(data)]
 
 
 def _q_scan_blocks(st: MetaState, a: Args, live: Live) -> Any:
-    """Blocks after the key [vol, ino, idx], in key order: [vol, ino, idx, oid, nodes]."""
+    """Blocks stored as objects after the key [vol, ino, idx], in key order:
+    [vol, ino, idx, oid, nodes] (inline blocks have no objects to look after)."""
     _invalid(len(a["after"]) != 3, "after is [vol, ino, idx]")
     rows = st._exec("SELECT vol, ino, idx, oid, nodes FROM blocks WHERE (vol, ino, idx) > "
-                    "(?, ?, ?) ORDER BY vol, ino, idx LIMIT ?", *a["after"], a["limit"])
+                    "(?, ?, ?) AND oid IS NOT NULL ORDER BY vol, ino, idx LIMIT ?",
+                    *a["after"], a["limit"])
     return [[vol, ino, idx, oid, json.loads(nodes)] for vol, ino, idx, oid, nodes in rows]
 
 
@@ -1322,24 +1354,33 @@ def _fsck_tree(conn: sqlite3.Connection) -> Iterator[str]:
 
 
 def _fsck_blocks(conn: sqlite3.Connection) -> Iterator[str]:
-    for vol, ino, idx, length, size, mode, bs in conn.execute(
-            "SELECT b.vol, b.ino, b.idx, b.length, i.size, i.mode, v.block_size FROM blocks b "
-            "LEFT JOIN inodes i ON i.vol = b.vol AND i.ino = b.ino "
+    for vol, ino, idx, length, size, mode, bs, nodes, data in conn.execute(
+            "SELECT b.vol, b.ino, b.idx, b.length, i.size, i.mode, v.block_size, b.nodes, "
+            "b.data FROM blocks b LEFT JOIN inodes i ON i.vol = b.vol AND i.ino = b.ino "
             "LEFT JOIN volumes v ON v.vol = b.vol"):
         where = f"block {vol}/{ino}/{idx}"
         if size is None or not stat.S_ISREG(mode):
             yield f"{where}: not a block of an existing regular file"
         elif not 0 < length <= bs or idx * bs + length > size:
             yield f"{where}: length {length} does not fit (size {size}, block size {bs})"
+        if data is not None:
+            yield from _fsck_inline(where, idx, length, nodes, data)
     for vol, ino, stored, total in conn.execute(
             "SELECT i.vol, i.ino, i.stored, (SELECT IFNULL(SUM(length), 0) FROM blocks b "
             "WHERE b.vol = i.vol AND b.ino = i.ino) FROM inodes i"):
         if stored != total:
             yield f"inode {vol}/{ino}: stored {stored}, blocks hold {total}"
     for (oid,) in conn.execute(
-            "SELECT oid FROM pending_deletes "
-            "WHERE substr(oid, 1, 32) IN (SELECT oid FROM blocks)"):   # shards too
+            "SELECT oid FROM pending_deletes WHERE substr(oid, 1, 32) IN "
+            "(SELECT oid FROM blocks WHERE oid IS NOT NULL)"):   # shards too
         yield f"object {oid} is pending delete but still referenced"
+
+
+def _fsck_inline(where: str, idx: int, length: int, nodes: str, data: bytes
+                 ) -> Iterator[str]:
+    if idx != 0 or len(data) != length or length > INLINE_MAX or json.loads(nodes):
+        yield (f"{where}: inline data of {len(data)} bytes does not fit "
+               f"(index {idx}, length {length}, holders {nodes})")
 
 
 def _fsck_misc(conn: sqlite3.Connection) -> Iterator[str]:

@@ -125,7 +125,7 @@ class Cluster:
             problems = metastate.fsck(conn)
             for oid, nodes, k, m in conn.execute(
                     "SELECT b.oid, b.nodes, v.ec_k, v.ec_m FROM blocks b "
-                    "JOIN volumes v ON v.vol = b.vol"):
+                    "JOIN volumes v ON v.vol = b.vol WHERE b.oid IS NOT NULL"):  # not inline
                 holders = json.loads(nodes)
                 problems += self._shard_problems(oid, holders, k, m) if k else [
                     f"object {oid} missing or corrupt on {node_id}"
@@ -156,7 +156,8 @@ class Cluster:
         conn = sqlite3.connect(f"file:{self.root / 'meta' / 'meta.db'}?mode=ro", uri=True)
         try:
             return {oid: json.loads(nodes)
-                    for oid, nodes in conn.execute("SELECT oid, nodes FROM blocks")}
+                    for oid, nodes in conn.execute(
+                        "SELECT oid, nodes FROM blocks WHERE oid IS NOT NULL")}
         finally:
             conn.close()
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import httpx
 import pytest
 
 from storagenode import blockformat
@@ -294,6 +295,78 @@ def test_erasure_coded_volume_rebuilds_a_dead_nodes_shards(tmp_path: Path) -> No
         victim.start()
         c.wait_nodes_up(7)
         wait_for("stale shards removed", lambda: every_copy_accounted(c), timeout=120)
+        c.unmount_all()
+        problems = c.consistency_problems()
+    finally:
+        c.stop()
+    assert not problems, "\n".join(problems[:20])
+
+
+def test_erasure_coded_volume_serves_copies_while_two_nodes_die(tmp_path: Path) -> None:
+    """4+2 on 8 nodes: kill -9 two nodes while a tree is copied in and another
+    read out; writes find 6 live nodes, reads rebuild from any 4 shards."""
+    c = Cluster(tmp_path / "cluster", data_nodes=8, meta_args=META_ARGS)
+    problems: list[str] = []
+    try:
+        c.start()
+        c.create_volume("vol", block_size=1 << 20, replicas=1, ec_k=4, ec_m=2)
+        mnt, src, out, old = (tmp_path / n for n in ("mnt", "src", "out", "old"))
+        c.mount(mnt)
+        make_tree(src, 3, 24, 3 << 20)
+        make_tree(old, 4, 12, 2 << 20)
+        subprocess.run(["cp", "-a", str(old), str(mnt / "old")], check=True)
+        subprocess.run(["sync", "-f", str(mnt)], check=True)
+        jobs = [subprocess.Popen(["cp", "-a", str(src), str(mnt / "in")],
+                                 stderr=subprocess.PIPE),
+                subprocess.Popen(["cp", "-a", str(mnt / "old"), str(out)],
+                                 stderr=subprocess.PIPE)]
+        time.sleep(0.5)
+        c.data[1].kill(signal.SIGKILL)
+        c.data[5].kill(signal.SIGKILL)
+        for job in jobs:
+            _, err = job.communicate(timeout=300)
+            assert job.returncode == 0, err.decode()[-2000:]
+        subprocess.run(["sync", "-f", str(mnt)], check=True)
+        subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
+        assert trees_equal(src, mnt / "in") and trees_equal(old, out)
+        wait_for("shards rebuilt", lambda: all(
+            len(set(h)) == 6 and "" not in h and not {"data2", "data6"} & set(h)
+            for h in c.block_holders().values()) and not c.consistency_problems())
+        c.unmount_all()
+        problems = c.consistency_problems()
+    finally:
+        c.stop()
+    assert not problems, "\n".join(problems[:20])
+
+
+def test_an_upload_waiting_for_its_commit_is_never_collected(tmp_path: Path) -> None:
+    """The race between a slow writer and the orphan scan: with a 4 s orphan
+    grace (commits of objects older than 2 s are refused), a block uploaded
+    in the background and committed 3 s later is stored again, never lost."""
+    args = [a for a in META_ARGS]
+    args[args.index("--orphan-grace") + 1] = "4"
+    args[args.index("--orphan-interval") + 1] = "0.5"
+    c = Cluster(tmp_path / "cluster", data_nodes=3, meta_args=args)
+    problems: list[str] = []
+    try:
+        c.start()
+        c.create_volume("vol", block_size=1 << 20, replicas=3)
+        mnt = tmp_path / "mnt"
+        c.mount(mnt)
+        data = os.urandom(3 << 20) + b"tail"
+        with open(mnt / "slow", "wb") as f:
+            f.write(data[:(2 << 20) + 10])      # blocks 0 and 1 upload in the background
+            time.sleep(3)                         # ... older than the commit limit now
+            f.write(data[(2 << 20) + 10:])
+        metrics = httpx.get(f"http://{c.meta.address}/metrics").text
+        assert 'objfs_meta_rpc_total{method="commit_blocks",outcome="error"} 1.0' in metrics, \
+            "the late commit was refused once (too old) and the blocks stored again"
+        subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
+        assert (mnt / "slow").read_bytes() == data
+        time.sleep(6)                             # the first uploads are orphans: collected
+        subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
+        assert (mnt / "slow").read_bytes() == data
+        wait_for("orphans collected", lambda: every_copy_accounted(c), timeout=30)
         c.unmount_all()
         problems = c.consistency_problems()
     finally:
