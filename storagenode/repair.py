@@ -20,8 +20,12 @@ pieces are with where they should be:
 - pieces are **copied** (replicated: from any reachable holder; erasure
   coded: rebuilt from k reachable shards) onto desired nodes that are up and
   lack them, and the new holder list is written with ``set_holders``, a
-  compare-and-set: if the block changed meanwhile (overwritten, freed) the
-  copies are deleted again;
+  compare-and-set: if the block changed meanwhile (overwritten, freed, or
+  the orphan scan adopted a copy) the copies are left to the orphan scan,
+  which deletes or adopts each by the block map of that moment (deleting
+  them here could take away a copy that the map has named since: a
+  returning node's stale copy is both "made" here, by an idempotent PUT,
+  and adopted there);
 - only once every desired node holds its piece are **surplus** copies
   dropped (deleted where the node answers; a dead node's copy is left for
   the orphan scan when it returns).  So redundancy never drops below what
@@ -43,7 +47,7 @@ from typing import Any, Mapping, Sequence
 import trio
 
 from . import blockformat, erasure
-from .dataclient import DataClient, NodeError
+from .dataclient import DataClient, NodeError, NodeUnavailable
 from .ids import ObjectId, shard_id
 from .metaclient import MetaClient
 from .placement import NodeSlot, place
@@ -52,6 +56,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 512                  # blocks per scan_blocks call
 CONCURRENT_REPAIRS = 4      # blocks repaired at once (never crowd out clients)
+PROBE_SECONDS = 5.0         # a copy target must answer /health this fast (see Repairer._copy)
 
 
 # ---------------------------------------------------------------- pure planning
@@ -256,8 +261,7 @@ class Repairer:
         made = await self._copy(oid, holders, plan, nodes, layout)
         if made:
             if not await self.meta.call("set_holders", oid=oid, old=holders, new=plan.final):
-                await self._delete(made, nodes)      # the block changed under us
-                return
+                return          # the block changed under us: see the module docstring
             self.status.copies_made += len(made)
         elif plan.final != holders and not plan.copies:
             if not await self.meta.call("set_holders", oid=oid, old=holders, new=plan.final):
@@ -267,9 +271,14 @@ class Repairer:
 
     async def _copy(self, oid: str, holders: list[str], plan: Plan,
                     nodes: Mapping[str, NodeView], layout: Layout) -> list[tuple[str, str]]:
-        """Make the plan's copies; returns (object, node) of each one made."""
+        """Make the plan's copies; returns (object, node) of each one made.
+        Each target is probed first: a node cut off or hung moments ago is
+        still "up" in the map, and a copy to it would hold this pass (and the
+        repair of every block that needs the next one) for a whole timeout."""
         if not plan.copies:
             return []
+        for _, target in plan.copies:
+            await self._probe(nodes[target].address)
         objects: list[tuple[str, bytes]]
         if layout.k:
             positions = [i or 0 for i, _ in plan.copies]
@@ -284,6 +293,12 @@ class Repairer:
             made.append((name, target))
             self.status.bytes_copied += len(obj)
         return made
+
+    async def _probe(self, address: str) -> None:
+        with trio.move_on_after(PROBE_SECONDS):
+            await self.data.health(address)
+            return
+        raise NodeUnavailable(address, f"no answer to /health within {PROBE_SECONDS} s")
 
     async def _fetch_any(self, oid: ObjectId, holders: Sequence[str],
                          nodes: Mapping[str, NodeView]) -> bytes:

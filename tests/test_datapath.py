@@ -192,8 +192,8 @@ def test_a_hung_node_costs_a_write_a_moment_not_a_timeout() -> None:
 
     async def main() -> None:
         data = HungData()
-        store = BlockStore(ClusterView(FakeMeta([node(n) for n in "abcd"])),  # type: ignore[arg-type]
-                           data, 3, trio.CapacityLimiter(2))
+        view = ClusterView(FakeMeta([node(n) for n in "abcd"]))  # type: ignore[arg-type]
+        store = BlockStore(view, data, 3, trio.CapacityLimiter(2))  # type: ignore[arg-type]
         block = os.urandom(50_000)
         while "a" not in data.asked:         # until a block's first three nodes include a
             data.asked.clear()
@@ -203,7 +203,7 @@ def test_a_hung_node_costs_a_write_a_moment_not_a_timeout() -> None:
         assert sorted(holders) == ["b", "c", "d"]
         assert all(oid in data.stores[h] for h in holders)
         started = trio.current_time()
-        await store.discard(oid, ["a"] + holders)
+        await store.discard(oid, ["a", *holders])
         assert trio.current_time() - started <= DISCARD_WITHIN
         assert not any(oid in data.stores.get(h, {}) for h in holders)
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.01))

@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 import pytest
@@ -149,6 +149,29 @@ class Job(threading.Thread):
             f"{self.script} failed: {self.result.stderr.decode()[-2000:]}"
 
 
+def cluster_state(c: Cluster) -> str:
+    """What a timed-out wait leaves to look at: nodes, repair, oracle."""
+    nodes = [(n["node_id"], n["state"], round(n["silent"], 1))
+             for n in c.call("cluster_map")["nodes"]]
+    holders = c.block_holders()
+    unaccounted = {node.state.name: sorted(stored_objects(c, node.state.name)
+                                           - {o for o, h in holders.items()
+                                              if node.state.name in h})[:5]
+                   for node in c.data}
+    short = [(o, h) for o, h in holders.items() if len(set(h)) != 3][:5]
+    return (f"nodes {nodes}\nrepair {c.call('repair_status')['repair']}\n"
+            f"copies not in the block map {unaccounted}\nblocks not at 3 copies {short}\n"
+            "oracle: " + "\n".join(c.consistency_problems()[:10]))
+
+
+def wait_or_explain(c: Cluster, what: str, check: Callable[[], bool],
+                    timeout: float = 90) -> float:
+    try:
+        return wait_for(what, check, timeout)
+    except AssertionError:
+        raise AssertionError(f"timed out waiting for {what}:\n{cluster_state(c)}") from None
+
+
 def drop_caches() -> None:
     subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
 
@@ -184,7 +207,8 @@ def test_a_cut_link_loses_nothing_and_the_node_rejoins(linked: tuple[Cluster, Li
     assert node.proc is not None and node.proc.poll() is None, "cut off, not dead"
     assert trees_equal(src, writer / "in")
     assert trees_equal(old, out)
-    wait_for("full redundancy without the cut node", lambda: fully_redundant(c, {"data4"}))
+    wait_or_explain(c, "full redundancy without the cut node",
+                    lambda: fully_redundant(c, {"data4"}))
     print(f"\n{how}, 0.5 s in: copy in {jobs[0].seconds:.1f} s "
           f"({sum(f.stat().st_size for f in src.rglob('*') if f.is_file()) >> 20} MiB), "
           f"copy out {jobs[1].seconds:.1f} s; full redundancy "
@@ -192,8 +216,8 @@ def test_a_cut_link_loses_nothing_and_the_node_rejoins(linked: tuple[Cluster, Li
 
     link.restore(how)
     c.wait_nodes_up(4, timeout=30)
-    reconciled = wait_for("stale copies reconciled", lambda: fully_redundant(c, set())
-                          and every_copy_accounted(c), timeout=120)
+    reconciled = wait_or_explain(c, "stale copies reconciled", lambda: fully_redundant(
+        c, set()) and every_copy_accounted(c), timeout=120)
     print(f"link back: the node rejoined and its copies were reconciled in {reconciled:.1f} s")
     assert stored_objects(c, "data4"), "the rejoined node holds copies again"
     checker = tmp_path / "checker"

@@ -128,3 +128,56 @@ def test_erasure_coded_blocks_spread_over_nodes() -> None:
     counts = collections.Counter(i for _ in range(200)
                                  for i, n in enumerate(settled(new_object_id(), nodes, EC42)) if n)
     assert set(counts.values()) == {200}
+
+
+def test_a_copy_for_a_block_that_changed_meanwhile_is_left_to_the_orphan_scan() -> None:
+    """A node comes back with its stale copy: the repair's PUT there stores
+    nothing new, and the orphan scan adopts that copy before the repair's
+    compare-and-set, which fails.  Deleting "the copy it made" then would
+    leave the block map naming a node without the object."""
+    import trio
+    from typing import Any
+    from storagenode.repair import Repairer
+
+    oid = new_object_id()
+    nodes = cluster(4)
+    want = settled(oid, nodes)
+    back, spare = want[0], next(n for n in nodes if n not in want)
+    block_map = {"holders": want[1:] + [spare]}         # written while `back` was away
+    stores: dict[str, dict[str, bytes]] = {n.address: {} for n in nodes.values()}
+    for node_id in want + [spare]:                      # `back` kept its stale copy
+        stores[nodes[node_id].address][oid] = b"block"
+
+    class Meta:
+        async def call(self, method: str, **args: Any) -> Any:
+            if method == "cluster_map":
+                return {"nodes": [n.__dict__ for n in nodes.values()]}
+            if method == "volumes":
+                return [{"vol": 1, "replicas": 3, "ec_k": 0, "ec_m": 0}]
+            if method == "scan_blocks":
+                return [[1, 1, 0, oid, list(block_map["holders"])]]
+            assert method == "set_holders"
+            if args["old"] != block_map["holders"]:
+                return False
+            block_map["holders"] = args["new"]
+            return True
+
+    class Data:
+        async def health(self, address: str) -> dict[str, Any]:
+            return {"status": "ok"}
+
+        async def get(self, address: str, name: str) -> bytes:
+            return stores[address][name]
+
+        async def put(self, address: str, name: str, obj: bytes) -> None:
+            stores[address][name] = obj
+            if address == nodes[back].address:          # the orphan scan adopts it now
+                block_map["holders"] = block_map["holders"] + [back]
+
+        async def delete(self, address: str, name: str) -> bool:
+            return stores[address].pop(name, None) is not None
+
+    repairer = Repairer(Meta(), Data(), grace=GRACE)  # type: ignore[arg-type]
+    trio.run(repairer.run_pass)
+    assert back in block_map["holders"]
+    assert all(oid in stores[nodes[h].address] for h in block_map["holders"])
