@@ -12,7 +12,8 @@ import sqlite3
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 
 from storagenode import blockformat, erasure, metastate
@@ -23,6 +24,22 @@ from tools.common import sync_call
 from tools.localcluster import is_mounted
 
 from .procs import NodeProcess
+
+
+@contextmanager
+def checked_cluster(root: Path, **kw: Any) -> Iterator["Cluster"]:
+    """A started cluster; on a normal exit every mount is unmounted and the
+    consistency oracle must find nothing.  Always stopped."""
+    c = Cluster(root, **kw)
+    problems: list[str] = []
+    try:
+        c.start()
+        yield c
+        c.unmount_all()
+        problems = c.consistency_problems()
+    finally:
+        c.stop()
+    assert not problems, "inconsistent after the test:\n" + "\n".join(problems[:20])
 
 
 class Cluster:

@@ -7,23 +7,17 @@ from typing import Iterator
 
 import pytest
 
-from .cluster import Cluster
+from storagenode import auth
+
+from .cluster import Cluster, checked_cluster
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """A started cluster; after the test, every mount is unmounted and the
     metadata and stored objects are checked for consistency (fsck)."""
-    c = Cluster(tmp_path / "cluster")
-    problems: list[str] = []
-    try:
-        c.start()
+    with checked_cluster(tmp_path / "cluster") as c:
         yield c
-        c.unmount_all()
-        problems = c.consistency_problems()
-    finally:
-        c.stop()
-    assert not problems, "inconsistent after the test:\n" + "\n".join(problems[:20])
 
 
 @pytest.fixture
@@ -32,3 +26,16 @@ def mnt(cluster: Cluster, tmp_path: Path) -> Iterator[Path]:
     mountpoint = tmp_path / "mnt"
     cluster.mount(mountpoint)
     yield mountpoint
+
+
+@pytest.fixture(scope="module")
+def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cluster secret for tests that start single nodes (module-wide)."""
+    path = tmp_path_factory.mktemp("secret") / "secret"
+    auth.create_secret(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def secret(secret_file: Path) -> str:
+    return auth.load_secret(secret_file)

@@ -63,6 +63,7 @@ class NodeProcess:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
+        self.proc.send_signal(signal.SIGCONT)     # a test may have hung it (SIGSTOP)
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(10)

@@ -32,16 +32,6 @@ MAX_OBJECT = 256 * 1024
 
 # -- fixtures and helpers ------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("secret") / "secret"
-    auth.create_secret(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def secret(secret_file: Path) -> str:
-    return auth.load_secret(secret_file)
 
 
 def data_node(state: Path, secret_file: Path, *extra: str) -> NodeProcess:

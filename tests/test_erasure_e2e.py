@@ -18,7 +18,7 @@ import pytest
 from storagenode import erasure
 from storagenode.ids import shard_id
 
-from .cluster import Cluster
+from .cluster import Cluster, checked_cluster
 
 MiB = 1 << 20
 K, M = 4, 2
@@ -28,17 +28,9 @@ K, M = 4, 2
 def ec_cluster(tmp_path: Path) -> Iterator[Cluster]:
     """Six data nodes and a 4+2 volume; checked for consistency afterwards
     (the test restarts any node it killed first)."""
-    c = Cluster(tmp_path / "cluster", data_nodes=6)
-    problems: list[str] = []
-    try:
-        c.start()
+    with checked_cluster(tmp_path / "cluster", data_nodes=6) as c:
         c.create_volume("vol", replicas=1, ec_k=K, ec_m=M)
         yield c
-        c.unmount_all()
-        problems = c.consistency_problems()
-    finally:
-        c.stop()
-    assert not problems, "inconsistent after the test:\n" + "\n".join(problems[:20])
 
 
 def make_files(seed: int) -> dict[str, bytes]:

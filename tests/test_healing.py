@@ -20,7 +20,7 @@ import pytest
 from storagenode import blockformat
 from storagenode.ids import new_object_id
 
-from .cluster import Cluster
+from .cluster import Cluster, checked_cluster
 from .procs import REPO
 
 # Fast clocks so the test sees a whole death-to-repair cycle in seconds.
@@ -31,20 +31,10 @@ DATA_ARGS = ["--scrub-rate", str(64 << 20), "--scrub-interval", "1"]
 
 @pytest.fixture
 def healing(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path / "cluster", data_nodes=4, meta_args=META_ARGS, data_args=DATA_ARGS)
-    problems: list[str] = []
-    try:
-        c.start()
+    with checked_cluster(tmp_path / "cluster", data_nodes=4, meta_args=META_ARGS,
+                         data_args=DATA_ARGS) as c:
         c.create_volume("vol", block_size=1 << 20, replicas=3)
         yield c
-        c.unmount_all()
-        problems = c.consistency_problems()
-    finally:
-        for node in c.data:
-            if node.proc and node.proc.poll() is None:
-                node.proc.send_signal(signal.SIGCONT)
-        c.stop()
-    assert not problems, "inconsistent after the test:\n" + "\n".join(problems[:20])
 
 
 def make_tree(root: Path, seed: int, files: int, max_size: int) -> None:
@@ -269,10 +259,7 @@ def test_rot_and_loss_are_found_reported_and_repaired(healing: Cluster,
 
 
 def test_erasure_coded_volume_rebuilds_a_dead_nodes_shards(tmp_path: Path) -> None:
-    c = Cluster(tmp_path / "cluster", data_nodes=7, meta_args=META_ARGS)
-    problems: list[str] = []
-    try:
-        c.start()
+    with checked_cluster(tmp_path / "cluster", data_nodes=7, meta_args=META_ARGS) as c:
         c.create_volume("vol", block_size=1 << 20, replicas=1, ec_k=4, ec_m=2)
         mnt = tmp_path / "mnt"
         c.mount(mnt)
@@ -295,20 +282,12 @@ def test_erasure_coded_volume_rebuilds_a_dead_nodes_shards(tmp_path: Path) -> No
         victim.start()
         c.wait_nodes_up(7)
         wait_for("stale shards removed", lambda: every_copy_accounted(c), timeout=120)
-        c.unmount_all()
-        problems = c.consistency_problems()
-    finally:
-        c.stop()
-    assert not problems, "\n".join(problems[:20])
 
 
 def test_erasure_coded_volume_serves_copies_while_two_nodes_die(tmp_path: Path) -> None:
     """4+2 on 8 nodes: kill -9 two nodes while a tree is copied in and another
     read out; writes find 6 live nodes, reads rebuild from any 4 shards."""
-    c = Cluster(tmp_path / "cluster", data_nodes=8, meta_args=META_ARGS)
-    problems: list[str] = []
-    try:
-        c.start()
+    with checked_cluster(tmp_path / "cluster", data_nodes=8, meta_args=META_ARGS) as c:
         c.create_volume("vol", block_size=1 << 20, replicas=1, ec_k=4, ec_m=2)
         mnt, src, out, old = (tmp_path / n for n in ("mnt", "src", "out", "old"))
         c.mount(mnt)
@@ -332,11 +311,6 @@ def test_erasure_coded_volume_serves_copies_while_two_nodes_die(tmp_path: Path) 
         wait_for("shards rebuilt", lambda: all(
             len(set(h)) == 6 and "" not in h and not {"data2", "data6"} & set(h)
             for h in c.block_holders().values()) and not c.consistency_problems())
-        c.unmount_all()
-        problems = c.consistency_problems()
-    finally:
-        c.stop()
-    assert not problems, "\n".join(problems[:20])
 
 
 def test_an_upload_waiting_for_its_commit_is_never_collected(tmp_path: Path) -> None:
@@ -346,10 +320,7 @@ def test_an_upload_waiting_for_its_commit_is_never_collected(tmp_path: Path) -> 
     args = [a for a in META_ARGS]
     args[args.index("--orphan-grace") + 1] = "4"
     args[args.index("--orphan-interval") + 1] = "0.5"
-    c = Cluster(tmp_path / "cluster", data_nodes=3, meta_args=args)
-    problems: list[str] = []
-    try:
-        c.start()
+    with checked_cluster(tmp_path / "cluster", data_nodes=3, meta_args=args) as c:
         c.create_volume("vol", block_size=1 << 20, replicas=3)
         mnt = tmp_path / "mnt"
         c.mount(mnt)
@@ -367,8 +338,3 @@ def test_an_upload_waiting_for_its_commit_is_never_collected(tmp_path: Path) -> 
         subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
         assert (mnt / "slow").read_bytes() == data
         wait_for("orphans collected", lambda: every_copy_accounted(c), timeout=30)
-        c.unmount_all()
-        problems = c.consistency_problems()
-    finally:
-        c.stop()
-    assert not problems, "\n".join(problems[:20])

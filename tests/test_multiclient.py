@@ -16,27 +16,19 @@ from typing import Iterator
 
 import pytest
 
-from .cluster import Cluster, daemon_pids
+from .cluster import Cluster, checked_cluster, daemon_pids
 
 LEASE_TIME = 4.0
 
 
 @pytest.fixture
 def two(tmp_path: Path) -> Iterator[tuple[Cluster, Path, Path]]:
-    c = Cluster(tmp_path / "cluster", meta_args=["--lease-time", str(LEASE_TIME)])
-    problems: list[str] = []
-    try:
-        c.start()
+    with checked_cluster(tmp_path / "cluster", meta_args=["--lease-time", str(LEASE_TIME)]) as c:
         c.create_volume("vol", block_size=1 << 20)
         a, b = tmp_path / "a", tmp_path / "b"
         c.mount(a)
         c.mount(b)
         yield c, a, b
-        c.unmount_all()
-        problems = c.consistency_problems()
-    finally:
-        c.stop()
-    assert not problems, "inconsistent after the test:\n" + "\n".join(problems[:20])
 
 
 def test_close_to_open_and_sizes_never_go_back(two: tuple[Cluster, Path, Path]) -> None:
@@ -167,10 +159,7 @@ print(json.dumps(sorted(os.path.relpath(p, root) for p in mine)))
 
 
 def test_four_clients_change_one_directory_tree_and_lose_nothing(tmp_path: Path) -> None:
-    c = Cluster(tmp_path / "cluster", meta_args=["--lease-time", str(LEASE_TIME)])
-    problems: list[str] = []
-    try:
-        c.start()
+    with checked_cluster(tmp_path / "cluster", meta_args=["--lease-time", str(LEASE_TIME)]) as c:
         c.create_volume("vol", block_size=1 << 20)
         mounts = [tmp_path / f"m{i}" for i in range(4)]
         for m in mounts:
@@ -191,8 +180,3 @@ def test_four_clients_change_one_directory_tree_and_lose_nothing(tmp_path: Path)
             for rel in sorted(expected)[:40]:     # content written by the file's creator
                 writer = os.path.basename((m / rel).read_bytes().decode()).split("-")[0]
                 assert writer == os.path.basename(rel).split("-")[0], rel
-        c.unmount_all()
-        problems = c.consistency_problems()
-    finally:
-        c.stop()
-    assert not problems, "\n".join(problems[:20])

@@ -19,7 +19,7 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from storagenode import auth, blockformat, datanode
+from storagenode import blockformat, datanode
 from storagenode.datanode import DataNode, ScrubSettings, TokenBucket
 from storagenode.ids import NodeId, ObjectId, new_object_id
 from storagenode.main import build_parser
@@ -29,16 +29,6 @@ from tests.procs import NodeProcess
 from tests.test_datanode import data_node, metric, put_new, raw, stored_path, with_client
 
 
-@pytest.fixture(scope="module")
-def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("secret") / "secret"
-    auth.create_secret(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def secret(secret_file: Path) -> str:
-    return auth.load_secret(secret_file)
 
 
 def flip_byte(path: Path, offset: int) -> None:
