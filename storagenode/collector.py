@@ -42,7 +42,7 @@ from typing import Any
 import trio
 
 from .dataclient import DataClient, NodeError
-from .ids import ObjectId, object_age_ns, parse_object_id, split_shard_id
+from .ids import ObjectId, object_age_ns, parse_object_id, shard_id, split_shard_id
 from .metaclient import MetaClient
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ class OrphanReport:
     deleted: int = 0
     adopted: int = 0
     young: int = 0
+    missing: int = 0        # listed holders found not to hold their piece (dropped)
 
 
 async def scan_orphans(meta: MetaClient, data: DataClient, *, grace: float,
@@ -161,16 +162,52 @@ async def scan_orphans(meta: MetaClient, data: DataClient, *, grace: float,
     report = report or OrphanReport()
     cmap = await meta.call("cluster_map")
     up = {n["node_id"]: n["address"] for n in cmap["nodes"] if n["state"] == "up"}
+    listings: dict[str, set[str]] = {}
     for node_id, address in up.items():
         after = ""
+        names: set[str] = set()
         while True:
             listing, more = await data.list(address, after=after, limit=ORPHAN_PAGE)
+            names.update(o["oid"] for o in listing)
             await _judge_page(meta, data, node_id, up, [o["oid"] for o in listing], grace,
                               dry_run, report)
             if not more or not listing:
                 break
             after = listing[-1]["oid"]
+        listings[node_id] = names
+    if not dry_run:
+        report.missing += await drop_missing(meta, data, up, listings)
     return report
+
+
+async def drop_missing(meta: MetaClient, data: DataClient, up: dict[str, str],
+                       listings: dict[str, set[str]]) -> int:
+    """Holders the block map names that do not hold their piece (a wiped or
+    damaged store the node never reported): confirmed one by one (HEAD, so
+    a piece stored after its node was listed is not mistaken), then dropped
+    from the block map so that repair copies them again."""
+    ec = {v["vol"]: v["ec_k"] > 0 for v in await meta.call("volumes")}
+    suspects: list[tuple[str, str]] = []
+    after: list[int] = [0, 0, -1]
+    while True:
+        rows = await meta.call("scan_blocks", after=after, limit=ORPHAN_PAGE)
+        for vol, _ino, _idx, oid, holders in rows:
+            for i, node in enumerate(holders):
+                name = shard_id(oid, i) if ec[vol] else oid
+                if node in listings and name not in listings[node]:
+                    suspects.append((node, name))
+        if len(rows) < ORPHAN_PAGE:
+            break
+        after = rows[-1][:3]
+    gone: dict[str, list[str]] = {}
+    for node, name in suspects:
+        if await data.head(up[node], ObjectId(name)) is None:
+            gone.setdefault(node, []).append(name)
+    for node, names in gone.items():
+        log.warning("node %s lost %d pieces it never reported; repair restores them",
+                    node, len(names))
+        await meta.call("drop_copies", node_id=node, oids=names)
+    return sum(len(names) for names in gone.values())
 
 
 async def _judge_page(meta: MetaClient, data: DataClient, node_id: str, up: dict[str, str],

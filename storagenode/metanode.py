@@ -100,7 +100,7 @@ class _Metrics:
                           ("passes", "repair passes completed")]:
             Gauge(f"objfs_repair_{name}", doc, registry=self.registry).set_function(
                 functools.partial(lambda n: float(getattr(node.repair, n)), name))
-        for name in ("deleted", "adopted"):
+        for name in ("deleted", "adopted", "missing"):
             Gauge(f"objfs_orphans_{name}", f"orphan objects {name}",
                   registry=self.registry).set_function(
                 functools.partial(lambda n: float(getattr(node.orphans, n)), name))

@@ -338,3 +338,24 @@ def test_an_upload_waiting_for_its_commit_is_never_collected(tmp_path: Path) -> 
         subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
         assert (mnt / "slow").read_bytes() == data
         wait_for("orphans collected", lambda: every_copy_accounted(c), timeout=30)
+
+
+def test_a_piece_lost_without_a_report_is_found_and_restored(healing: Cluster,
+                                                             tmp_path: Path) -> None:
+    """A copy deleted behind the node's back (nothing quarantined, nothing
+    reported) is found by the background scan and copied again."""
+    c = healing
+    mnt = tmp_path / "mnt"
+    c.mount(mnt)
+    data = os.urandom(2_500_000)
+    (mnt / "f").write_bytes(data)
+    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    oid, holders = next(iter(c.block_holders().items()))
+    object_path(c, holders[0], oid).unlink()
+    wait_for("the lost copy restored", lambda: fully_redundant(c, set()) and all(
+        object_path(c, node, o).exists() for o, h in c.block_holders().items() for node in h))
+    assert c.call("repair_status")["orphans"]["missing"] >= 1
+    status = admin(c, "status")
+    assert "missing pieces found" in status.stdout, status.stderr
+    subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
+    assert (mnt / "f").read_bytes() == data

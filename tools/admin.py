@@ -104,7 +104,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     print(f"repaired so far: {r['copies_made']} pieces ({human(r['bytes_copied'])}), "
           f"{r['deleted']} surplus removed, {r['failures']} attempts to retry")
     print(f"orphan scan: {o['scanned']} objects seen, {o['deleted']} deleted, "
-          f"{o['adopted']} adopted")
+          f"{o['adopted']} adopted, {o['missing']} missing pieces found")
     return 0
 
 
