@@ -1,13 +1,17 @@
 """A random-operation exerciser for file data (in the spirit of fsx).
 
-A seeded random mix of write, read, truncate, mmap read/write, fsync and
-close/reopen on one file in a directory under test, mirrored on a reference
-file in a local directory; after every step the two files must be identical
-(size and bytes of the touched range; whole file on reopen).  On a mismatch it
-prints the seed and the operations so far, and shrinks them to the shortest
-failing prefix it can find.
+A seeded random mix of write, read, truncate, mmap read/write, fsync,
+close/reopen and remount on one or more files in a directory under test,
+mirrored on reference files in a local directory; after every step the two
+files must be identical (size, the touched range and the tail; whole files on
+reopen and remount).  On a mismatch it prints the seed and the operations so
+far, and shrinks them to the shortest failing list it can find.
 
-    python -m tools.fsx DIR_UNDER_TEST --ops 1000000 --seed 7
+    python -m tools.fsx DIR_UNDER_TEST --ops 1000000 --seed 7 --files 3 \
+        --remount "umount /mnt/objfs && mount -t fuse.objfs ... /mnt/objfs"
+
+Without --remount the remount steps are skipped (they are drawn all the
+same, so a seed names the same operations either way).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import argparse
 import mmap
 import os
 import random
+import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,22 +37,30 @@ class Op:
     offset: int = 0
     length: int = 0
     seed: int = 0
+    file: int = 0
 
     def __str__(self) -> str:
-        return f"{self.kind}(offset={self.offset}, length={self.length})"
+        return f"{self.kind}(file={self.file}, offset={self.offset}, length={self.length})"
 
 
-def random_ops(seed: int, count: int, max_size: int) -> list[Op]:
+KINDS = (["write"] * 30 + ["read"] * 25 + ["truncate"] * 8 + ["mapwrite"] * 8 +
+         ["mapread"] * 8 + ["fsync"] * 5 + ["reopen"] * 6 + ["append"] * 6 + ["hole"] * 4)
+
+
+def random_ops(seed: int, count: int, max_size: int, files: int = 1,
+               remount_every: int = 0) -> list[Op]:
+    """``count`` operations; with ``remount_every`` N, a remount about once
+    in N operations."""
     rng = random.Random(seed)
-    kinds = (["write"] * 30 + ["read"] * 25 + ["truncate"] * 8 + ["mapwrite"] * 8 +
-             ["mapread"] * 8 + ["fsync"] * 5 + ["reopen"] * 6 + ["append"] * 6 + ["hole"] * 4)
     ops = []
     for _ in range(count):
-        kind = rng.choice(kinds)
+        kind = rng.choice(KINDS)
+        if remount_every and rng.randrange(remount_every) == 0:
+            kind = "remount"
         offset = rng.randrange(max_size)
         length = rng.choice([1, 7, 512, 4096, 65536, 200_000, MiB, 5 * MiB])
         length = min(length, max_size - offset) or 1
-        ops.append(Op(kind, offset, length, rng.getrandbits(32)))
+        ops.append(Op(kind, offset, length, rng.getrandbits(32), rng.randrange(files)))
     return ops
 
 
@@ -55,17 +69,22 @@ class Mismatch(Exception):
 
 
 class Pair:
-    """The file under test and its local reference, driven in lockstep."""
+    """A file under test and its local reference, driven in lockstep."""
 
     def __init__(self, test_path: Path, ref_path: Path) -> None:
         self.paths = (test_path, ref_path)
         for p in self.paths:
             p.write_bytes(b"")
+        self.fds: list[int] = []
+        self.open()
+
+    def open(self) -> None:
         self.fds = [os.open(p, os.O_RDWR) for p in self.paths]
 
     def close(self) -> None:
         for fd in self.fds:
             os.close(fd)
+        self.fds = []
 
     def size(self) -> int:
         sizes = [os.fstat(fd).st_size for fd in self.fds]
@@ -80,6 +99,11 @@ class Pair:
             first = next(i for i in range(min(len(got), len(want)) + 1)
                          if i >= len(got) or i >= len(want) or got[i] != want[i])
             raise Mismatch(f"bytes differ at {offset + first} ({len(got)} vs {len(want)} read)")
+
+    def compare_all(self) -> None:
+        size = self.size()
+        for offset in range(0, max(size, 1), 8 * MiB):
+            self.compare(offset, 8 * MiB)
 
     def apply(self, op: Op) -> None:
         data = random.Random(op.seed).randbytes(op.length)
@@ -112,8 +136,8 @@ class Pair:
 
     def op_reopen(self, op: Op, data: bytes) -> None:
         self.close()
-        self.fds = [os.open(p, os.O_RDWR) for p in self.paths]
-        self.compare(0, self.size())
+        self.open()
+        self.compare_all()
 
     def op_mapwrite(self, op: Op, data: bytes) -> None:
         size = self.size()
@@ -139,22 +163,59 @@ class Pair:
             raise Mismatch(f"mmap read differs at offset {op.offset}")
 
 
-def run_ops(ops: list[Op], test_dir: Path, ref_dir: Path, name: str = "fsx") -> int | None:
+Remount = Callable[[], None]
+
+
+class Files:
+    """Several pairs; a remount closes every file, remounts, reopens them and
+    compares them whole."""
+
+    def __init__(self, test_dir: Path, ref_dir: Path, name: str, files: int,
+                 remount: Remount | None) -> None:
+        self.remount = remount
+        self.pairs: list[Pair] = []
+        try:
+            for i in range(files):
+                suffix = f".{i}" if i else ""
+                self.pairs.append(Pair(test_dir / (name + suffix), ref_dir / (name + suffix)))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for pair in self.pairs:
+            if pair.fds:
+                pair.close()
+
+    def apply(self, op: Op) -> None:
+        if op.kind != "remount":
+            self.pairs[op.file % len(self.pairs)].apply(op)
+        elif self.remount is not None:
+            self.close()
+            self.remount()
+            for pair in self.pairs:
+                pair.open()
+                pair.compare_all()
+
+
+def run_ops(ops: list[Op], test_dir: Path, ref_dir: Path, name: str = "fsx", *,
+            files: int = 1, remount: Remount | None = None) -> int | None:
     """Apply ``ops``; the index of the first failing op, or None."""
-    pair = Pair(test_dir / name, ref_dir / name)
+    state = Files(test_dir, ref_dir, name, files, remount)
     try:
         for i, op in enumerate(ops):
             try:
-                pair.apply(op)
+                state.apply(op)
             except (Mismatch, OSError) as exc:
                 print(f"op {i} {op}: {exc}", file=sys.stderr)
                 return i
         return None
     finally:
-        pair.close()
+        state.close()
 
 
-def shrink(ops: list[Op], test_dir: Path, ref_dir: Path) -> list[Op]:
+def shrink(ops: list[Op], test_dir: Path, ref_dir: Path, *, files: int = 1,
+           remount: Remount | None = None) -> list[Op]:
     """A shorter failing list: drop operations one chunk at a time."""
     current = list(ops)
     chunk = max(1, len(current) // 2)
@@ -162,7 +223,8 @@ def shrink(ops: list[Op], test_dir: Path, ref_dir: Path) -> list[Op]:
         i = 0
         while i < len(current):
             candidate = current[:i] + current[i + chunk:]
-            if candidate and run_ops(candidate, test_dir, ref_dir, "fsx-shrink") is not None:
+            if candidate and run_ops(candidate, test_dir, ref_dir, "fsx-shrink",
+                                     files=files, remount=remount) is not None:
                 current = candidate
             else:
                 i += chunk
@@ -170,14 +232,22 @@ def shrink(ops: list[Op], test_dir: Path, ref_dir: Path) -> list[Op]:
     return current
 
 
-def exercise(test_dir: Path, seed: int, count: int, max_size: int = 12 * MiB) -> list[Op] | None:
+def exercise(test_dir: Path, seed: int, count: int, max_size: int = 12 * MiB, *,
+             files: int = 1, remount: Remount | None = None,
+             remount_every: int = 0) -> list[Op] | None:
     """Run; None when every step matched, else the shrunk failing operations."""
-    ops = random_ops(seed, count, max_size)
+    ops = random_ops(seed, count, max_size, files, remount_every)
     with tempfile.TemporaryDirectory() as ref:
-        failed = run_ops(ops, test_dir, Path(ref))
+        failed = run_ops(ops, test_dir, Path(ref), files=files, remount=remount)
         if failed is None:
             return None
-        return shrink(ops[:failed + 1], test_dir, Path(ref))
+        return shrink(ops[:failed + 1], test_dir, Path(ref), files=files, remount=remount)
+
+
+def shell_remount(command: str) -> Remount:
+    def remount() -> None:
+        subprocess.run(command, shell=True, check=True)
+    return remount
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,19 +256,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", type=int, default=10000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--max-size", type=int, default=12 * MiB)
+    p.add_argument("--files", type=int, default=1, help="files operated on at once")
+    p.add_argument("--remount", metavar="COMMAND",
+                   help="shell command that unmounts and mounts DIR's filesystem again")
+    p.add_argument("--remount-every", type=int, default=2000, metavar="N",
+                   help="a remount about once in N operations (with --remount)")
     a = p.parse_args(argv)
+    remount = shell_remount(a.remount) if a.remount else None
     done = 0
     seed = a.seed
+    started = time.monotonic()
     while done < a.ops:
         batch = min(5000, a.ops - done)
-        failing = exercise(a.dir, seed, batch, a.max_size)
+        failing = exercise(a.dir, seed, batch, a.max_size, files=a.files, remount=remount,
+                           remount_every=a.remount_every)
         if failing is not None:
             print(f"MISMATCH with seed {seed}; shortest failing operations:")
             for op in failing:
                 print(f"  {op}")
             return 1
         done += batch
-        print(f"seed {seed}: {batch} operations matched ({done}/{a.ops})", flush=True)
+        rate = done / max(time.monotonic() - started, 1e-9) * 60
+        print(f"seed {seed}: {batch} operations matched ({done}/{a.ops}, {rate:.0f}/min)",
+              flush=True)
         seed += 1
     return 0
 
