@@ -64,6 +64,7 @@ XATTR_NAME_MAX = 255
 XATTR_VALUE_MAX = 64 * 1024
 COMMIT_MAX_AGE_NS = 1800 * 10**9   # default: objects older than 30 min are not committed
 LIST_MAX = 10000            # most rows one readdir / pending_deletes answers
+REVALIDATE_MAX = 4096       # most inodes one revalidate checks
 BLOCK_SPAN_MAX = 65536      # most blocks one get_blocks or commit_blocks covers
 INLINE_MAX = 4096           # most bytes of a small file kept inline in its block map
 OPEN_INOS_MAX = 65536
@@ -1057,14 +1058,33 @@ def _q_statfs(st: MetaState, a: Args, live: Live) -> Any:
             "inodes": count, "block_size": volume.block_size}
 
 
+def _with_xattr_flags(st: MetaState, vol: int, attrs: list[dict[str, int]]) -> None:
+    """Mark each inode's attrs with whether it has extended attributes
+    ("xattrs": 0/1), so that a client caching them under a lease answers
+    "no such xattr" (asked by ``ls -l`` and before every write) without a
+    round trip."""
+    if not attrs:
+        return
+    inos = [a["ino"] for a in attrs]
+    marks = ",".join("?" * len(inos))
+    having = {ino for (ino,) in st._exec(
+        f"SELECT DISTINCT ino FROM xattrs WHERE vol = ? AND ino IN ({marks})", vol, *inos)}
+    for a in attrs:
+        a["xattrs"] = int(a["ino"] in having)
+
+
 def _q_lookup(st: MetaState, a: Args, live: Live) -> Any:
     parent = st.directory(a["vol"], a["parent"])
     check_name(a["name"])
-    return st.inode(a["vol"], st.existing(a["vol"], parent.ino, a["name"]).ino).attrs()
+    attrs = st.inode(a["vol"], st.existing(a["vol"], parent.ino, a["name"]).ino).attrs()
+    _with_xattr_flags(st, a["vol"], [attrs])
+    return attrs
 
 
 def _q_getattr(st: MetaState, a: Args, live: Live) -> Any:
-    return st.inode(a["vol"], a["ino"]).attrs()
+    attrs = st.inode(a["vol"], a["ino"]).attrs()
+    _with_xattr_flags(st, a["vol"], [attrs])
+    return attrs
 
 
 def _q_parent(st: MetaState, a: Args, live: Live) -> Any:
@@ -1084,7 +1104,39 @@ def _q_readdir(st: MetaState, a: Args, live: Live) -> Any:
         "FROM dentries d JOIN inodes i ON i.vol = d.vol AND i.ino = d.ino "
         "WHERE d.vol = ? AND d.parent = ? AND d.cursor > ? ORDER BY d.cursor LIMIT ?",
         a["vol"], a["ino"], a["after"], a["limit"]).fetchall()
-    return [[row[0], bytes(row[1]), Inode(*row[2:]).attrs()] for row in rows]
+    out = [[row[0], bytes(row[1]), Inode(*row[2:]).attrs()] for row in rows]
+    _with_xattr_flags(st, a["vol"], [entry[2] for entry in out])
+    return out
+
+
+VERSION_KEYS = ("ctime_ns", "mtime_ns", "size", "nlink", "mode")
+
+
+def version_of(attrs: Mapping[str, Any]) -> list[int]:
+    """What a client compares to tell whether its cached attrs (and, for a
+    directory, entries: every entry change sets the directory's ctime) are
+    still current."""
+    return [attrs[k] for k in VERSION_KEYS]
+
+
+def _q_revalidate(st: MetaState, a: Args, live: Live) -> Any:
+    """For each inode a client cached before (its version, see version_of):
+    1 when unchanged, its current attrs when changed, 0 when it is gone."""
+    out: list[Any] = []
+    changed = []
+    for ino, version in zip(a["inos"], a["versions"]):
+        try:
+            attrs = st.inode(a["vol"], ino).attrs()
+        except MetaError:
+            out.append(0)
+            continue
+        if version_of(attrs) == version:
+            out.append(1)
+        else:
+            out.append(attrs)
+            changed.append(attrs)
+    _with_xattr_flags(st, a["vol"], changed)
+    return out
 
 
 def _q_readlink(st: MetaState, a: Args, live: Live) -> Any:
@@ -1223,6 +1275,9 @@ QUERIES: dict[str, Method] = {
     "readdir": Method(_q_readdir, {"vol": VOL, "ino": INO, "after": (_int(0), 0),
                                    "limit": LIMIT}),
     "readlink": Method(_q_readlink, {"vol": VOL, "ino": INO}),
+    "revalidate": Method(_q_revalidate, {
+        "vol": VOL, "inos": (_list(_int(1), REVALIDATE_MAX), REQUIRED),
+        "versions": (_list(_list(_int(), len(VERSION_KEYS)), REVALIDATE_MAX), REQUIRED)}),
     "getxattr": Method(_q_getxattr, _XATTR),
     "listxattr": Method(_q_listxattr, {"vol": VOL, "ino": INO}),
     "get_blocks": Method(_q_get_blocks, {"vol": VOL, "ino": INO, "first": (_int(0), REQUIRED),

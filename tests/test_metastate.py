@@ -179,7 +179,7 @@ def test_mknod_and_lookup(fs: FS) -> None:
     f = fs.create(ROOT, b"f")
     assert f["nlink"] == 1 and stat.S_ISREG(f["mode"]) and f["uid"] == 1000
     assert f["ctime_ns"] == f["mtime_ns"] == f["atime_ns"] == fs.now
-    assert fs.lookup(ROOT, b"f") == f
+    assert fs.lookup(ROOT, b"f") == dict(f, xattrs=0)
     root = fs.attrs(ROOT)
     assert root["mtime_ns"] == root["ctime_ns"] == fs.now
     plain = fs.create(ROOT, b"plain", mode=0o600)
@@ -929,3 +929,21 @@ def test_drop_copies_blanks_only_the_lost_shard(fs: FS) -> None:
     fs.op("drop_copies", node_id="n3", oids=[f"{OID[0]}.0"])     # n3 holds shard 2, not 0
     assert fs.q("scan_blocks", after=[0, 0, -1], limit=10) == [
         [vol, f["ino"], 0, OID[0], ["n1", "", "n3"]]]
+
+
+def test_revalidate_tells_unchanged_changed_and_gone(fs: FS) -> None:
+    from storagenode.metastate import version_of
+    f = fs.create(ROOT, b"f")
+    g = fs.create(ROOT, b"g")
+    h = fs.create(ROOT, b"h")
+    root = fs.attrs(ROOT)
+    saved = [f, g, h, root]
+    fs.op("setxattr", vol=fs.vol, ino=g["ino"], name=b"user.k", value=b"v", flags=0)
+    fs.op("unlink", vol=fs.vol, parent=ROOT, name=b"h")
+    answers = fs.q("revalidate", vol=fs.vol, inos=[a["ino"] for a in saved],
+                   versions=[version_of(a) for a in saved])
+    assert answers[0] == 1                            # untouched
+    assert answers[1]["xattrs"] == 1 and answers[1]["ctime_ns"] >= g["ctime_ns"]
+    assert answers[2] == 0                            # gone
+    assert isinstance(answers[3], dict)               # the root lost an entry
+    assert fs.attrs(g["ino"])["xattrs"] == 1 and fs.attrs(f["ino"])["xattrs"] == 0
