@@ -97,7 +97,7 @@ class LeaseConfig:
     recall_timeout: float = 30.0    # a recalled holder may renew this long to flush
     skew_margin: float = 1.0        # a client stops using leases this much early
     max_sessions: int = 10_000
-    max_leases_per_session: int = 10_000    # cache leases; beyond: no-cache grants
+    max_leases_per_session: int = 100_000   # cache leases; beyond: no-cache grants
     max_cached_leases: int = 1_000_000      # cache leases in all; beyond: no-cache
     max_waiters_per_key: int = 64           # beyond: Busy
     max_waiters: int = 10_000               # beyond: Busy

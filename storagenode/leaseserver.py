@@ -163,6 +163,8 @@ class LeaseServer:
     async def acquire(self, session: str | None, key: LeaseKey, mode: Mode, *,
                       cache: bool, wait: bool) -> Grant | None:
         """A lease now, after waiting (``wait``), or None (not now / busy / session gone)."""
+        if not wait:
+            return self.try_acquire(session, key, mode, cache=cache)
         sid = SessionId(session) if session else INTERNAL
         answer = self.table.acquire(sid, key, mode, self._clock(), cache=cache)
         self._deliver()
@@ -171,11 +173,19 @@ class LeaseServer:
         if isinstance(answer, Busy):
             return None
         assert isinstance(answer, Wait)
-        if not wait:
+        return await self._wait_for(answer.ticket)
+
+    def try_acquire(self, session: str | None, key: LeaseKey, mode: Mode, *,
+                    cache: bool) -> Grant | None:
+        """A lease now or None; synchronous, so no other task runs meanwhile."""
+        sid = SessionId(session) if session else INTERNAL
+        answer = self.table.acquire(sid, key, mode, self._clock(), cache=cache)
+        self._deliver()
+        if isinstance(answer, Wait):
             self.table.cancel(answer.ticket, self._clock())
             self._deliver()
             return None
-        return await self._wait_for(answer.ticket)
+        return answer if isinstance(answer, Grant) else None
 
     async def _wait_for(self, ticket: Ticket) -> Grant | None:
         waiting = self._waiting[ticket] = _Waiting()

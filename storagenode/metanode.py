@@ -66,7 +66,7 @@ NODE_DOWN_SECONDS = 15.0    # ... suspect until then, down after
 DB_NAME = "meta.db"
 LEASE_RPCS = ("open_session", "renew", "close_session", "events", "acquire", "release")
 SOFT = ("heartbeat", "repair_status", "fsck") + LEASE_RPCS   # answered from memory, not logged
-LEASED_QUERIES = ("lookup", "getattr", "readdir")
+LEASED_QUERIES = ("lookup", "getattr", "readdir", "revalidate")
 LEASED_OPS = ("mknod", "mkdir", "symlink", "link", "setattr")
 
 
@@ -179,8 +179,11 @@ class MetaNode:
                 result, grants = await self.leased_query(method, args, session)
                 return {"result": result, "leases": grants}
             if lease and method in LEASED_OPS and session:
-                result, grant = await self.leased_op(method, args, session)
-                return {"result": result, "leases": [grant]}
+                result, grant, touched = await self.leased_op(method, args, session)
+                return {"result": result, "leases": [grant], "touched": touched}
+            if method in OPS:
+                result, touched = await self.op_touching(method, args, session)
+                return {"result": result, "touched": touched}
             return {"result": await self.call(method, args, session)}
         except MetaError as exc:
             return {"errno": exc.errno, "error": exc.message}
@@ -228,13 +231,23 @@ class MetaNode:
 
     async def leased_query(self, method: str, args: Any,
                            session: str) -> tuple[Any, list[Any]]:
-        """A query whose answer the client may cache: READ leases are taken
-        (now or not at all) BEFORE reading, so any later change recalls
-        them.  lookup: [parent, child]; getattr: [inode]; readdir: [dir,
-        then one per entry]."""
+        """A query whose answer the client may cache, with READ leases
+        (granted now or not at all).  lookup: [parent, child]; getattr:
+        [inode]; readdir: [dir, then one per entry]; revalidate: one per
+        inode asked about (none for one that is gone).
+
+        The read and the grants run without a checkpoint in between, so no
+        op can finish between them: an op holds WRITE op leases on what it
+        changes from before it is applied until after its commit, so either
+        the read saw the op's result, or the grant on that inode is refused
+        (the answer is then not cached)."""
         grab = functools.partial(self._try_read_lease, session, args.get("vol"))
+        if method == "revalidate":
+            result = self._reader.query(method, args, {})
+            return result, [grab(ino) if answer != 0 else None
+                            for ino, answer in zip(args["inos"], result)]
         key = args.get("parent") if method == "lookup" else args.get("ino")
-        first = await grab(key)
+        first = grab(key)
         try:
             result = self._reader.query(method, args, self.liveness())
         except MetaError as exc:
@@ -244,44 +257,47 @@ class MetaNode:
         if method == "getattr":
             return result, [first]
         if method == "lookup":
-            second = await grab(result["ino"])
-            if second is not None:
-                result = self._reader.query(method, args, self.liveness())
-            return result, [first, second]
-        entries = [await grab(entry[2]["ino"]) for entry in result]
-        if any(e is not None for e in entries):
-            result = self._reader.query(method, args, self.liveness())
-        return result, [first] + entries
+            return result, [first, grab(result["ino"])]
+        return result, [first] + [grab(entry[2]["ino"]) for entry in result]
 
-    async def leased_op(self, method: str, args: Any, session: str) -> tuple[Any, Any]:
+    async def leased_op(self, method: str, args: Any,
+                        session: str) -> tuple[Any, Any, list[int]]:
         """An op whose resulting attributes the client may cache: a lease on
         the inode it made or changed (WRITE for a new regular file, so its
         creator can buffer writes; READ otherwise), taken after the op (now
         or never), then the attributes read again, so that any change made
         between the op and the grant is in the answer."""
-        result = await self.call(method, args, session)
+        result, touched = await self.op_touching(method, args, session)
         key = LeaseKey(VolumeId(args["vol"]), InodeId(result["ino"]))
         mode = Mode.WRITE if method == "mknod" and stat.S_ISREG(result["mode"]) else Mode.READ
         grant = await self.leases.acquire(session, key, mode, cache=True, wait=False)
         if grant is None:
-            return result, None
+            return result, None, touched
         fresh = self._reader.query("getattr", {"vol": key.vol, "ino": key.ino}, {})
-        return fresh, grant_map(grant, self._monotonic())
+        return fresh, grant_map(grant, self._monotonic()), touched
 
-    async def _try_read_lease(self, session: str, vol: Any, ino: Any) -> Any:
+    def _try_read_lease(self, session: str, vol: Any, ino: Any) -> Any:
+        """A READ cache lease now or None; never waits (see leased_query)."""
         if not isinstance(vol, int) or not isinstance(ino, int):
             return None
-        grant = await self.leases.acquire(session, LeaseKey(VolumeId(vol), InodeId(ino)),
-                                          Mode.READ, cache=True, wait=False)
+        grant = self.leases.try_acquire(session, LeaseKey(VolumeId(vol), InodeId(ino)),
+                                        Mode.READ, cache=True)
         return None if grant is None else grant_map(grant, self._monotonic())
 
     # ---- ops and group commit
 
     async def op(self, method: str, args: Any, session: str | None = None) -> Any:
-        """Apply one op durably; answered after its batch commits.  First the
-        op takes WRITE op leases on every inode it changes, which recalls
-        other clients' cached views of them (see leaseserver)."""
+        return (await self.op_touching(method, args, session))[0]
+
+    async def op_touching(self, method: str, args: Any,
+                          session: str | None = None) -> tuple[Any, list[int]]:
+        """Apply one op durably; answered after its batch commits, with the
+        inodes whose attributes or entries it changed (so the client drops
+        its own cached views of them).  First the op takes WRITE op leases
+        on those inodes, which recalls other clients' cached views of them
+        (see leaseserver)."""
         self._reader.check(method, args)
+        keys = op_keys(self._reader, method, args)
         fence = args.get("fence") if method == "commit_blocks" else None
         if fence is not None and session:
             grant = self.leases.admit_write(session, args["vol"], args["ino"], fence)
@@ -290,11 +306,15 @@ class MetaNode:
                                            "the buffered data was not committed")
             grants = [grant]
         else:
-            grants = await self.leases.hold(session, op_keys(self._reader, method, args))
+            grants = await self.leases.hold(session, keys)
         try:
-            return await self._apply(method, args)
+            result = await self._apply(method, args)
         finally:
             self.leases.unhold(grants)
+        touched = [ino for _, ino in keys]
+        if method == "touch_atime":     # leaves others' caches be (relatime), not ours
+            touched.append(args["ino"])
+        return result, touched
 
     async def _apply(self, method: str, args: Any) -> Any:
         pending = _Pending({"method": method, "args": args, "time_ns": 0})
