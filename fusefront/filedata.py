@@ -113,6 +113,8 @@ class Volume:
         self.prefetching = 0
         # set by the lease client: the metadata node forgot our session
         self.lost_session: Callable[[], Awaitable[None]] | None = None
+        # set by the mount: an op changed these inodes (None: maybe anything)
+        self.touched: Callable[[list[int] | None], None] = lambda inos: None
 
     def over_dirty_limit(self) -> bool:
         """Do buffered writes of all files exceed the mount's budget?"""
@@ -124,26 +126,36 @@ class Volume:
         request surely never arrived, so that no outcome is guessed."""
         def temporary(exc: BaseException) -> bool:
             return isinstance(exc, MetaUnavailable) and (not exc.sent or method in QUERIES)
-        answer = await self._session_call(lambda: retrying(
+        answer = await self._session_call(method, lambda: retrying(
             lambda: self.meta.exchange(method, dict(args, vol=self.vol)),
             deadline=trio.current_time() + self.retry_window, temporary=temporary))
         return answer["result"]
 
-    async def _session_call(self, send: Callable[[], Awaitable[dict[str, Any]]]
+    async def _session_call(self, method: str, send: Callable[[], Awaitable[dict[str, Any]]]
                             ) -> dict[str, Any]:
         """``send()``, once more under a new session if the node forgot ours
-        (a request refused for that was not applied)."""
+        (a request refused for that was not applied); tells ``touched`` what
+        the op changed, or that anything may have changed when its outcome
+        is unknown."""
         try:
-            return await send()
-        except MetaError as exc:
-            if exc.errno != errno.ENOTCONN or self.lost_session is None:
-                raise
-        await self.lost_session()
-        return await send()
+            try:
+                answer = await send()
+            except MetaError as exc:
+                if exc.errno != errno.ENOTCONN or self.lost_session is None:
+                    raise
+                await self.lost_session()
+                answer = await send()
+        except MetaUnavailable:
+            if method not in QUERIES:
+                self.touched(None)
+            raise
+        if "touched" in answer:
+            self.touched(answer["touched"])
+        return answer
 
     async def call_leased(self, method: str, **args: Any) -> tuple[Any, list[Any]]:
         """A query with the READ leases that come with it (retried like ``call``)."""
-        answer = await self._session_call(lambda: retrying(
+        answer = await self._session_call(method, lambda: retrying(
             lambda: self.meta.exchange(method, dict(args, vol=self.vol), lease=True),
             deadline=trio.current_time() + self.retry_window,
             temporary=lambda exc: isinstance(exc, MetaUnavailable) and (

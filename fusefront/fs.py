@@ -20,6 +20,7 @@ orphan (the unlink names the open inodes); the last ``release`` purges it.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import logging
@@ -34,10 +35,11 @@ import trio
 from storagenode.dataclient import NodeError
 
 from storagenode.metaclient import MetaClient, MetaError, MetaUnavailable
-from storagenode.metastate import MAX_FILE_SIZE
+from storagenode.metastate import MAX_FILE_SIZE, RENAME_EXCHANGE, REVALIDATE_MAX, version_of
 
 from .datapath import DataUnavailable, NoSpace
 from .leaseclient import Leases
+from .metacache import CacheFile, MetaCache
 from .filedata import FileData, Volume, atime_due
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,40 @@ def to_fuse_error(operation: str, exc: Exception) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EIO)
 
 
+DIR_BATCH = 512                 # directory entries one readdir round trip fetches
+
+
+class DirHandle:
+    """An open directory: the entries fetched so far, in cursor order.  The
+    kernel reads a listing in many small pieces; each piece is served from
+    here, and the node is asked for the next batch only when these run out
+    (POSIX leaves it open whether entries added after opendir show)."""
+
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+        self.rows: list[tuple[int, bytes, dict[str, Any]]] = []
+        self.cursors: list[int] = []
+        self.complete = False
+        self.whole = True           # rows start at the first entry, no gaps
+        self.since = 0              # cache clock when the first rows were asked for
+
+    def rewind(self) -> None:
+        self.rows, self.cursors, self.complete, self.whole = [], [], False, True
+
+    def last(self) -> int:
+        return self.cursors[-1] if self.cursors else 0
+
+    def rows_after(self, after: int) -> list[tuple[int, bytes, dict[str, Any]]]:
+        return self.rows[bisect.bisect_right(self.cursors, after):]
+
+    def add(self, rows: list[Any], *, complete: bool) -> None:
+        for cursor, name, attrs in rows:
+            if cursor > self.last():
+                self.rows.append((cursor, name, attrs))
+                self.cursors.append(cursor)
+        self.complete = complete
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -90,7 +126,11 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.leases: Leases | None = Leases(
             volume.meta, flush=self.flush_inode, invalidate=self.kernel_forget,
-            vol=volume.vol) if leases else None
+            vol=volume.vol, drop=self.cache_drop) if leases else None
+        # what this mount holds leases for, answered without a round trip
+        self.cache = MetaCache(self.lease_held)
+        self.cache_file: CacheFile | None = None       # kept across mounts
+        volume.touched = self.cache_touched
         self.v = volume
         self.meta: MetaClient = volume.meta
         self.attr_timeout = attr_timeout
@@ -99,7 +139,7 @@ class Operations(pyfuse3.Operations):
         self.relatime = relatime
         self.files: dict[int, FileData] = {}
         self.handles: dict[int, FileData] = {}
-        self.dirs: dict[int, int] = {}
+        self.dirs: dict[int, DirHandle] = {}
         self.xattr_names: dict[int, tuple[float, frozenset[bytes]]] = {}
         self.next_fh = 1
         self.nursery: trio.Nursery | None = None
@@ -107,6 +147,56 @@ class Operations(pyfuse3.Operations):
     # ----- helpers
     async def call(self, method: str, **args: Any) -> Any:
         return await self.v.call(method, **args)
+
+    def lease_held(self, ino: int) -> bool:
+        return self.leases is not None and self.leases.cache_time(ino) > 0
+
+    def cache_drop(self, ino: int | None) -> None:
+        if ino is None:
+            self.cache.clear()
+        else:
+            self.cache.forget(ino)
+
+    def cache_touched(self, inos: list[int] | None) -> None:
+        if inos is None:
+            self.cache.clear()
+        else:
+            self.cache.touched(inos)
+
+    async def restore_cache(self) -> None:
+        """Take back what the last mount cached, as far as the node says it
+        is unchanged (and grants leases on it)."""
+        if self.cache_file is None or self.leases is None:
+            return
+        saved = self.cache_file.read()
+        kept = 0
+        try:
+            for part in saved.chunks(REVALIDATE_MAX):
+                since = self.cache.stamp()
+                answers, grants = await self.v.call_leased(
+                    "revalidate", inos=[ino for ino, _ in part.attrs],
+                    versions=[version_of(a) for _, a in part.attrs])
+                for (ino, _), grant in zip(part.attrs, grants):
+                    self.leases.note(ino, grant)
+                self.cache.load(part, answers, since)
+                kept += answers.count(1)
+        except (MetaError, MetaUnavailable, KeyError, TypeError) as exc:
+            log.warning("revalidating the metadata cache failed: %s", exc)
+        log.info("metadata cache: %d of %d inodes still current", kept, len(saved.attrs))
+
+    def save_cache(self) -> None:
+        if self.cache_file is not None:
+            count = self.cache.save(self.cache_file)
+            self.cache_file.close()
+            self.cache_file = None
+            log.info("metadata cache: %d inodes saved", count)
+
+    async def attrs_of(self, ino: int) -> dict[str, Any]:
+        """An inode's attributes: from the cache while leased, else asked for."""
+        a = self.cache.attr(ino)
+        if a is None:
+            a = await self.leased("getattr", ino, ino=ino)
+        return a
 
     def attr_time(self, ino: int) -> float:
         """How long the kernel may cache what it learns of ``ino``: while a
@@ -194,7 +284,10 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self.check_name(name)
-        a = await self.leased("lookup", parent, parent=parent, name=name)
+        known = self.cache.entry(parent, name)
+        a = self.cache.attr(known) if known else None
+        if known is None or (known and a is None):
+            a = await self.leased("lookup", parent, parent=parent, name=name)
         if self.leases is not None:
             self.leases.note_name(parent, name)
         if a is not None:
@@ -209,8 +302,16 @@ class Operations(pyfuse3.Operations):
         may cache under the lease that comes with them."""
         if self.leases is None:
             return await self.call(method, **args)
+        since = self.cache.stamp()
+        drops = self.cache.drops(args["ino"]) if "ino" in args else 0
         result, grants = await self.v.call_leased(method, **args)
         self.leases.note(result["ino"], grants[0] if grants else None)
+        if "ino" in args:       # link, setattr: an inode that may be in flight elsewhere
+            self.cache.put_own(result["ino"], result, since, drops)
+        else:                   # a new inode: nothing else knows it yet
+            self.cache.put_attr(result["ino"], result, self.cache.stamp())
+        if method in ("mknod", "mkdir", "symlink", "link"):
+            self.cache.put_entry(args["parent"], args["name"], result["ino"], self.cache.stamp())
         return result
 
     async def leased(self, method: str, key: int, /, **args: Any) -> Any:
@@ -224,6 +325,7 @@ class Operations(pyfuse3.Operations):
                 if method == "lookup" and exc.errno == errno.ENOENT:
                     return None
                 raise
+        since = self.cache.stamp()
         result, grants = await self.v.call_leased(method, **args)
         if method == "readdir":
             inos = [key] + [row[2]["ino"] for row in result]
@@ -233,6 +335,16 @@ class Operations(pyfuse3.Operations):
             inos = [key]
         for leased_ino, grant in zip(inos, grants):
             self.leases.note(leased_ino, grant)
+        if method == "readdir":
+            for _, name, attrs in result:
+                self.cache.put_entry(key, name, attrs["ino"], since)
+                self.cache.put_attr(attrs["ino"], attrs, since)
+        elif method == "lookup":
+            self.cache.put_entry(key, args["name"], result["ino"] if result else 0, since)
+            if result:
+                self.cache.put_attr(result["ino"], result, since)
+        else:
+            self.cache.put_attr(key, result, since)
         return result
 
     @fuse_op
@@ -241,7 +353,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def getattr(self, ino: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return self.merged(await self.leased("getattr", ino, ino=ino))
+        return self.merged(await self.attrs_of(ino))
 
     @fuse_op
     async def setattr(self, ino: int, attr: pyfuse3.EntryAttributes,
@@ -310,7 +422,9 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
         self.check_name(name)
+        self.cache.drop_entry(parent, name)
         result = await self.call("unlink", parent=parent, name=name, open_inos=self.open_inos())
+        self.cache.put_entry(parent, name, 0, self.cache.stamp())
         self.note_maybe_orphan(result["ino"])
 
     def note_maybe_orphan(self, ino: int) -> None:
@@ -322,16 +436,26 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def rmdir(self, parent: int, name: bytes, ctx: Any) -> None:
         self.check_name(name)
+        self.cache.drop_entry(parent, name)
         await self.call("rmdir", parent=parent, name=name)
+        self.cache.put_entry(parent, name, 0, self.cache.stamp())
 
     @fuse_op
     async def rename(self, parent_old: int, name_old: bytes, parent_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
         self.check_name(name_old)
         self.check_name(name_new)
+        moved = self.cache.entry(parent_old, name_old)
+        self.cache.drop_entry(parent_old, name_old)
+        self.cache.drop_entry(parent_new, name_new)
         result = await self.call("rename", parent=parent_old, name=name_old,
                                  new_parent=parent_new, new_name=name_new, flags=flags,
                                  open_inos=self.open_inos())
+        if not flags & RENAME_EXCHANGE:
+            now = self.cache.stamp()
+            self.cache.put_entry(parent_old, name_old, 0, now)
+            if moved:
+                self.cache.put_entry(parent_new, name_new, moved, now)
         if result.get("replaced"):
             self.note_maybe_orphan(result["replaced"])
 
@@ -358,6 +482,9 @@ class Operations(pyfuse3.Operations):
         return value
 
     async def names_of(self, ino: int) -> frozenset[bytes]:
+        a = self.cache.attr(ino)
+        if a is not None and a.get("xattrs") == 0:
+            return frozenset()
         now = trio.current_time()
         cached = self.xattr_names.get(ino)
         if cached is not None and cached[0] > now:
@@ -382,43 +509,69 @@ class Operations(pyfuse3.Operations):
     # ----- directories
     @fuse_op
     async def opendir(self, ino: int, ctx: Any) -> int:
-        a = await self.call("getattr", ino=ino)
+        a = await self.attrs_of(ino)
         if not stat.S_ISDIR(a["mode"]):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = self.next_fh
         self.next_fh += 1
-        self.dirs[fh] = ino
+        self.dirs[fh] = DirHandle(ino)
         return fh
 
     @fuse_op
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        ino = self.dirs[fh]
+        d = self.dirs[fh]
         if start_id == 0:
-            a = await self.call("getattr", ino=ino)
+            d.rewind()                  # rewinddir: see what was added since
+            a = await self.attrs_of(d.ino)
             if self.relatime and atime_due(a, time.time_ns()):
                 # a listing is a read access (relatime); the kernel drops the
                 # cached atime after readdir
-                a = await self.call("touch_atime", ino=ino, atime_ns=time.time_ns())
+                since, drops = self.cache.stamp(), self.cache.drops(d.ino)
+                a = await self.call("touch_atime", ino=d.ino, atime_ns=time.time_ns())
+                self.cache.put_own(d.ino, a, since, drops)
             me = self.entry(a)
             if not pyfuse3.readdir_reply(token, b".", me, 1):
                 return
             start_id = 1
         if start_id == 1:
-            parent = self.entry(await self.call("parent", ino=ino))
+            parent = self.entry(await self.call("parent", ino=d.ino))
             if not pyfuse3.readdir_reply(token, b"..", parent, 2):
                 return
             start_id = 2
         after = start_id - 2
+        if not d.rows and not d.complete:
+            self.listing_from_cache(d)
         while True:
-            rows = await self.leased("readdir", ino, ino=ino, after=after, limit=256)
-            for cursor, name, attrs in rows:
+            for cursor, name, attrs in d.rows_after(after):
                 if self.leases is not None:
-                    self.leases.note_name(ino, name)
-                if not pyfuse3.readdir_reply(token, name, self.merged(attrs, ino), cursor + 2):
+                    self.leases.note_name(d.ino, name)
+                if not pyfuse3.readdir_reply(token, name, self.merged(attrs, d.ino), cursor + 2):
                     return
                 after = cursor
-            if len(rows) < 256:
+            if d.complete:
                 return
+            if after > d.last():
+                d.whole = False         # seekdir past what was fetched
+            if not d.rows:
+                d.since = self.cache.stamp()
+            rows = await self.leased("readdir", d.ino, ino=d.ino,
+                                     after=max(after, d.last()), limit=DIR_BATCH)
+            d.add(rows, complete=len(rows) < DIR_BATCH)
+            if d.complete and d.whole:
+                self.cache.put_listing(d.ino, [(c, n, a["ino"]) for c, n, a in d.rows], d.since)
+
+    def listing_from_cache(self, d: "DirHandle") -> None:
+        """A listing this mount holds leases on, with every entry's attrs."""
+        rows = self.cache.listing(d.ino)
+        if rows is None:
+            return
+        full = []
+        for cursor, name, child in rows:
+            a = self.cache.attr(child)
+            if a is None:
+                return
+            full.append((cursor, name, a))
+        d.add(full, complete=True)
 
     @fuse_op
     async def releasedir(self, fh: int) -> None:
@@ -451,7 +604,7 @@ class Operations(pyfuse3.Operations):
             # a READ lease makes a writer elsewhere flush first (close-to-open
             # and better); a WRITE lease lets this mount buffer writes
             await self.leases.acquire(ino, "write" if writing else "read")
-        a = await self.leased("getattr", ino, ino=ino)
+        a = await self.attrs_of(ino)
         if stat.S_ISDIR(a["mode"]):
             raise pyfuse3.FUSEError(errno.EISDIR)
         f = self.file(a)
@@ -492,7 +645,9 @@ class Operations(pyfuse3.Operations):
         """Record a read access, then let the kernel drop its cached
         attributes; ``close`` waits for this (see flush)."""
         try:
-            await self.call("touch_atime", ino=ino, atime_ns=now)
+            since, drops = self.cache.stamp(), self.cache.drops(ino)
+            a = await self.call("touch_atime", ino=ino, atime_ns=now)
+            self.cache.put_own(ino, a, since, drops)
             await self.invalidate_attrs(ino)
         finally:
             sent.set()

@@ -54,15 +54,20 @@ class Held:
 
 Invalidate = Callable[[int, list[bytes]], None]     # sync; run in a thread
 Flush = Callable[[int], Awaitable[None]]
+Drop = Callable[[int | None], None]     # sync: forget an inode's cached views; None: all
 
 
 class Leases:
     def __init__(self, meta: MetaClient, *, flush: Flush, invalidate: Invalidate,
-                 vol: int) -> None:
+                 vol: int, drop: Drop | None = None) -> None:
         self.meta = meta
         self.vol = vol
         self._flush = flush
         self._invalidate = invalidate
+        self._drop: Drop = drop or (lambda ino: None)
+        # epochs recalled lately: a grant can arrive after its recall (they
+        # travel on different paths) and must then not be taken as held
+        self.recalled: dict[int, float] = {}
         self.held: dict[int, Held] = {}
         self.names: dict[int, set[bytes]] = {}     # dir ino -> names the kernel was told
         self.lease_time = 0.0
@@ -132,6 +137,7 @@ class Leases:
             log.warning("lease session lost; dropping %d leases", len(self.held))
             self.held.clear()
             self.names.clear()
+            self._drop(None)
             await self.open()
 
     # ---- what may be cached
@@ -142,7 +148,7 @@ class Leases:
         return max(0.0, min(CACHE_MAX, self.valid_until - trio.current_time()))
 
     def note(self, ino: int, grant: dict[str, Any] | None) -> None:
-        if grant is not None and grant.get("cache", True):
+        if grant is not None and grant.get("cache", True) and grant["epoch"] not in self.recalled:
             self.held[ino] = Held(grant["epoch"], grant["mode"])
 
     def note_name(self, parent: int, name: bytes) -> None:
@@ -171,9 +177,14 @@ class Leases:
     # ---- recalls
 
     async def recall(self, ino: int, epoch: int) -> None:
+        now = trio.current_time()
+        self.recalled[epoch] = now
+        for old in [e for e, t in self.recalled.items() if t < now - 2 * self.lease_time - 5]:
+            del self.recalled[old]
         held = self.held.get(ino)
         if held is not None and held.epoch == epoch:
             self.recalls += 1
+            self._drop(ino)
             if held.mode == "write":
                 try:
                     await self._flush(ino)
@@ -181,6 +192,7 @@ class Leases:
                     log.warning("flush for a recall of inode %d failed: %s", ino, exc)
             if self.held.get(ino) is held:
                 del self.held[ino]
+            self._drop(ino)
             await self._kernel_forget(ino, sorted(self.names.pop(ino, ())))
         await self.release([epoch])
 

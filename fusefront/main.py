@@ -30,6 +30,7 @@ from .blockcache import BlockCache
 from .datapath import BlockStore, ClusterView
 from .filedata import Volume
 from .fs import Operations
+from .metacache import CacheFile
 from .options import MountConfig, UsageError, parse_args
 
 log = logging.getLogger("objfs")
@@ -132,9 +133,11 @@ async def serve(ops: Operations) -> None:
             if ops.leases is not None:
                 await ops.leases.open()
                 nursery.start_soon(ops.leases.run)
+                await ops.restore_cache()
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
         await _flush_all(ops)
+        ops.save_cache()        # while the leases still hold
         if ops.leases is not None:
             await ops.leases.close()
     finally:
@@ -186,6 +189,9 @@ def mount(cfg: MountConfig) -> None:
         daemonize()
     setup_logging(cfg, cache)
     limit_malloc_arenas()
+    if not cfg.noleases:     # opened after the fork: SQLite connections do not survive one
+        ops.cache_file = CacheFile.open(cache / "metadata.sqlite",
+                                        f"{cfg.meta}/{cfg.volume}#{volume['vol']}")
     log.info("mounted %s on %s", cfg.source, cfg.mountpoint)
     try:
         trio.run(serve, ops)

@@ -1,0 +1,304 @@
+"""The mount's own metadata cache: attributes and names it holds leases for.
+
+The kernel caches attributes and dentries for as long as we tell it (the
+lease time left), but it asks again after every write, on every ``stat``
+once that time is up, and it never caches extended attributes.  This cache
+answers those requests without a round trip to the metadata node, and only
+while the lease that covers the answer is held (docs/LEASES.md):
+
+* ``attr(ino)``: the inode's attributes, under a lease on the inode;
+* ``entry(parent, name)``: the inode a name points to (0: no such name),
+  under a lease on the directory;
+* ``listing(dir)``: a directory's whole listing, under a lease on it.
+
+It is filled from answers that came with leases (lookup, getattr, readdir
+and the ops that return attributes) and emptied of an inode when its lease
+is recalled or lost, when an op of this mount changed it (the node names
+the inodes each op touched), and when an op's outcome is unknown.  Another
+client's change always recalls the lease first, so nothing here outlives
+the truth.  It is bounded: the least recently stored inodes go first.
+
+Answers overtake each other: a getattr sent before this mount's own
+truncate may be answered after it.  So every drop of an inode is stamped
+with a clock, and an answer is stored only if nothing of what it covers was
+dropped after it was sent (``since``, from ``stamp()`` at sending).  An op's
+own answer is stored only if its own drop is the only one since it was
+sent (``put_own``).
+
+Across mounts: at unmount the cache is written to a SQLite file in the
+mount's cache folder (``save``); the next mount reads it back (``load``) and
+asks the metadata node, a few thousand inodes per round trip, which of them
+are unchanged (``revalidate``, granting READ leases on them).  What is
+unchanged is served at once; a directory whose version (ctime among it) is
+unchanged has unchanged entries, so its listing is kept too.  A file lock
+keeps two mounts sharing a cache folder from using one file at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sqlite3
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import msgpack
+
+log = logging.getLogger(__name__)
+
+MAX_INODES = 200_000
+MAX_NAMES = 400_000
+MAX_MARKS = 100_000
+SCHEMA = 1
+
+Row = tuple[int, bytes, int]            # (cursor, name, ino) of one directory entry
+
+
+class MetaCache:
+    def __init__(self, valid: Callable[[int], bool], *, max_inodes: int = MAX_INODES,
+                 max_names: int = MAX_NAMES) -> None:
+        self.valid = valid              # does this mount hold a lease on the inode now?
+        self.max_inodes = max_inodes
+        self.max_names = max_names
+        self.attrs: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self.entries: dict[int, dict[bytes, int]] = {}
+        self.listings: dict[int, list[Row]] = {}
+        self.names = 0
+        self.hits = 0
+        self.misses = 0
+        self.clock = 0                                  # counts drops
+        self.marks: OrderedDict[int, tuple[int, int]] = OrderedDict()  # ino -> (last, count)
+        self.floor = 0          # answers sent before this are never stored
+
+    # ---- which answers may be stored
+    def stamp(self) -> int:
+        """Take before sending a request whose answer may be stored."""
+        return self.clock
+
+    def drops(self, ino: int) -> int:
+        return self.marks.get(ino, (0, 0))[1]
+
+    def fresh(self, ino: int, since: int) -> bool:
+        return since >= self.floor and self.marks.get(ino, (0, 0))[0] <= since
+
+    def _mark(self, ino: int) -> None:
+        self.clock += 1
+        self.marks[ino] = (self.clock, self.drops(ino) + 1)
+        self.marks.move_to_end(ino)
+        while len(self.marks) > MAX_MARKS:
+            _, (last, _) = self.marks.popitem(last=False)
+            self.floor = max(self.floor, last)
+
+    # ---- reading
+    def attr(self, ino: int) -> dict[str, Any] | None:
+        a = self.attrs.get(ino)
+        if a is None or not self.valid(ino):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return a
+
+    def entry(self, parent: int, name: bytes) -> int | None:
+        """The inode ``name`` in ``parent`` points to, 0 if it is known to be
+        absent, None when this cache cannot say."""
+        names = self.entries.get(parent)
+        if names is None or not self.valid(parent):
+            return None
+        return names.get(name)
+
+    def listing(self, ino: int) -> list[Row] | None:
+        """Every entry of directory ``ino`` in cursor order, if known."""
+        rows = self.listings.get(ino)
+        if rows is None or not self.valid(ino):
+            return None
+        return rows
+
+    # ---- filling (call after the lease that came with the answer was noted)
+    def put_attr(self, ino: int, a: dict[str, Any], since: int) -> None:
+        if not self.fresh(ino, since) or not self.valid(ino):
+            return
+        self._store(ino, a)
+
+    def put_own(self, ino: int, a: dict[str, Any], since: int, drops_before: int) -> None:
+        """An op's answer about the inode it changed: stored when the op's own
+        drop (see ``touched``) is the only one since it was sent."""
+        if since < self.floor or self.drops(ino) != drops_before + 1 or not self.valid(ino):
+            return
+        self._store(ino, a)
+
+    def _store(self, ino: int, a: dict[str, Any]) -> None:
+        self.attrs[ino] = a
+        self.attrs.move_to_end(ino)
+        while len(self.attrs) > self.max_inodes:
+            self.attrs.popitem(last=False)
+
+    def put_entry(self, parent: int, name: bytes, ino: int, since: int) -> None:
+        if not self.fresh(parent, since) or not self.valid(parent):
+            return
+        names = self.entries.setdefault(parent, {})
+        if name not in names:
+            self.names += 1
+        names[name] = ino
+        if self.names > self.max_names:
+            self.entries.clear()
+            self.names = 0
+
+    def put_listing(self, ino: int, rows: list[Row], since: int) -> None:
+        if not self.fresh(ino, since) or not self.valid(ino) or len(rows) > self.max_names // 4:
+            return
+        self.listings[ino] = rows
+        for _, name, child in rows:
+            self.put_entry(ino, name, child, since)
+
+    def drop_entry(self, parent: int, name: bytes) -> None:
+        self.listings.pop(parent, None)
+        names = self.entries.get(parent)
+        if names is not None and names.pop(name, None) is not None:
+            self.names -= 1
+
+    # ---- emptying
+    def touched(self, inos: list[int]) -> None:
+        """An op of this mount changed these inodes' attributes (a directory's
+        entries are then updated by the caller, which knows the op)."""
+        for ino in inos:
+            self._mark(ino)
+            self.attrs.pop(ino, None)
+            self.listings.pop(ino, None)
+
+    def forget(self, ino: int) -> None:
+        """The lease on ``ino`` is gone: its attributes and its entries."""
+        self._mark(ino)
+        self.attrs.pop(ino, None)
+        self.listings.pop(ino, None)
+        names = self.entries.pop(ino, None)
+        if names is not None:
+            self.names -= len(names)
+
+    def clear(self) -> None:
+        self.clock += 1
+        self.floor = self.clock
+        self.marks.clear()
+        self.attrs.clear()
+        self.entries.clear()
+        self.listings.clear()
+        self.names = 0
+
+    # ---- across mounts
+    def save(self, store: "CacheFile") -> int:
+        """Write what is valid now; the number of inodes written."""
+        attrs = [(ino, a) for ino, a in self.attrs.items() if self.valid(ino)]
+        listings = [(ino, rows) for ino, rows in self.listings.items() if self.valid(ino)]
+        store.write(attrs, listings)
+        return len(attrs)
+
+    def load(self, saved: "Saved", answers: list[Any], since: int) -> None:
+        """Take back what the node said is unchanged (1) or sent fresh (a
+        map); the leases that came with the answers must be noted first."""
+        for (ino, a), answer in zip(saved.attrs, answers):
+            if answer == 1:
+                self.put_attr(ino, a, since)
+            elif isinstance(answer, dict):
+                self.put_attr(ino, answer, since)
+            if answer == 1 and ino in saved.listings:
+                self.put_listing(ino, saved.listings[ino], since)
+
+
+class Saved:
+    """What an earlier mount left: attrs by inode and directory listings."""
+
+    def __init__(self, attrs: list[tuple[int, dict[str, Any]]],
+                 listings: dict[int, list[Row]]) -> None:
+        self.attrs = attrs
+        self.listings = listings
+
+    def chunks(self, size: int) -> Iterator["Saved"]:
+        for i in range(0, len(self.attrs), size):
+            yield Saved(self.attrs[i:i + size], self.listings)
+
+
+class CacheFile:
+    """The SQLite file one mount keeps its metadata cache in between mounts.
+    ``open`` returns None when another mount holds it (or it is unusable)."""
+
+    def __init__(self, conn: sqlite3.Connection, lock_fd: int) -> None:
+        self.conn = conn
+        self.lock_fd = lock_fd
+
+    @classmethod
+    def open(cls, path: Path, identity: str) -> "CacheFile | None":
+        try:
+            lock_fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            log.warning("metadata cache %s unusable: %s", path, exc)
+            return None
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock_fd)
+            log.info("metadata cache %s in use by another mount; not kept", path)
+            return None
+        try:
+            conn = sqlite3.connect(path, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=DELETE")
+            cls._prepare(conn, identity)
+        except sqlite3.Error as exc:       # corrupt: start afresh
+            log.warning("metadata cache %s unreadable (%s); starting afresh", path, exc)
+            path.unlink(missing_ok=True)
+            try:
+                conn = sqlite3.connect(path, isolation_level=None)
+                cls._prepare(conn, identity)
+            except sqlite3.Error as exc2:
+                log.warning("metadata cache %s unusable: %s", path, exc2)
+                os.close(lock_fd)
+                return None
+        return cls(conn, lock_fd)
+
+    @staticmethod
+    def _prepare(conn: sqlite3.Connection, identity: str) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)")
+        conn.execute("CREATE TABLE IF NOT EXISTS attrs (ino INTEGER PRIMARY KEY, a BLOB)")
+        conn.execute("CREATE TABLE IF NOT EXISTS listings (ino INTEGER PRIMARY KEY, rows BLOB)")
+        found = dict(conn.execute("SELECT key, value FROM meta"))
+        if found != {"schema": SCHEMA, "identity": identity}:
+            # another volume, cluster or format: what is there means nothing
+            conn.execute("BEGIN")
+            conn.execute("DELETE FROM attrs")
+            conn.execute("DELETE FROM listings")
+            conn.execute("DELETE FROM meta")
+            conn.executemany("INSERT INTO meta VALUES (?, ?)",
+                             [("schema", SCHEMA), ("identity", identity)])
+            conn.execute("COMMIT")
+
+    def read(self) -> Saved:
+        try:
+            attrs = [(ino, msgpack.unpackb(blob, raw=False))
+                     for ino, blob in self.conn.execute("SELECT ino, a FROM attrs")]
+            listings = {ino: [(c, bytes(n), i) for c, n, i in msgpack.unpackb(blob, raw=False)]
+                        for ino, blob in self.conn.execute("SELECT ino, rows FROM listings")}
+        except (sqlite3.Error, ValueError, TypeError) as exc:
+            log.warning("metadata cache unreadable (%s); starting afresh", exc)
+            return Saved([], {})
+        return Saved([(ino, a) for ino, a in attrs if isinstance(a, dict)], listings)
+
+    def write(self, attrs: list[tuple[int, dict[str, Any]]],
+              listings: list[tuple[int, list[Row]]]) -> None:
+        try:
+            self.conn.execute("BEGIN")
+            self.conn.execute("DELETE FROM attrs")
+            self.conn.execute("DELETE FROM listings")
+            self.conn.executemany("INSERT INTO attrs VALUES (?, ?)",
+                                  [(ino, msgpack.packb(a)) for ino, a in attrs])
+            self.conn.executemany("INSERT INTO listings VALUES (?, ?)",
+                                  [(ino, msgpack.packb(rows, use_bin_type=True))
+                                   for ino, rows in listings])
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.warning("could not save the metadata cache: %s", exc)
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self.conn.close()
+        os.close(self.lock_fd)

@@ -1,0 +1,207 @@
+"""The mount's metadata cache: served only under leases, kept across
+remounts in a SQLite file and revalidated there, never trusted blindly."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fusefront.metacache import CacheFile, MetaCache, Saved
+
+from .cluster import Cluster
+
+
+def attrs(ino: int, size: int = 0) -> dict[str, Any]:
+    return {"ino": ino, "mode": 0o100644, "nlink": 1, "size": size, "ctime_ns": 1,
+            "mtime_ns": 1}
+
+
+class Held:
+    def __init__(self) -> None:
+        self.leased: set[int] = set()
+
+    def __call__(self, ino: int) -> bool:
+        return ino in self.leased
+
+
+def test_nothing_is_served_or_stored_without_a_lease() -> None:
+    held = Held()
+    cache = MetaCache(held)
+    cache.put_attr(5, attrs(5), cache.stamp())
+    assert cache.attr(5) is None                 # no lease: not even stored
+    held.leased.add(5)
+    cache.put_attr(5, attrs(5), cache.stamp())
+    assert cache.attr(5) == attrs(5)
+    held.leased.discard(5)                       # lease gone (expired, recalled)
+    assert cache.attr(5) is None
+
+
+def test_names_and_listings_live_under_the_directory_lease() -> None:
+    held = Held()
+    held.leased.update({1, 7})
+    cache = MetaCache(held)
+    cache.put_listing(1, [(3, b"a", 7), (9, b"b", 8)], cache.stamp())
+    cache.put_entry(1, b"gone", 0, cache.stamp())
+    assert cache.entry(1, b"a") == 7 and cache.entry(1, b"gone") == 0
+    assert cache.entry(1, b"unknown") is None
+    assert cache.listing(1) == [(3, b"a", 7), (9, b"b", 8)]
+    cache.touched([1])                           # this mount changed the directory
+    assert cache.listing(1) is None and cache.entry(1, b"a") == 7
+    cache.forget(1)                              # the lease on it was recalled
+    assert cache.entry(1, b"a") is None
+
+
+def test_an_answer_overtaken_by_a_change_is_not_stored() -> None:
+    """A getattr sent before this mount's own truncate but answered after it
+    carries the old size: it must not replace what the truncate dropped."""
+    held = Held()
+    held.leased.add(5)
+    cache = MetaCache(held)
+    sent = cache.stamp()                         # getattr sent
+    op_sent, drops = cache.stamp(), cache.drops(5)
+    cache.touched([5])                           # the truncate's answer drops inode 5
+    cache.put_own(5, attrs(5, 0), op_sent, drops)    # ... and may store its own result
+    assert cache.attr(5) == attrs(5, 0)
+    cache.put_attr(5, attrs(5, 4096), sent)      # the late getattr answer
+    assert cache.attr(5) == attrs(5, 0)
+    late_op, drops = cache.stamp(), cache.drops(5)   # two ops in flight on one inode:
+    cache.touched([5])                           # the other's answer came first
+    cache.touched([5])
+    cache.put_own(5, attrs(5, 1), late_op, drops)    # ours cannot tell which is newer
+    assert cache.attr(5) is None
+    cache.put_attr(5, attrs(5, 7), cache.stamp())
+    assert cache.attr(5) == attrs(5, 7)
+    cache.clear()                                # a lost session: nothing older is stored
+    cache.put_attr(5, attrs(5, 8), late_op)
+    assert cache.attr(5) is None
+
+
+def test_the_cache_is_bounded() -> None:
+    held = Held()
+    held.leased.update(range(1, 1000))
+    cache = MetaCache(held, max_inodes=100, max_names=50)
+    for ino in range(1, 1000):
+        cache.put_attr(ino, attrs(ino), cache.stamp())
+        cache.put_entry(1, b"n%d" % ino, ino, cache.stamp())
+    assert len(cache.attrs) == 100 and cache.attr(999) is not None and cache.attr(1) is None
+    assert cache.names <= 50
+
+
+def test_the_cache_file_round_trips_and_belongs_to_one_volume(tmp_path: Path) -> None:
+    path = tmp_path / "metadata.sqlite"
+    store = CacheFile.open(path, "m:1/vol#1")
+    assert store is not None
+    assert CacheFile.open(path, "m:1/vol#1") is None     # a second mount on the same folder
+    store.write([(5, attrs(5, 10))], [(1, [(3, b"\xff name", 5)])])
+    store.close()
+    store = CacheFile.open(path, "m:1/vol#1")
+    assert store is not None
+    saved = store.read()
+    assert saved.attrs == [(5, attrs(5, 10))] and saved.listings == {1: [(3, b"\xff name", 5)]}
+    store.close()
+    store = CacheFile.open(path, "m:1/other#2")          # another volume: nothing carries over
+    assert store is not None and store.read().attrs == []
+    store.close()
+    path.write_bytes(b"this is not a database" * 100)    # damaged: starts afresh
+    store = CacheFile.open(path, "m:1/vol#1")
+    assert store is not None and store.read().attrs == []
+    store.write([(6, attrs(6))], [])
+    store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM attrs").fetchone() == (1,)
+
+
+def test_load_keeps_only_what_the_node_confirmed() -> None:
+    held = Held()
+    held.leased.update({1, 5, 6})
+    cache = MetaCache(held)
+    saved = Saved([(1, attrs(1)), (5, attrs(5, 10)), (6, attrs(6)), (7, attrs(7))],
+                  {1: [(3, b"a", 5)], 6: [(4, b"x", 9)]})
+    cache.load(saved, [1, attrs(5, 99), {**attrs(6), "ctime_ns": 2}, 0], cache.stamp())
+    assert cache.attr(1) == attrs(1) and cache.listing(1) == [(3, b"a", 5)]
+    assert cache.attr(5) == attrs(5, 99)         # changed meanwhile: the fresh attrs
+    assert cache.listing(6) is None              # a changed directory's entries are dropped
+    assert cache.attr(7) is None                 # gone
+
+
+def rpc_counts(cluster: Cluster) -> dict[str, float]:
+    text = httpx.get(f"http://{cluster.meta.address}/metrics").text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("objfs_meta_rpc_total{"):
+            labels, value = line.rsplit(" ", 1)
+            method = labels.split('method="')[1].split('"')[0]
+            out[method] = out.get(method, 0) + float(value)
+    return out
+
+
+def listing(root: Path) -> str:
+    return subprocess.run(["ls", "-lRn", "--time-style=+%s.%N", str(root)], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_a_remount_revalidates_instead_of_starting_cold(cluster: Cluster, mnt: Path,
+                                                       tmp_path: Path) -> None:
+    """After a remount, an unchanged tree is listed from the kept cache (no
+    directory is read again), while whatever changed meanwhile on another
+    client shows as it is now."""
+    tree = mnt / "tree"
+    for d in range(4):
+        (tree / f"d{d}").mkdir(parents=True)
+        for f in range(50):
+            (tree / f"d{d}" / f"f{f}").write_bytes(b"x" * f)
+    before = listing(tree)
+    cluster.umount(mnt)
+    cluster.mount(mnt)
+    counts = rpc_counts(cluster)
+    assert listing(tree) == before
+    after = rpc_counts(cluster)
+    assert after.get("readdir", 0) == counts.get("readdir", 0), "directories were read again"
+    assert after.get("revalidate", 0) > 0
+
+    # changes made elsewhere while this mount is away
+    cluster.umount(mnt)
+    other = tmp_path / "other"
+    cluster.mount(other)
+    (other / "tree" / "d1" / "f3").write_bytes(b"longer now")
+    (other / "tree" / "d2" / "f4").unlink()
+    (other / "tree" / "d3" / "new").write_bytes(b"new")
+    os.chmod(other / "tree" / "d0" / "f5", 0o600)
+    cluster.umount(other)
+    cluster.mount(mnt)
+    assert (tree / "d1" / "f3").read_bytes() == b"longer now"
+    assert (tree / "d1" / "f3").stat().st_size == 10
+    assert "f4" not in os.listdir(tree / "d2")
+    assert (tree / "d3" / "new").read_bytes() == b"new"
+    assert (tree / "d0" / "f5").stat().st_mode & 0o777 == 0o600
+    cluster.mount(other)
+    assert listing(tree) == listing(other / "tree").replace(str(other), str(mnt))
+
+
+def test_changes_by_another_mount_are_seen_through_the_cache(cluster: Cluster, mnt: Path,
+                                                             tmp_path: Path) -> None:
+    """What one mount caches is recalled when another changes it: stat, ls
+    and xattrs on the first always show the other's change at once."""
+    other = tmp_path / "other"
+    cluster.mount(other)
+    (mnt / "d").mkdir()
+    (mnt / "d" / "f").write_bytes(b"1")
+    for _ in range(2):                       # now cached under leases on mnt
+        assert (mnt / "d" / "f").stat().st_size == 1
+        assert os.listxattr(mnt / "d" / "f") == []
+        assert sorted(os.listdir(mnt / "d")) == ["f"]
+    (other / "d" / "f").write_bytes(b"22")
+    os.setxattr(other / "d" / "f", "user.k", b"v")
+    (other / "d" / "g").write_bytes(b"")
+    assert (mnt / "d" / "f").stat().st_size == 2
+    assert os.listxattr(mnt / "d" / "f") == ["user.k"]
+    assert os.getxattr(mnt / "d" / "f", "user.k") == b"v"
+    assert sorted(os.listdir(mnt / "d")) == ["f", "g"]
+    os.rename(other / "d" / "g", other / "d" / "h")
+    assert sorted(os.listdir(mnt / "d")) == ["f", "h"]
+    assert not (mnt / "d" / "g").exists()
