@@ -93,14 +93,19 @@ class Cluster:
         return result
 
     def mount(self, mountpoint: Path, volume: str = "vol", options: str = "",
-              check: bool = True) -> subprocess.CompletedProcess[str]:
+              check: bool = True, *, netns: str | None = None
+              ) -> subprocess.CompletedProcess[str]:
+        """Mount ``volume`` on ``mountpoint``; with ``netns`` the mount's daemon
+        lives in that network namespace (``nsenter --net``: only the network
+        namespace changes, so the mount is still made in this one's mounts)."""
         mountpoint.mkdir(parents=True, exist_ok=True)
         opts = f"secret_file={self.secret_file},cache_dir={self.root / ('cache-' + mountpoint.name)}"
         if options:
             opts += "," + options
-        run = subprocess.run(["mount", "-t", "fuse.objfs", f"{self.meta.address}/{volume}",
-                              str(mountpoint), "-o", opts], capture_output=True, text=True,
-                             timeout=60)
+        prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+        argv = ["mount", "-t", "fuse.objfs", f"{self.meta.address}/{volume}", str(mountpoint),
+                "-o", opts]
+        run = subprocess.run(prefix + argv, capture_output=True, text=True, timeout=60)
         if run.returncode == 0:
             self.mounts.append(mountpoint)
         elif check:
