@@ -10,8 +10,14 @@ malformed or unauthorized: a bug or a misconfiguration, never retried).
 How this works
 --------------
 Each call is one HTTP/1.1 exchange (``POST /v1/rpc``, docs/DESIGN.md) on a
-persistent connection: an ``h11.Connection`` state machine over a trio TCP
-stream.  A pool keeps up to ``POOL_SIZE`` connections; a call takes an idle
+persistent trio TCP stream.  The request's bytes are built once per client
+but for the length and body.  An answer in the plain form the node sends
+(``parse_answer_head``: a 2xx-5xx status, ``content-length`` framing, no
+``connection`` field) is read directly; any other answer is handed, after
+the request, to a fresh ``h11.Connection`` state machine, which reads and
+judges it.  h11 per exchange cost as much CPU as the rest of a call.
+
+A pool keeps up to ``POOL_SIZE`` connections; a call takes an idle
 one (or opens one), uses it alone, and gives it back only if the exchange
 completed cleanly and both sides keep the connection alive.  Any failure,
 timeout or cancellation mid-exchange closes that connection instead: its
@@ -31,6 +37,7 @@ deadline): then even an op may be sent again without doubt about its outcome.
 
 from __future__ import annotations
 
+import re
 import select
 import time
 from dataclasses import dataclass
@@ -49,6 +56,7 @@ POOL_SIZE = 16
 IDLE_SECONDS = 60.0
 RECEIVE_BYTES = 64 * 1024
 ANSWER_MAX = 64 * 1024 * 1024
+HEAD_MAX = 64 * 1024            # past this without a blank line, h11 judges the answer
 
 # what the network can do to an exchange; always a MetaUnavailable
 _TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
@@ -81,6 +89,7 @@ class MetaClient:
         self._headers = [(name.encode(), value.encode()) for name, value in (
             ("host", address), ("content-type", "application/msgpack"),
             *auth_header(secret).items())]
+        self._head = _request_head(self._headers)
         self._pool: _Pool | None = None
         self.session: str | None = None     # sent with every call once set (leases)
 
@@ -101,7 +110,8 @@ class MetaClient:
             request["session"] = self.session
         if lease:
             request["lease"] = True
-        exchange = _Exchange(self._headers, msgpack.packb(request, use_bin_type=True))
+        exchange = _Exchange(self._head, self._headers,
+                             msgpack.packb(request, use_bin_type=True))
         limit = self.timeout if timeout is None else timeout
         try:
             with trio.fail_after(limit):
@@ -152,6 +162,17 @@ class MetaClient:
         await self.aclose()
 
 
+def _request_head(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The bytes h11 sends for an RPC request with ``headers`` (host first),
+    up to the content-length value; ValueError if h11 would refuse them."""
+    try:
+        h11.Request(method="POST", target="/v1/rpc", headers=headers)
+    except h11.LocalProtocolError as exc:
+        raise ValueError(f"cannot send these request fields: {exc}") from None
+    fields = b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers)
+    return b"POST /v1/rpc HTTP/1.1\r\n" + fields + b"content-length: "
+
+
 def _split_address(address: str) -> tuple[str, int]:
     """("host", port) from "host:port" or "[v6]:port"."""
     host, sep, port = address.rpartition(":")
@@ -163,11 +184,21 @@ def _split_address(address: str) -> tuple[str, int]:
 @dataclass
 class _Exchange:
     """One request and, once done, its answer; ``sent`` once any byte was written."""
-    headers: list[tuple[bytes, bytes]]
+    head: bytes                         # the request's bytes up to its length
+    headers: list[tuple[bytes, bytes]]  # the same fields, for h11
     body: bytes
     sent: bool = False
     status: int = 0
     answer: bytes = b""
+
+    def request(self) -> bytes:
+        return b"%s%d\r\n\r\n%s" % (self.head, len(self.body), self.body)
+
+    def events(self) -> list[h11.Event]:
+        """The request as h11 events (h11 encodes them as ``request()``)."""
+        headers = [*self.headers, (b"content-length", b"%d" % len(self.body))]
+        return [h11.Request(method="POST", target="/v1/rpc", headers=headers),
+                h11.Data(data=self.body), h11.EndOfMessage()]
 
 
 class _Pool:
@@ -225,27 +256,66 @@ class _Pool:
 
 
 class _Connection:
-    """One HTTP/1.1 connection: an h11 state machine over a trio stream."""
+    """One HTTP/1.1 connection over a trio stream (see the module docstring)."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.reusable = False       # the last exchange ended cleanly, keep-alive
         self.idle_since = time.monotonic()
 
     async def run(self, exchange: _Exchange) -> None:
         """Send the request and read the whole answer into ``exchange``."""
-        headers = [*exchange.headers, (b"content-length", b"%d" % len(exchange.body))]
-        data = b"".join(self.h11.send(event) or b"" for event in (
-            h11.Request(method="POST", target="/v1/rpc", headers=headers),
-            h11.Data(data=exchange.body), h11.EndOfMessage()))
+        self.reusable = False
         exchange.sent = True
-        await self.stream.send_all(data)
-        exchange.status, exchange.answer = await self._answer()
+        await self.stream.send_all(exchange.request())
+        received, closed = await self._receive_head()
+        head = parse_answer_head(received)
+        if head is None:
+            exchange.status, exchange.answer = await self._answer_h11(exchange, received,
+                                                                      closed)
+        else:
+            exchange.status, exchange.answer = await self._answer(head, received)
 
-    async def _answer(self) -> tuple[int, bytes]:
-        """The status and body of the response (informational ones skipped)."""
+    async def _receive_head(self) -> tuple[bytes, bool]:
+        """What arrives until the answer's head is complete (or the node
+        closed, or it passed HEAD_MAX), and whether the node closed."""
+        received, searched = b"", 0
+        while True:
+            chunk = await self.stream.receive_some(RECEIVE_BYTES)
+            if not chunk:
+                return received, True
+            received += chunk
+            if len(received) > HEAD_MAX or _BLANK_LINE.search(received, searched):
+                return received, False
+            searched = max(0, len(received) - 3)
+
+    async def _answer(self, head: tuple[int, int, int], received: bytes) -> tuple[int, bytes]:
+        """A plain answer's status and body; the head is at hand."""
+        status, length, start = head
+        if length > ANSWER_MAX:
+            raise h11.RemoteProtocolError(f"answer larger than {ANSWER_MAX} bytes")
+        chunks, size = [received], len(received)
+        while size < start + length:
+            chunk = await self.stream.receive_some(RECEIVE_BYTES)
+            if not chunk:
+                raise trio.BrokenResourceError("the node ended the exchange mid-answer")
+            chunks.append(chunk)
+            size += len(chunk)
+        self.reusable = size == start + length      # nothing unasked-for came after
+        data = received if len(chunks) == 1 else b"".join(chunks)
+        return status, data[start:start + length]
+
+    async def _answer_h11(self, exchange: _Exchange, received: bytes,
+                          closed: bool) -> tuple[int, bytes]:
+        """Any other answer, read by an h11 machine shown the request first."""
+        machine = h11.Connection(h11.CLIENT)
+        for event in exchange.events():
+            machine.send(event)
+        machine.receive_data(received)
+        if closed:
+            machine.receive_data(b"")
         status, size, chunks = 0, 0, []
-        while not isinstance(event := await self._next_event(), h11.EndOfMessage):
+        while not isinstance(event := await self._next_event(machine), h11.EndOfMessage):
             if isinstance(event, h11.Response):
                 status = event.status_code
             elif isinstance(event, h11.Data):
@@ -253,20 +323,21 @@ class _Connection:
                 if size > ANSWER_MAX:
                     raise h11.RemoteProtocolError(f"answer larger than {ANSWER_MAX} bytes")
                 chunks.append(bytes(event.data))
+        self.reusable = (machine.our_state is h11.DONE and machine.their_state is h11.DONE
+                         and not machine.trailing_data[0])
         return status, b"".join(chunks)
 
-    async def _next_event(self) -> h11.Event:
-        while (event := self.h11.next_event()) is h11.NEED_DATA:
-            self.h11.receive_data(await self.stream.receive_some(RECEIVE_BYTES))
+    async def _next_event(self, machine: h11.Connection) -> h11.Event:
+        while (event := machine.next_event()) is h11.NEED_DATA:
+            machine.receive_data(await self.stream.receive_some(RECEIVE_BYTES))
         if isinstance(event, h11.ConnectionClosed) or not isinstance(event, h11.Event):
             raise trio.BrokenResourceError(f"the node ended the exchange: {event!r}")
         return event
 
     def next_cycle(self) -> bool:
         """Ready the connection for another request; False if it must be closed."""
-        if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+        if not self.reusable:
             return False
-        self.h11.start_next_cycle()
         self.idle_since = time.monotonic()
         return True
 
@@ -281,3 +352,37 @@ class _Connection:
     def close(self) -> None:
         self.stream.socket.close()
 
+
+# ---- plain answers: pure parsing, no I/O
+#
+# RFC 9112's grammar, narrowed as in h11serve: a field value is visible
+# ASCII with inner spaces or tabs; lines end in CRLF.  Anything else is h11's.
+
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_VALUE = rb"(?:[!-~]+(?:[ \t]+[!-~]+)*)?"
+_FIELD = re.compile(rb"(%s):[ \t]*(%s)[ \t]*\r\n" % (_TOKEN, _VALUE))
+_ANSWER_HEAD = re.compile(
+    rb"HTTP/1\.1 ([2-5][0-9][0-9]) [\t !-~]*\r\n((?:%s:[ \t]*%s[ \t]*\r\n)*)\r\n"
+    % (_TOKEN, _VALUE))
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+# fields that change the framing or end the connection: h11 reads those answers
+_NOT_PLAIN = frozenset({b"transfer-encoding", b"connection"})
+
+
+def parse_answer_head(data: bytes) -> tuple[int, int, int] | None:
+    """(status, content length, where the body starts) of the answer at the
+    start of ``data``, if its head has all arrived and is plain; else None."""
+    head = _ANSWER_HEAD.match(data)
+    if head is None:
+        return None
+    status = int(head[1])
+    length: bytes | None = None
+    for name, value in _FIELD.findall(head[2]):
+        name = name.lower()
+        if name in _NOT_PLAIN or (name == b"content-length" and length is not None):
+            return None
+        if name == b"content-length":
+            length = value
+    if length is None or not length.isdigit() or len(length) > 12 or status in (204, 304):
+        return None
+    return status, int(length), head.end()

@@ -6,9 +6,9 @@ temporary folder, then through one ``MetaClient``:
 
 - N sequential ``getattr`` queries (the cost every FUSE operation pays),
 - N sequential ``mkdir`` ops (a query's cost plus one group commit, fsync),
-- N ``getattr`` queries spread over ``--concurrency`` tasks at once,
+- N ``getattr`` queries spread over ``--concurrency`` tasks at once
 
-prints for each microseconds per call (wall clock), calls per second, and
+(``--runs`` picks some of them, to profile one at a time), and prints for each microseconds per call (wall clock), calls per second, and
 the CPU time per call spent by this client process and by the node process
 (these last two hold still on a busy machine, where wall time does not), and
 stops the process (SIGTERM, then SIGKILL).
@@ -102,7 +102,11 @@ def concurrent(calls: int, tasks: int, call: Call) -> Callable[[], Awaitable[Non
     return run
 
 
-async def bench(address: str, secret: str, pid: int, calls: int, tasks: int) -> None:
+RUNS = ("getattr", "mkdir", "concurrent")
+
+
+async def bench(address: str, secret: str, pid: int, calls: int, tasks: int,
+                runs: list[str]) -> None:
     async with MetaClient(address, secret) as client:
         vol = (await client.call("create_volume", name="bench", block_size=1 << 20,
                                  replicas=1))["vol"]
@@ -115,17 +119,25 @@ async def bench(address: str, secret: str, pid: int, calls: int, tasks: int) -> 
                                      mode=0o755, uid=0, gid=0)
 
         await sequential(min(200, calls), getattr_)()        # warm up
-        await measure("getattr, sequential", calls, pid, sequential(calls, getattr_))
-        await measure("mkdir, sequential", calls, pid, sequential(calls, mkdir))
-        await measure(f"getattr, {tasks} concurrent", calls, pid,
-                      concurrent(calls, tasks, getattr_))
+        if "getattr" in runs:
+            await measure("getattr, sequential", calls, pid, sequential(calls, getattr_))
+        if "mkdir" in runs:
+            await measure("mkdir, sequential", calls, pid, sequential(calls, mkdir))
+        if "concurrent" in runs:
+            await measure(f"getattr, {tasks} concurrent", calls, pid,
+                          concurrent(calls, tasks, getattr_))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rpcbench", description=__doc__.split("\n")[0])
     p.add_argument("-n", "--calls", type=int, default=2000, help="calls per measurement")
     p.add_argument("--concurrency", type=int, default=8, help="tasks in the concurrent run")
+    p.add_argument("--runs", default=",".join(RUNS),
+                   help=f"which measurements, comma-separated (default: {','.join(RUNS)})")
     args = p.parse_args(argv)
+    runs = args.runs.split(",")
+    if not set(runs) <= set(RUNS):
+        p.error(f"--runs takes some of {', '.join(RUNS)}")
     with tempfile.TemporaryDirectory(prefix="rpcbench-") as tmp:
         secret_file = Path(tmp) / "secret"
         create_secret(secret_file)
@@ -133,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         proc = start_node(Path(tmp) / "meta", secret_file, address)
         try:
             trio.run(bench, address, load_secret(secret_file), proc.pid, args.calls,
-                     args.concurrency)
+                     args.concurrency, runs)
         finally:
             stop_node(proc)
     return 0
