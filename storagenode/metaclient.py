@@ -165,6 +165,9 @@ class MetaClient:
 def _request_head(headers: list[tuple[bytes, bytes]]) -> bytes:
     """The bytes h11 sends for an RPC request with ``headers`` (host first),
     up to the content-length value; ValueError if h11 would refuse them."""
+    names = [name.lower() for name, _ in headers]
+    if not names or names[0] != b"host" or {b"content-length", b"transfer-encoding"} & set(names):
+        raise ValueError("request fields: host first; the framing fields are ours")
     try:
         h11.Request(method="POST", target="/v1/rpc", headers=headers)
     except h11.LocalProtocolError as exc:
