@@ -21,6 +21,7 @@ orphan (the unlink names the open inodes); the last ``release`` purges it.
 from __future__ import annotations
 
 import bisect
+import collections
 import errno
 import functools
 import logging
@@ -49,15 +50,30 @@ NAME_MAX = 255
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 
 
+# Requests the kernel sends while it holds a directory's lock, and where
+# that directory is among their arguments (readdir: through its handle).
+# Invalidating an entry of that directory waits for the lock (FACTS.md 6),
+# so a recall must not wait for that invalidation (``Operations.busy``).
+DIR_LOCKING = {"lookup": (0,), "create": (0,), "mknod": (0,), "mkdir": (0,),
+               "symlink": (0,), "link": (1,), "unlink": (0,), "rmdir": (0,),
+               "rename": (0, 2), "readdir": (0,)}
+
+
 def fuse_op(fn: F) -> F:
-    """Translate every failure below into a FUSEError, once, here."""
+    """Translate every failure below into a FUSEError, once, here; count the
+    requests in flight per directory whose lock the kernel holds for them."""
+    dirs = DIR_LOCKING.get(fn.__name__, ())
 
     @functools.wraps(fn)
-    async def handler(*args: Any) -> Any:
+    async def handler(self: Any, *args: Any) -> Any:
+        locked = self.enter(fn.__name__, [args[i] for i in dirs]) if dirs else ()
         try:
-            return await fn(*args)
+            return await fn(self, *args)
         except Exception as exc:
             raise to_fuse_error(fn.__name__, exc) from None
+        finally:
+            if locked:
+                self.leave(locked)
 
     return handler  # type: ignore[return-value]
 
@@ -126,7 +142,8 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.leases: Leases | None = Leases(
             volume.meta, flush=self.flush_inode, invalidate=self.kernel_forget,
-            vol=volume.vol, drop=self.cache_drop) if leases else None
+            vol=volume.vol, drop=self.cache_drop, busy=self.busy) if leases else None
+        self.in_flight: collections.Counter[int] = collections.Counter()  # see DIR_LOCKING
         # what this mount holds leases for, answered without a round trip
         self.cache = MetaCache(self.lease_held)
         self.cache_file: CacheFile | None = None       # kept across mounts
@@ -211,6 +228,24 @@ class Operations(pyfuse3.Operations):
             return self.entry_timeout
         return 0.0 if parent is None else min(self.entry_timeout,
                                               self.leases.cache_time(parent))
+
+    def enter(self, op: str, dirs: list[int]) -> list[int]:
+        """A request that holds these directories' locks in the kernel starts."""
+        if op == "readdir":
+            handle = self.dirs.get(dirs[0])
+            dirs = [handle.ino] if handle is not None else []
+        self.in_flight.update(dirs)
+        return dirs
+
+    def leave(self, dirs: list[int]) -> None:
+        self.in_flight.subtract(dirs)
+        for ino in dirs:
+            if self.in_flight[ino] <= 0:
+                del self.in_flight[ino]
+
+    def busy(self, ino: int) -> bool:
+        """Is a request holding ``ino``'s lock in the kernel in flight here?"""
+        return self.in_flight[ino] > 0 if ino in self.in_flight else False
 
     def kernel_forget(self, ino: int, names: list[bytes]) -> None:
         """Drop what the kernel caches of ``ino`` (a recalled lease); runs in a

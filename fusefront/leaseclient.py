@@ -23,7 +23,14 @@ drops the lease, flushes the file's buffered writes if it was a WRITE lease
 (the commit still carries the lease's epoch, so it is admitted), starts the
 kernel invalidations in a separate task (they can block behind a request in
 flight on that inode, FACTS.md 6) and waits for them at most
-``INVALIDATE_WAIT``, then releases.  A lost session (ENOTCONN) drops every
+``INVALIDATE_WAIT``, then releases.  When a request of this mount that holds
+the directory's lock in the kernel (a create, unlink, lookup ... in it) is
+in flight, the invalidation waits for that request, which may itself wait
+for this release (two mounts creating in one directory): then the recall
+waits only ``BUSY_INVALIDATE_WAIT``.  The kernel may then serve the
+directory's old entries to this mount's processes until that request
+returns (the mount's own cache is already dropped, so ``readdir`` and
+lookups that reach the mount are current).  A lost session (ENOTCONN) drops every
 lease and opens a new session; buffered writes of the old session can then
 no longer be committed (fenced out) unless nobody changed the file since.
 """
@@ -43,6 +50,8 @@ log = logging.getLogger(__name__)
 
 CACHE_MAX = 60.0            # longest the kernel may cache anything, seconds
 INVALIDATE_WAIT = 1.0       # most a recall waits for the kernel's invalidations
+BUSY_INVALIDATE_WAIT = 0.02     # ... while a request holds the directory's lock
+BUSY_POLL = 0.005               # how often a recall looks for such a request
 EVENTS_WAIT = 20.0          # long-poll length
 
 
@@ -59,8 +68,10 @@ Drop = Callable[[int | None], None]     # sync: forget an inode's cached views; 
 
 class Leases:
     def __init__(self, meta: MetaClient, *, flush: Flush, invalidate: Invalidate,
-                 vol: int, drop: Drop | None = None) -> None:
+                 vol: int, drop: Drop | None = None,
+                 busy: Callable[[int], bool] | None = None) -> None:
         self.meta = meta
+        self._busy = busy or (lambda ino: False)
         self.vol = vol
         self._flush = flush
         self._invalidate = invalidate
@@ -207,9 +218,24 @@ class Leases:
                 done.set()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(invalidate)
-            with trio.move_on_after(INVALIDATE_WAIT):
-                await done.wait()
+            await self._wait_invalidated(ino, done)
             nursery.cancel_scope.cancel()
+
+    async def _wait_invalidated(self, ino: int, done: trio.Event) -> None:
+        """Until the invalidation is done, or at most ``INVALIDATE_WAIT``; but
+        only ``BUSY_INVALIDATE_WAIT`` once a request of this mount holding
+        the directory's lock in the kernel is seen in flight: it blocks the
+        invalidation and may itself wait for this recall's release.  (The
+        kernel also holds the lock between the requests of one call, a
+        lookup and then the mkdir: hence looking again every few ms.)"""
+        with trio.move_on_after(INVALIDATE_WAIT):
+            while not done.is_set():
+                if self._busy(ino):
+                    with trio.move_on_after(BUSY_INVALIDATE_WAIT):
+                        await done.wait()
+                    return
+                with trio.move_on_after(BUSY_POLL):
+                    await done.wait()
 
     async def release(self, epochs: Iterable[int]) -> None:
         try:
