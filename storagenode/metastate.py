@@ -854,7 +854,7 @@ def _op_setattr(st: MetaState, a: Args, now: int) -> Any:
             setattr(inode, key, a[key])
     inode.ctime_ns = now
     st.save(inode)
-    return inode.attrs()
+    return _flagged(st, a["vol"], inode.attrs())
 
 
 def _op_touch_atime(st: MetaState, a: Args, now: int) -> Any:
@@ -864,7 +864,7 @@ def _op_touch_atime(st: MetaState, a: Args, now: int) -> Any:
     if a["atime_ns"] > inode.atime_ns:
         inode.atime_ns = a["atime_ns"]
         st.save(inode)
-    return inode.attrs()
+    return _flagged(st, a["vol"], inode.attrs())
 
 
 def _check_regular(inode: Inode) -> None:
@@ -1073,6 +1073,11 @@ def _with_xattr_flags(st: MetaState, vol: int, attrs: list[dict[str, int]]) -> N
         a["xattrs"] = int(a["ino"] in having)
 
 
+def _flagged(st: MetaState, vol: int, attrs: dict[str, int]) -> dict[str, int]:
+    _with_xattr_flags(st, vol, [attrs])
+    return attrs
+
+
 def _q_lookup(st: MetaState, a: Args, live: Live) -> Any:
     parent = st.directory(a["vol"], a["parent"])
     check_name(a["name"])
@@ -1094,7 +1099,9 @@ def _q_parent(st: MetaState, a: Args, live: Live) -> Any:
         raise MetaError(errno.ENOTDIR, f"inode {inode.ino} is not a directory")
     row = st._exec("SELECT parent FROM dentries WHERE vol = ? AND ino = ?",
                    a["vol"], a["ino"]).fetchone()
-    return st.inode(a["vol"], row[0] if row else a["ino"]).attrs()
+    attrs = st.inode(a["vol"], row[0] if row else a["ino"]).attrs()
+    _with_xattr_flags(st, a["vol"], [attrs])
+    return attrs
 
 
 def _q_readdir(st: MetaState, a: Args, live: Live) -> Any:
