@@ -497,7 +497,8 @@ class Operations(pyfuse3.Operations):
     # ----- extended attributes
     @staticmethod
     def check_not_acl(name: bytes) -> None:
-        """No POSIX ACLs (like ext4 mounted noacl): tools fall back to chmod."""
+        """No POSIX ACLs (like ext4 mounted noacl): tools fall back to chmod,
+        and `ls -l` stops asking after the first file."""
         if name.startswith(b"system.posix_acl_"):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
 
@@ -509,6 +510,10 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def getxattr(self, ino: int, name: bytes, ctx: Any) -> bytes:
+        # No ACLs at all, so reading one is "not supported" too: `ls -l` then
+        # stops asking for the rest of the mount (it remembers a device
+        # without ACLs) instead of costing one request per file.
+        self.check_not_acl(name)
         # The kernel asks for security.capability before every write; answer
         # "none" from a short-lived copy of the inode's xattr names.
         if name not in await self.names_of(ino):
