@@ -187,6 +187,7 @@ class FileData:
         self.stale: list[BlockRef] = []        # uploaded, then rewritten: never committed
         self.fence: int | None = None          # epoch of the WRITE lease the buffers are under
         self.changed = False          # size or mtime differ from the metadata node
+        self.attr_changes: dict[str, int] = {}   # a setattr's mode, uid, gid, atime (flush_with)
         self.lock = trio.Lock()
         self.opens = 0
         self.maybe_orphan = False     # lost a name while open here: check at last release
@@ -300,7 +301,7 @@ class FileData:
                     passed.append(idx)
                 pos += n
             self.size = max(self.size, offset + len(data))
-            self.mtime_ns = time.time_ns()
+            self.mtime_ns = self.ctime_ns = time.time_ns()
             self.changed = True
             if self.v.over_dirty_limit() or len(self.uploaded) >= COMMIT_BATCH:
                 await self._flush_all()
@@ -398,6 +399,22 @@ class FileData:
             delta -= old.length if old is not None else 0
         return delta
 
+    async def flush_with(self, changes: dict[str, int]) -> dict[str, Any] | None:
+        """Commit the buffered writes and a setattr's ``changes`` (no size) in
+        one metadata op: the first futimens, fchown or fchmod after writing
+        (tar, cp -a) costs one commit, not two.  None when nothing was
+        buffered: the caller sends the setattr itself."""
+        async with self.lock:
+            if not self.pending():
+                return None
+            if "mtime_ns" in changes:
+                self.mtime_ns = changes["mtime_ns"]
+            self.attr_changes = {k: v for k, v in changes.items() if k != "mtime_ns"}
+            try:
+                return await self._flush_all()
+            finally:
+                self.attr_changes = {}     # sent, or reported failed to this setattr
+
     # ----- flushing
     def pending(self) -> bool:
         return bool(self.dirty or self.uploaded or self.inflight or self.changed)
@@ -466,7 +483,7 @@ class FileData:
                   for i, r in sorted(self.uploaded.items())]
         attrs: dict[str, Any] = await self.v.call(
             "commit_blocks", ino=self.ino, size=self.size, blocks=blocks, mtime_ns=self.mtime_ns,
-            fence=self.fence)
+            fence=self.fence, **self.attr_changes)
         return attrs
 
     async def _store_again(self) -> None:

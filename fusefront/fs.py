@@ -286,7 +286,7 @@ class Operations(pyfuse3.Operations):
         f = self.files.get(a["ino"])
         if f is not None and f.changed:
             a = dict(a, size=f.size, mtime_ns=f.mtime_ns,
-                     ctime_ns=max(a["ctime_ns"], f.mtime_ns),
+                     ctime_ns=max(a["ctime_ns"], f.ctime_ns),
                      blocks=max(0, a["blocks"] + f.unstored_bytes() // 512))
         if f is not None and f.atime_ns > a["atime_ns"]:
             a = dict(a, atime_ns=f.atime_ns)      # a read access still on its way
@@ -406,10 +406,19 @@ class Operations(pyfuse3.Operations):
             changes["mtime_ns"] = attr.st_mtime_ns
         if fields.update_size and attr.st_size > MAX_FILE_SIZE:
             raise pyfuse3.FUSEError(errno.EFBIG)
-        await self.flush_inode(ino)
-        if fields.update_size:
-            return self.merged(await self.truncate(ino, attr.st_size, changes))
-        return self.merged(await self.change("setattr", ino=ino, **changes))
+        f = self.files.get(ino)
+        a = None
+        if changes and not fields.update_size and f is not None:
+            a = await f.flush_with(changes)
+        if a is None:
+            await self.flush_inode(ino)
+            if fields.update_size:
+                a = await self.truncate(ino, attr.st_size, changes)
+            else:
+                a = await self.change("setattr", ino=ino, **changes)
+        if f is not None and "atime_ns" in changes:
+            f.atime_ns = a["atime_ns"]        # an explicit atime, even an older one
+        return self.merged(a)
 
     async def truncate(self, ino: int, size: int, changes: dict[str, Any]) -> dict[str, Any]:
         async def commit() -> dict[str, Any]:

@@ -47,7 +47,7 @@ import json
 import sqlite3
 import stat
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import msgpack
@@ -236,6 +236,12 @@ class Inode:
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 
+    def row(self) -> tuple[Any, ...]:
+        """The columns in table order (dataclasses.astuple deep-copies: slow)."""
+        return (self.vol, self.ino, self.mode, self.uid, self.gid, self.nlink, self.size,
+                self.stored, self.atime_ns, self.mtime_ns, self.ctime_ns, self.rdev,
+                self.generation, self.target)
+
     def attrs(self) -> dict[str, int]:
         return {"ino": self.ino, "mode": self.mode, "nlink": self.nlink, "uid": self.uid,
                 "gid": self.gid, "rdev": self.rdev, "size": self.size,
@@ -246,6 +252,7 @@ class Inode:
 
 INODE_COLS = ", ".join(f.name for f in fields(Inode))
 INODE_SET = ", ".join(f"{f.name} = ?" for f in fields(Inode)[2:])
+INODE_MARKS = ", ".join("?" * len(fields(Inode)))
 
 
 class Entry(NamedTuple):
@@ -436,7 +443,7 @@ class MetaState:
                          vol, ino) is not None
 
     def save(self, inode: Inode) -> None:
-        values = astuple(inode)
+        values = inode.row()
         self._exec(f"UPDATE inodes SET {INODE_SET} WHERE vol = ? AND ino = ?",
                    *values[2:], inode.vol, inode.ino)
 
@@ -453,8 +460,7 @@ class MetaState:
             "target": None, **values}))
 
     def insert_inode(self, inode: Inode) -> Inode:
-        marks = ", ".join("?" * len(fields(Inode)))
-        self._exec(f"INSERT INTO inodes ({INODE_COLS}) VALUES ({marks})", *astuple(inode))
+        self._exec(f"INSERT INTO inodes ({INODE_COLS}) VALUES ({INODE_MARKS})", *inode.row())
         return inode
 
     def add_entry(self, vol: int, parent: int, name: bytes, ino: int) -> None:
@@ -847,14 +853,20 @@ def _op_setattr(st: MetaState, a: Args, now: int) -> Any:
         if a["size"] != inode.size:
             st.truncate(inode, a["size"], now)
         inode.mtime_ns = now
-    if a["mode"] is not None:
-        inode.mode = stat.S_IFMT(inode.mode) | (a["mode"] & 0o7777)
-    for key in ("uid", "gid", "atime_ns", "mtime_ns"):
-        if a[key] is not None:
-            setattr(inode, key, a[key])
+    _set_owner_mode_atime(inode, a)
+    if a["mtime_ns"] is not None:
+        inode.mtime_ns = a["mtime_ns"]
     inode.ctime_ns = now
     st.save(inode)
     return _flagged(st, a["vol"], inode.attrs())
+
+
+def _set_owner_mode_atime(inode: Inode, a: Args) -> None:
+    if a["mode"] is not None:
+        inode.mode = stat.S_IFMT(inode.mode) | (a["mode"] & 0o7777)
+    for key in ("uid", "gid", "atime_ns"):
+        if a[key] is not None:
+            setattr(inode, key, a[key])
 
 
 def _op_touch_atime(st: MetaState, a: Args, now: int) -> Any:
@@ -922,6 +934,7 @@ def _op_commit_blocks(st: MetaState, a: Args, now: int) -> Any:
     for idx, oid, length, nodes, data in a["blocks"]:
         st.set_block(inode, idx, oid, length, nodes, now, data)
     inode.mtime_ns = now if a["mtime_ns"] is None else a["mtime_ns"]
+    _set_owner_mode_atime(inode, a)     # what setattr did while the writes were buffered
     inode.ctime_ns = now
     st.save(inode)
     return inode.attrs()
@@ -1258,7 +1271,8 @@ OPS: dict[str, Method] = {
                                             "atime_ns": (_int(0), REQUIRED)}),
     "commit_blocks": Method(_op_commit_blocks, {
         "vol": VOL, "ino": INO, "size": (_int(0), REQUIRED), "blocks": _BLOCKS,
-        "mtime_ns": TIME, "fence": (_optional(_int(0)), None)}),
+        "mtime_ns": TIME, "fence": (_optional(_int(0)), None), "mode": _SETATTR["mode"],
+        "uid": _SETATTR["uid"], "gid": _SETATTR["gid"], "atime_ns": TIME}),
     "setxattr": Method(_op_setxattr, {**_XATTR, "value": (_typed(bytes, 1 << 20), REQUIRED),
                                       "flags": (_int(0), 0)}),
     "removexattr": Method(_op_removexattr, _XATTR),

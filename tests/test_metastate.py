@@ -522,6 +522,23 @@ def test_commit_blocks(fs: FS) -> None:
     assert fs.q("pending_deletes", limit=10) == [[OID[2], ["b"]]]   # OID[0] is still used
 
 
+def test_commit_blocks_carries_a_setattr(fs: FS) -> None:
+    """A futimens/fchown/fchmod after buffered writes commits with them:
+    the file type stays, the owner and times are set, ctime is the op's."""
+    f = fs.create(ROOT, b"f")
+    got = fs.op("commit_blocks", vol=fs.vol, ino=f["ino"], size=5, mtime_ns=55,
+                blocks=[[0, None, 5, [], b"hello"]], mode=0o4750 | stat.S_IFDIR,
+                uid=7, gid=8, atime_ns=44)
+    assert got["mode"] == stat.S_IFREG | 0o4750
+    assert (got["uid"], got["gid"], got["atime_ns"], got["mtime_ns"]) == (7, 8, 44, 55)
+    assert got["ctime_ns"] == fs.now and got["size"] == 5
+    assert fs.attrs(f["ino"]) == got | {"xattrs": 0}
+    fs.commit(f["ino"], 5, [])                      # without them nothing changes
+    assert (fs.attrs(f["ino"])["mode"], fs.attrs(f["ino"])["uid"]) == (stat.S_IFREG | 0o4750, 7)
+    with pytest.raises(metastate.BadRequest):
+        fs.op("commit_blocks", vol=fs.vol, ino=f["ino"], size=5, blocks=[], uid=-1)
+
+
 @pytest.mark.parametrize("blocks,size", [
     ([[0, OID[0], 4097, []]], 8192), ([[0, OID[0], 0, []]], 10), ([[1, OID[0], 10, []]], 4100),
     ([[0, OID[0], 10, []], [0, OID[1], 10, []]], 10)])

@@ -46,6 +46,38 @@ def test_close_to_open_and_sizes_never_go_back(two: tuple[Cluster, Path, Path]) 
             assert os.stat(b / "log").st_size == log.tell()
 
 
+def test_attributes_set_on_a_file_open_for_writing_show_on_the_other_client(
+        two: tuple[Cluster, Path, Path]) -> None:
+    """A write, futimens, fchown and fchmod (what tar and cp -a do before
+    close) are buffered together on A; B sees all of them at once, before
+    and after A's close, and a remount of A sees them too."""
+    c, a, b = two
+    old = (1_000_000_000, 1_500_000_123)          # atime, mtime (ns)
+    with open(a / "f", "wb", buffering=0) as f:
+        f.write(b"x" * 5000)
+        os.utime(f.fileno(), ns=old)
+        os.fchown(f.fileno(), 1234, 5678)
+        os.fchmod(f.fileno(), 0o4751)
+        mine = os.fstat(f.fileno())
+        assert (mine.st_uid, mine.st_gid, oct(mine.st_mode)) == (1234, 5678, "0o104751")
+        assert (mine.st_atime_ns, mine.st_mtime_ns, mine.st_size) == (*old, 5000)
+        assert mine.st_ctime_ns > old[1]
+        theirs = os.stat(b / "f")                  # recalls A's WRITE lease: A commits
+        assert (theirs.st_uid, theirs.st_gid, oct(theirs.st_mode)) == (1234, 5678, "0o104751")
+        assert (theirs.st_mtime_ns, theirs.st_size) == (old[1], 5000)
+        f.write(b"y")                              # a later write sets mtime again
+        os.fchmod(f.fileno(), 0o640)
+    after = os.stat(b / "f")
+    assert (after.st_size, oct(after.st_mode), after.st_uid) == (5001, "0o100640", 1234)
+    assert after.st_mtime_ns > old[1]
+    assert (b / "f").read_bytes() == b"x" * 5000 + b"y"
+    c.umount(a)
+    c.mount(a)
+    again = os.stat(a / "f")
+    assert (again.st_mode, again.st_uid, again.st_gid, again.st_mtime_ns) == \
+        (after.st_mode, after.st_uid, after.st_gid, after.st_mtime_ns)
+
+
 def test_changes_on_one_client_show_on_the_other_at_once(two: tuple[Cluster, Path, Path]
                                                          ) -> None:
     _, a, b = two
