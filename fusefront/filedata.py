@@ -115,6 +115,10 @@ class Volume:
         self.lost_session: Callable[[], Awaitable[None]] | None = None
         # set by the mount: an op changed these inodes (None: maybe anything)
         self.touched: Callable[[list[int] | None], None] = lambda inos: None
+        # set by the mount: before an op on an inode, what keeps its answer
+        # (the inode's new attrs) if nothing else changed it meanwhile
+        self.keeper: Callable[[int], Callable[[dict[str, Any]], None]] = \
+            lambda ino: lambda attrs: None
 
     def over_dirty_limit(self) -> bool:
         """Do buffered writes of all files exceed the mount's budget?"""
@@ -481,9 +485,11 @@ class FileData:
     async def _send_commit(self) -> dict[str, Any]:
         blocks = [r.as_entry(i) if r else [i, None, 0, []]
                   for i, r in sorted(self.uploaded.items())]
+        keep = self.v.keeper(self.ino)
         attrs: dict[str, Any] = await self.v.call(
             "commit_blocks", ino=self.ino, size=self.size, blocks=blocks, mtime_ns=self.mtime_ns,
             fence=self.fence, **self.attr_changes)
+        keep(attrs)               # a stat after close needs no round trip
         return attrs
 
     async def _store_again(self) -> None:

@@ -148,6 +148,7 @@ class Operations(pyfuse3.Operations):
         self.cache = MetaCache(self.lease_held)
         self.cache_file: CacheFile | None = None       # kept across mounts
         volume.touched = self.cache_touched
+        volume.keeper = self.keeper
         self.v = volume
         self.meta: MetaClient = volume.meta
         self.attr_timeout = attr_timeout
@@ -179,6 +180,11 @@ class Operations(pyfuse3.Operations):
             self.cache.clear()
         else:
             self.cache.touched(inos)
+
+    def keeper(self, ino: int) -> Callable[[dict[str, Any]], None]:
+        """Take before an op of this mount on ``ino``; call with its answer."""
+        since, drops = self.cache.stamp(), self.cache.drops(ino)
+        return lambda attrs: self.cache.put_own(ino, attrs, since, drops)
 
     async def restore_cache(self) -> None:
         """Take back what the last mount cached, as far as the node says it

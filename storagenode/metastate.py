@@ -934,10 +934,10 @@ def _op_commit_blocks(st: MetaState, a: Args, now: int) -> Any:
     for idx, oid, length, nodes, data in a["blocks"]:
         st.set_block(inode, idx, oid, length, nodes, now, data)
     inode.mtime_ns = now if a["mtime_ns"] is None else a["mtime_ns"]
-    _set_owner_mode_atime(inode, a)     # what setattr did while the writes were buffered
+    _set_owner_mode_atime(inode, a)     # a setattr that came after the buffered writes
     inode.ctime_ns = now
     st.save(inode)
-    return inode.attrs()
+    return _flagged(st, a["vol"], inode.attrs())
 
 
 def _xattr_value(st: MetaState, a: Args) -> bytes | None:
