@@ -289,8 +289,26 @@ class FileData:
         return await self.v.cache.get(oid, lambda: self.v.store.download(oid, ref.holders))
 
     # ----- writing
-    async def write(self, offset: int, data: bytes, spawn: Spawn) -> None:
+    async def write(self, offset: int, data: bytes, spawn: Spawn, *,
+                    lease: Callable[[], int | None] | None = None) -> bool:
+        """Buffer ``data``; with leases, under the WRITE lease whose epoch
+        ``lease()`` gives now.  False (nothing written) if that epoch is not
+        the one the caller saw when it sent us here: a recall came between,
+        and the caller must take the new lease first.  Data still buffered
+        under an older lease is committed under that lease's fence first (a
+        lost lease fails it: it is never committed under a newer one)."""
+        fence = lease() if lease is not None else None
         async with self.lock:
+            if lease is not None:
+                if lease() != fence:
+                    return False
+                if fence != self.fence and self.pending():
+                    try:
+                        await self._flush_all()
+                    except Exception:
+                        await self._discard_locked()
+                        raise
+                self.fence = fence
             passed = []            # blocks this write filled up to their end
             pos = 0
             while pos < len(data):
@@ -309,9 +327,10 @@ class FileData:
             self.changed = True
             if self.v.over_dirty_limit() or len(self.uploaded) >= COMMIT_BATCH:
                 await self._flush_all()
-                return
+                return True
             for idx in passed:
                 await self._start_upload(idx, spawn)
+            return True
 
     async def _dirty_block(self, idx: int, whole: bool) -> bytearray:
         buf = self.dirty.get(idx)
@@ -506,14 +525,17 @@ class FileData:
         """Drop the data that could not be stored (close or fsync reported
         why), so that it never lands later over what others wrote since."""
         async with self.lock:
-            await self._wait_uploads()
-            for idx in list(self.dirty):
-                self._forget_dirty(idx)
-            dropped = [r for r in self.uploaded.values() if r is not None] + self.stale
-            self.uploaded.clear()
-            self.stale = []
-            self.changed = False
-            self._forget_map()
+            await self._discard_locked()
+
+    async def _discard_locked(self) -> None:
+        await self._wait_uploads()
+        for idx in list(self.dirty):
+            self._forget_dirty(idx)
+        dropped = [r for r in self.uploaded.values() if r is not None] + self.stale
+        self.uploaded.clear()
+        self.stale = []
+        self.changed = False
+        self._forget_map()
         for ref in dropped:          # never committed: no one else refers to them
             await self._discard(ref)
 

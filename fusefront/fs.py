@@ -99,6 +99,7 @@ def to_fuse_error(operation: str, exc: Exception) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EIO)
 
 
+WRITE_LEASE_TRIES = 100         # a write retried under a new WRITE lease after a recall
 DIR_BATCH = 512                 # directory entries one readdir round trip fetches
 
 
@@ -345,7 +346,12 @@ class Operations(pyfuse3.Operations):
             return await self.call(method, **args)
         since = self.cache.stamp()
         drops = self.cache.drops(args["ino"]) if "ino" in args else 0
-        result, grants = await self.v.call_leased(method, **args)
+        try:
+            result, grants = await self.v.call_leased(method, **args)
+        except MetaError as exc:
+            if exc.errno == errno.EEXIST:       # so the name is there: learn it again
+                self.cache.drop_entry(args["parent"], args["name"])
+            raise
         self.leases.note(result["ino"], grants[0] if grants else None)
         if "ino" in args:       # link, setattr: an inode that may be in flight elsewhere
             self.cache.put_own(result["ino"], result, since, drops)
@@ -451,9 +457,10 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
-        return self.entry(await self.change("mkdir", parent=parent, name=name,
-                                          mode=mode & ~ctx.umask, uid=ctx.uid, gid=ctx.gid),
-                          parent)
+        a = await self.change("mkdir", parent=parent, name=name, mode=mode & ~ctx.umask,
+                              uid=ctx.uid, gid=ctx.gid)
+        self.cache.put_new_directory(a["ino"])      # every name in it is known: none
+        return self.entry(a, parent)
 
     @fuse_op
     async def symlink(self, parent: int, name: bytes, target: bytes,
@@ -723,13 +730,20 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EFBIG)
         data = data[:MAX_FILE_SIZE - offset]
         f = self.handles[fh]
-        if self.leases is not None:
-            # buffer only under a WRITE lease; its epoch fences the commit
-            if self.leases.write_epoch(f.ino) is None:
-                await self.leases.acquire(f.ino, "write")
-            f.fence = self.leases.write_epoch(f.ino)
-        await f.write(offset, data, self.spawn)
-        return len(data)
+        leases = self.leases
+        if leases is None:
+            await f.write(offset, data, self.spawn)
+            return len(data)
+        # buffer only under a WRITE lease; its epoch fences the commit
+        for _ in range(WRITE_LEASE_TRIES):
+            if leases.write_epoch(f.ino) is None:
+                await leases.acquire(f.ino, "write")
+            if await f.write(offset, data, self.spawn,
+                             lease=functools.partial(leases.write_epoch, f.ino)):
+                return len(data)
+        log.warning("write to inode %d: its WRITE lease was recalled %d times in a row",
+                    f.ino, WRITE_LEASE_TRIES)
+        raise pyfuse3.FUSEError(errno.EIO)
 
     @fuse_op
     async def flush(self, fh: int) -> None:

@@ -58,7 +58,7 @@ EVENTS_WAIT = 20.0          # long-poll length
 @dataclass
 class Held:
     epoch: int
-    mode: str               # "read" / "write"
+    mode: str               # "read" / "write" / "recalled" (a WRITE lease being flushed)
 
 
 Invalidate = Callable[[int, list[bytes]], None]     # sync; run in a thread
@@ -197,6 +197,9 @@ class Leases:
             self.recalls += 1
             self._drop(ino)
             if held.mode == "write":
+                # from now on a write takes a new lease: what the flush below
+                # does not commit must not be buffered under this one
+                held = self.held[ino] = Held(epoch, "recalled")
                 try:
                     await self._flush(ino)
                 except Exception as exc:    # the data stays buffered; close reports it

@@ -11,6 +11,13 @@ while the lease that covers the answer is held (docs/LEASES.md):
   under a lease on the directory;
 * ``listing(dir)``: a directory's whole listing, under a lease on it.
 
+A directory whose every name is known (a whole listing was read, or this
+mount made it) answers a lookup of any other name with "absent" at once:
+`tar -x` and `cp -r` look up every name before creating it.  This mount's
+own ops keep it whole (the caller records each name it adds or removes); a
+name the caller cannot record (``drop_entry``), another client's change
+(the lease is recalled first) or an unknown outcome ends it.
+
 It is filled from answers that came with leases (lookup, getattr, readdir
 and the ops that return attributes) and emptied of an inode when its lease
 is recalled or lost, when an op of this mount changed it (the node names
@@ -65,6 +72,7 @@ class MetaCache:
         self.attrs: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self.entries: dict[int, dict[bytes, int]] = {}
         self.listings: dict[int, list[Row]] = {}
+        self.whole: set[int] = set()    # directories whose every name is in entries
         self.names = 0
         self.hits = 0
         self.misses = 0
@@ -103,10 +111,13 @@ class MetaCache:
     def entry(self, parent: int, name: bytes) -> int | None:
         """The inode ``name`` in ``parent`` points to, 0 if it is known to be
         absent, None when this cache cannot say."""
-        names = self.entries.get(parent)
-        if names is None or not self.valid(parent):
+        if not self.valid(parent):
             return None
-        return names.get(name)
+        names = self.entries.get(parent)
+        found = None if names is None else names.get(name)
+        if found is None and parent in self.whole:
+            return 0
+        return found
 
     def listing(self, ino: int) -> list[Row] | None:
         """Every entry of directory ``ino`` in cursor order, if known."""
@@ -143,6 +154,7 @@ class MetaCache:
         names[name] = ino
         if self.names > self.max_names:
             self.entries.clear()
+            self.whole.clear()
             self.names = 0
 
     def put_listing(self, ino: int, rows: list[Row], since: int) -> None:
@@ -151,9 +163,17 @@ class MetaCache:
         self.listings[ino] = rows
         for _, name, child in rows:
             self.put_entry(ino, name, child, since)
+        names = self.entries.get(ino, {})
+        if all(name in names for _, name, _ in rows):    # none dropped over the bound
+            self.whole.add(ino)
+
+    def put_new_directory(self, ino: int) -> None:
+        """A directory this mount just made (and holds a lease on): empty."""
+        self.put_listing(ino, [], self.stamp())
 
     def drop_entry(self, parent: int, name: bytes) -> None:
         self.listings.pop(parent, None)
+        self.whole.discard(parent)
         names = self.entries.get(parent)
         if names is not None and names.pop(name, None) is not None:
             self.names -= 1
@@ -172,6 +192,7 @@ class MetaCache:
         self._mark(ino)
         self.attrs.pop(ino, None)
         self.listings.pop(ino, None)
+        self.whole.discard(ino)
         names = self.entries.pop(ino, None)
         if names is not None:
             self.names -= len(names)
@@ -183,6 +204,7 @@ class MetaCache:
         self.attrs.clear()
         self.entries.clear()
         self.listings.clear()
+        self.whole.clear()
         self.names = 0
 
     # ---- across mounts

@@ -48,12 +48,42 @@ def test_names_and_listings_live_under_the_directory_lease() -> None:
     cache.put_listing(1, [(3, b"a", 7), (9, b"b", 8)], cache.stamp())
     cache.put_entry(1, b"gone", 0, cache.stamp())
     assert cache.entry(1, b"a") == 7 and cache.entry(1, b"gone") == 0
-    assert cache.entry(1, b"unknown") is None
+    assert cache.entry(1, b"unknown") == 0       # not in the whole listing: absent
     assert cache.listing(1) == [(3, b"a", 7), (9, b"b", 8)]
     cache.touched([1])                           # this mount changed the directory
     assert cache.listing(1) is None and cache.entry(1, b"a") == 7
     cache.forget(1)                              # the lease on it was recalled
     assert cache.entry(1, b"a") is None
+
+
+def test_a_directory_known_whole_answers_absent_names_until_a_name_is_unknown() -> None:
+    held = Held()
+    held.leased.update({1, 2})
+    cache = MetaCache(held)
+    assert cache.entry(2, b"x") is None          # nothing known of directory 2
+    cache.put_new_directory(2)                   # this mount made it: empty
+    assert cache.entry(2, b"x") == 0 and cache.listing(2) == []
+    cache.touched([2])                           # this mount creates x in it ...
+    cache.put_entry(2, b"x", 9, cache.stamp())   # ... and records the name
+    assert cache.entry(2, b"x") == 9 and cache.entry(2, b"y") == 0
+    cache.drop_entry(2, b"x")                    # a name it could not record
+    assert cache.entry(2, b"x") is None and cache.entry(2, b"y") is None
+    cache.put_listing(2, [(1, b"x", 9)], cache.stamp())
+    assert cache.entry(2, b"y") == 0
+    held.leased.discard(2)                       # the lease is gone: nothing is known
+    assert cache.entry(2, b"y") is None
+    held.leased.add(2)
+    cache.forget(2)                              # recalled: another mount changes it
+    assert cache.entry(2, b"y") is None
+    cache.put_listing(2, [(1, b"x", 9)], cache.stamp())
+    cache.clear()                                # an op's outcome is unknown
+    assert cache.entry(2, b"y") is None
+    held.leased.update(range(1, 7))
+    small = MetaCache(held, max_names=8)         # names over the bound are dropped
+    for d in range(1, 6):
+        small.put_listing(d, [(1, b"a", 10 * d), (2, b"b", 10 * d + 1)], small.stamp())
+    assert small.entry(1, b"other") is None      # cleared when directory 5 overflowed
+    assert small.entry(5, b"b") == 51 and small.entry(5, b"other") is None
 
 
 def test_an_answer_overtaken_by_a_change_is_not_stored() -> None:

@@ -46,6 +46,40 @@ def test_close_to_open_and_sizes_never_go_back(two: tuple[Cluster, Path, Path]) 
             assert os.stat(b / "log").st_size == log.tell()
 
 
+def test_writes_racing_recalls_of_their_lease_are_all_committed(
+        two: tuple[Cluster, Path, Path]) -> None:
+    """B opens and stats the file A appends to, over and over: every open
+    recalls A's WRITE lease.  A write that lands while A flushes for a recall
+    goes under A's next lease: no write or fsync fails, no byte is lost."""
+    _, a, b = two
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(os.stat(b / "log").st_size)
+                with open(b / "log", "rb") as f:
+                    f.read(1)
+            except FileNotFoundError:
+                pass
+    (a / "log").write_bytes(b"")
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        with open(a / "log", "ab") as log:
+            for i in range(300):
+                log.write(b"line %d\n" % i)
+                log.flush()
+                if i % 3 == 0:
+                    os.fsync(log.fileno())
+    finally:
+        stop.set()
+        thread.join()
+    assert (b / "log").read_bytes() == b"".join(b"line %d\n" % i for i in range(300))
+    assert len(seen) > 10
+
+
 def test_attributes_set_on_a_file_open_for_writing_show_on_the_other_client(
         two: tuple[Cluster, Path, Path]) -> None:
     """A write, futimens, fchown and fchmod (what tar and cp -a do before

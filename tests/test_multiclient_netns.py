@@ -338,6 +338,31 @@ def test_a_partitioned_writer_is_fenced_out(two: tuple[Cluster, list[Client]]) -
     assert c.consistency_problems() == []
 
 
+def test_a_partitioned_writer_that_writes_again_is_fenced_out_too(
+        two: tuple[Cluster, list[Client]]) -> None:
+    """As above, but A writes again once its link is back: its new write
+    must not carry the stale buffered data in under a new lease.  The write
+    or the fsync after it fails with EIO, and B's data stays."""
+    c, (a, b) = two
+    newer = b"newer on B." * 2000
+    with Holder(a.mnt / "f") as holder:
+        assert holder.ask("write 1000 durable.") == "ok"
+        assert holder.ask("fsync") == "ok"
+        assert holder.ask("write 40000 stale.") == "ok"      # buffered on A, not committed
+        a.link.cut("link-down")
+        (b.mnt / "f").write_bytes(newer)
+        a.link.restore("link-down")
+        time.sleep(LEASE_TIME / 2)           # A's renewal finds its session gone
+        again = holder.ask("write 100 later.", timeout=60)
+        synced = holder.ask("fsync", timeout=60)
+        holder.ask("close", timeout=60)
+    eio = f"error {errno.EIO} "
+    assert again.startswith(eio) or synced.startswith(eio), (again, synced, mount_log(c, a))
+    assert (b.mnt / "f").read_bytes() == newer, mount_log(c, a)
+    assert (a.mnt / "f").read_bytes() == newer, mount_log(c, a)
+    assert c.consistency_problems() == []
+
+
 def test_a_killed_client_in_a_namespace_holds_others_up_only_for_the_lease_time(
         two: tuple[Cluster, list[Client]]) -> None:
     """A's daemon is killed while A holds a WRITE lease with unflushed data:
