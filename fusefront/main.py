@@ -34,7 +34,9 @@ from .metacache import CacheFile
 from .options import MountConfig, UsageError, parse_args
 
 log = logging.getLogger("objfs")
-M_ARENA_MAX = -8          # mallopt parameter (glibc malloc.h)
+M_ARENA_MAX = -8          # mallopt parameters (glibc malloc.h)
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20  # buffers this big are mapped on their own
 
 
 class MountError(Exception):
@@ -86,10 +88,14 @@ def setup_logging(cfg: MountConfig, cache: Path) -> None:
 def limit_malloc_arenas() -> None:
     """glibc gives every worker thread its own heap arena and keeps freed
     4 MiB blocks in each; two arenas keep the mount's resident size near
-    what it really holds."""
+    what it really holds.  A fixed mmap threshold stops glibc from raising
+    it after the first freed block buffer (up to 32 MiB), which would put
+    every later block buffer on those heaps, where freeing rarely gives
+    memory back: blocks are mapped and unmapped whole instead."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_ARENA_MAX, 2)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):
         pass
 
