@@ -16,7 +16,8 @@ asked too; whichever stores it first holds that copy: a hung or cut-off node
 costs a moment, not a timeout); ``Placing`` keeps that bookkeeping.  The
 block is acknowledged only when ``copies`` distinct nodes hold it durably
 (``copies`` is the volume's replica count, or the number of active nodes
-when fewer exist).  A copy stored twice over by a stand-in is taken back;
+when fewer exist); when nodes are down, a majority of ``copies``
+(``write_quorum``) is enough, and repair adds the missing copies later.  A copy stored twice over by a stand-in is taken back;
 one a cancelled request may still have stored is left to the orphan scan.
 The client sends each copy itself: on loopback one trio process pushes
 ~850 MiB/s of PUTs, far above what the rest of the path delivers, so a
@@ -122,6 +123,13 @@ class ClusterView:
 
     def active_count(self) -> int:
         return sum(n.active for n in self.nodes.values())
+
+
+def write_quorum(copies: int) -> int:
+    """The fewest copies a block of a replicated volume is acknowledged with
+    (a majority): with a node down, writes go on with the copies that can be
+    stored, and repair makes the rest once a node can take them."""
+    return copies // 2 + 1
 
 
 Attempt = tuple[int, NodeId]          # (shard index, node to ask for it)
@@ -240,11 +248,20 @@ class BlockStore:
         ``Placing``); the holders, position by position."""
         pieces = self._pieces(objs)
         candidates = self.view.ranked(oid)
+        if not self.ec_k and write_quorum(len(pieces)) <= len(candidates) < len(pieces):
+            pieces = pieces[:len(candidates)]      # a node is down: degraded, repaired later
         if not pieces or len(candidates) < len(pieces):
             raise DataUnavailable(f"{len(candidates)} writable data nodes for "
                                   f"{len(pieces) or self.pieces} pieces of a block")
         placing = Placing(len(pieces), candidates)
         await self._put_pieces(oid, pieces, placing)
+        stored = [n for n in placing.holders if n is not None]
+        if not self.ec_k and write_quorum(len(pieces)) <= len(stored) < len(pieces):
+            for position, node_id in placing.extra:
+                await self.discard(oid, [""] * position + [node_id])
+            log.warning("block %s stored on %d of %d nodes; repair adds the missing copies",
+                        oid, len(stored), len(pieces))
+            return stored
         if None in placing.holders:        # not acknowledged: take back what was stored
             await self.discard(oid, [n or "" for n in placing.holders])
         for position, node_id in placing.extra:     # stored twice over: not needed

@@ -85,6 +85,7 @@ class Leases:
         self.margin = 0.0
         self.valid_until = -1.0
         self.recalls = 0
+        self._recalling: set[int] = set()      # epochs whose recall is running
         self._session_lock = trio.Lock()
 
     # ---- session
@@ -188,6 +189,19 @@ class Leases:
     # ---- recalls
 
     async def recall(self, ino: int, epoch: int) -> None:
+        """Flush, invalidate, release.  The same recall also comes again in
+        renewal answers while it is outstanding: a repeat that arrives while
+        the first is still flushing is dropped; it must not release the
+        lease under the flush's feet (the commit would then be refused)."""
+        if epoch in self._recalling:
+            return
+        self._recalling.add(epoch)
+        try:
+            await self._recall(ino, epoch)
+        finally:
+            self._recalling.discard(epoch)
+
+    async def _recall(self, ino: int, epoch: int) -> None:
         now = trio.current_time()
         self.recalled[epoch] = now
         for old in [e for e, t in self.recalled.items() if t < now - 2 * self.lease_time - 5]:

@@ -158,6 +158,36 @@ def test_a_failed_node_is_invisible_and_redundancy_comes_back(healing: Cluster,
     assert trees_equal(expected_old, mnt / "old")
 
 
+def test_with_one_of_three_nodes_dead_writes_go_on_and_redundancy_comes_back(
+        tmp_path: Path) -> None:
+    """3 data nodes, 3 replicas, one killed: a copy into the mount right
+    after the kill (the map still says the node is up) and one after it is
+    marked down both succeed, with two copies of each block; when the node
+    is back, repair makes the third, and nothing changed in the files."""
+    with checked_cluster(tmp_path / "cluster", data_nodes=3, meta_args=META_ARGS,
+                         data_args=DATA_ARGS) as c:
+        c.create_volume("vol", block_size=1 << 20, replicas=3)
+        src, mnt = tmp_path / "src", tmp_path / "mnt"
+        make_tree(src / "a", 3, 12, 3 << 20)
+        make_tree(src / "b", 4, 12, 3 << 20)
+        c.mount(mnt)
+        victim = c.data[0]
+        victim.kill(signal.SIGKILL)
+        subprocess.run(["cp", "-a", str(src / "a"), str(mnt / "a")], check=True, timeout=120)
+        wait_for("the node marked down", lambda: "data1" not in {
+            n["node_id"] for n in c.call("cluster_map")["nodes"] if n["state"] == "up"})
+        subprocess.run(["cp", "-a", str(src / "b"), str(mnt / "b")], check=True, timeout=120)
+        subprocess.run(["sync", "-f", str(mnt)], check=True)
+        holders = c.block_holders()
+        assert holders and all(len(set(h)) == 2 for h in holders.values())
+        assert trees_equal(src / "a", mnt / "a") and trees_equal(src / "b", mnt / "b")
+        victim.start()
+        c.wait_nodes_up(3)
+        wait_for("full redundancy", lambda: fully_redundant(c, set()), timeout=120)
+        subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
+        assert trees_equal(src / "a", mnt / "a") and trees_equal(src / "b", mnt / "b")
+
+
 def test_adding_a_node_moves_a_fair_share_and_draining_empties_one(healing: Cluster,
                                                                     tmp_path: Path) -> None:
     c = healing

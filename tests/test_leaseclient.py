@@ -1,0 +1,53 @@
+"""The mount's side of leases (fusefront.leaseclient), without I/O: a fake
+metadata node records what the client sends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from fusefront.leaseclient import Leases
+
+
+class FakeMeta:
+    def __init__(self) -> None:
+        self.session = "s"
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def call(self, method: str, **args: Any) -> Any:
+        self.calls.append((method, args))
+        return {}
+
+
+def test_a_repeated_recall_never_releases_under_the_first_ones_flush() -> None:
+    """A recall also comes again in renewal answers while outstanding.  The
+    repeat must not release the WRITE lease while the first recall is still
+    committing under it (the commit would be refused: EIO, data dropped),
+    and from the first moment of the recall, writes need a new lease."""
+    async def main() -> None:
+        meta = FakeMeta()
+        flushing, go = trio.Event(), trio.Event()
+        order: list[str] = []
+
+        async def flush(ino: int) -> None:
+            order.append("flush starts")
+            flushing.set()
+            await go.wait()
+            order.append("flush ends")
+        leases = Leases(meta, flush=flush, invalidate=lambda ino, names: None,  # type: ignore[arg-type]
+                        vol=1)
+        leases.note(5, {"epoch": 7, "mode": "write", "cache": True})
+        assert leases.write_epoch(5) == 7
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(leases.recall, 5, 7)
+            await flushing.wait()
+            assert leases.write_epoch(5) is None        # a write now takes a new lease
+            await leases.recall(5, 7)                   # the renewal's repeat
+            assert not [c for c in meta.calls if c[0] == "release"]
+            go.set()
+        assert order == ["flush starts", "flush ends"]
+        assert meta.calls == [("release", {"epochs": [7]})]
+        await leases.recall(5, 7)                       # a late repeat: released again, harmless
+        assert order == ["flush starts", "flush ends"]
+    trio.run(main)
