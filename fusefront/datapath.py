@@ -17,8 +17,9 @@ costs a moment, not a timeout); ``Placing`` keeps that bookkeeping.  The
 block is acknowledged only when ``copies`` distinct nodes hold it durably
 (``copies`` is the volume's replica count, or the number of active nodes
 when fewer exist); when nodes are down, a majority of ``copies``
-(``write_quorum``) is enough, and repair adds the missing copies later.  A copy stored twice over by a stand-in is taken back;
-one a cancelled request may still have stored is left to the orphan scan.
+(``write_quorum``) is enough, and repair adds the missing copies later.  A
+copy stored twice over by a stand-in is taken back; one a cancelled request
+may still have stored is left to the orphan scan.
 The client sends each copy itself: on loopback one trio process pushes
 ~850 MiB/s of PUTs, far above what the rest of the path delivers, so a
 chain (pipeline) would buy nothing here and cost latency and mid-chain
@@ -256,16 +257,15 @@ class BlockStore:
         placing = Placing(len(pieces), candidates)
         await self._put_pieces(oid, pieces, placing)
         stored = [n for n in placing.holders if n is not None]
-        if not self.ec_k and write_quorum(len(pieces)) <= len(stored) < len(pieces):
-            for position, node_id in placing.extra:
-                await self.discard(oid, [""] * position + [node_id])
-            log.warning("block %s stored on %d of %d nodes; repair adds the missing copies",
-                        oid, len(stored), len(pieces))
-            return stored
-        if None in placing.holders:        # not acknowledged: take back what was stored
+        degraded = not self.ec_k and write_quorum(len(pieces)) <= len(stored) < len(pieces)
+        if None in placing.holders and not degraded:   # not acknowledged: take it back
             await self.discard(oid, [n or "" for n in placing.holders])
         for position, node_id in placing.extra:     # stored twice over: not needed
             await self.discard(oid, [""] * position + [node_id])
+        if degraded:
+            log.warning("block %s stored on %d of %d nodes; repair adds the missing copies",
+                        oid, len(stored), len(pieces))
+            return stored
         return self._check_placed(placing.holders, placing.full)
 
     def _check_placed(self, placed: list[NodeId | None], full: int) -> list[NodeId]:

@@ -349,7 +349,7 @@ class Operations(pyfuse3.Operations):
         try:
             result, grants = await self.v.call_leased(method, **args)
         except MetaError as exc:
-            if exc.errno == errno.EEXIST:       # so the name is there: learn it again
+            if exc.errno == errno.EEXIST and "name" in args:    # it is there: learn it again
                 self.cache.drop_entry(args["parent"], args["name"])
             raise
         self.leases.note(result["ino"], grants[0] if grants else None)
