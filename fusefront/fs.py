@@ -149,6 +149,7 @@ class Operations(pyfuse3.Operations):
         self.cache = MetaCache(self.lease_held)
         self.cache_file: CacheFile | None = None       # kept across mounts
         volume.touched = self.cache_touched
+        volume.stamp = self.cache.stamp
         volume.keeper = self.keeper
         self.v = volume
         self.meta: MetaClient = volume.meta
@@ -176,11 +177,12 @@ class Operations(pyfuse3.Operations):
         else:
             self.cache.forget(ino)
 
-    def cache_touched(self, inos: list[int] | None) -> None:
+    def cache_touched(self, inos: list[int] | None, attrs: list[dict[str, Any]],
+                      since: int) -> None:
         if inos is None:
             self.cache.clear()
         else:
-            self.cache.touched(inos)
+            self.cache.touched(inos, attrs, since)
 
     def keeper(self, ino: int) -> Callable[[dict[str, Any]], None]:
         """Take before an op of this mount on ``ino``; call with its answer."""
@@ -479,9 +481,9 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
         self.check_name(name)
-        self.cache.drop_entry(parent, name)
+        removed = self.cache.removing(parent, name)
         result = await self.call("unlink", parent=parent, name=name, open_inos=self.open_inos())
-        self.cache.put_entry(parent, name, 0, self.cache.stamp())
+        removed()
         self.note_maybe_orphan(result["ino"])
 
     def note_maybe_orphan(self, ino: int) -> None:
@@ -493,9 +495,9 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def rmdir(self, parent: int, name: bytes, ctx: Any) -> None:
         self.check_name(name)
-        self.cache.drop_entry(parent, name)
+        removed = self.cache.removing(parent, name)
         await self.call("rmdir", parent=parent, name=name)
-        self.cache.put_entry(parent, name, 0, self.cache.stamp())
+        removed()
 
     @fuse_op
     async def rename(self, parent_old: int, name_old: bytes, parent_new: int,
@@ -503,16 +505,16 @@ class Operations(pyfuse3.Operations):
         self.check_name(name_old)
         self.check_name(name_new)
         moved = self.cache.entry(parent_old, name_old)
-        self.cache.drop_entry(parent_old, name_old)
+        removed = self.cache.removing(parent_old, name_old)
         self.cache.drop_entry(parent_new, name_new)
         result = await self.call("rename", parent=parent_old, name=name_old,
                                  new_parent=parent_new, new_name=name_new, flags=flags,
                                  open_inos=self.open_inos())
         if not flags & RENAME_EXCHANGE:
-            now = self.cache.stamp()
-            self.cache.put_entry(parent_old, name_old, 0, now)
+            if moved or parent_new != parent_old:    # else the new name is not known
+                removed()
             if moved:
-                self.cache.put_entry(parent_new, name_new, moved, now)
+                self.cache.put_entry(parent_new, name_new, moved, self.cache.stamp())
         if result.get("replaced"):
             self.note_maybe_orphan(result["replaced"])
 

@@ -49,7 +49,7 @@ import os
 import sqlite3
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import msgpack
 
@@ -178,14 +178,39 @@ class MetaCache:
         if names is not None and names.pop(name, None) is not None:
             self.names -= 1
 
+    def removing(self, parent: int, name: bytes) -> Callable[[], None]:
+        """Before an op of this mount that takes ``name`` out of ``parent``
+        (unlink, rmdir, rename): the name is unknown until the op is
+        answered.  Call what this returns once it succeeded: the name is
+        then known absent, and a directory that was whole is whole again if
+        the op's own change (``touched``) is all that happened to it."""
+        since, drops = self.stamp(), self.drops(parent)
+        was_whole = parent in self.whole
+        self.drop_entry(parent, name)
+
+        def removed() -> None:
+            self.put_entry(parent, name, 0, self.stamp())
+            if (was_whole and since >= self.floor and self.drops(parent) == drops + 1
+                    and parent in self.entries and self.valid(parent)):
+                self.whole.add(parent)
+        return removed
+
     # ---- emptying
-    def touched(self, inos: list[int]) -> None:
-        """An op of this mount changed these inodes' attributes (a directory's
-        entries are then updated by the caller, which knows the op)."""
-        for ino in inos:
+    def touched(self, inos: list[int], attrs: Sequence[dict[str, Any]] = (),
+                since: int = -1) -> None:
+        """An op of this mount, sent at ``since``, changed these inodes'
+        attributes (a directory's entries are then updated by the caller,
+        which knows the op).  ``attrs``: the new attributes of some of them,
+        read after the op; each is kept if nothing else dropped its inode
+        since the op was sent (then no other change crossed the answer)."""
+        keep = [a for a in attrs if a["ino"] in inos and self.fresh(a["ino"], since)]
+        for ino in dict.fromkeys(inos):
             self._mark(ino)
             self.attrs.pop(ino, None)
             self.listings.pop(ino, None)
+        for a in keep:
+            if self.valid(a["ino"]):
+                self._store(a["ino"], a)
 
     def forget(self, ino: int) -> None:
         """The lease on ``ino`` is gone: its attributes and its entries."""

@@ -180,15 +180,36 @@ class MetaNode:
                 return {"result": result, "leases": grants}
             if lease and method in LEASED_OPS and session:
                 result, grant, touched = await self.leased_op(method, args, session)
-                return {"result": result, "leases": [grant], "touched": touched}
+                return {"result": result, "leases": [grant], "touched": touched,
+                        **self._touched_attrs(args, touched, result)}
             if method in OPS:
                 result, touched = await self.op_touching(method, args, session)
-                return {"result": result, "touched": touched}
+                if not session:
+                    return {"result": result, "touched": touched}
+                return {"result": result, "touched": touched,
+                        **self._touched_attrs(args, touched, result)}
             return {"result": await self.call(method, args, session)}
         except MetaError as exc:
             return {"errno": exc.errno, "error": exc.message}
         except NoSession:
             return {"errno": errno.ENOTCONN, "error": "session expired or unknown"}
+
+    def _touched_attrs(self, args: Any, touched: list[int], result: Any) -> dict[str, Any]:
+        """The new attrs of the other inodes an op changed (a directory's
+        mtime and link count after a name in it came or went), so that the
+        client, which the kernel asks for them right after the op, needs no
+        round trip.  The client keeps them only while its lease on each one
+        holds and no other change to it crossed this answer (a change by
+        another client recalls that lease first)."""
+        own = result.get("ino") if isinstance(result, dict) else None
+        inos = [ino for ino in dict.fromkeys(touched) if ino != own]
+        if not inos or len(inos) > 8:
+            return {}
+        try:
+            found = self._reader.query("getattrs", {"vol": args.get("vol"), "inos": inos})
+        except (MetaError, BadRequest):
+            return {}
+        return {"touched_attrs": [a for a in found if a is not None]}
 
     async def call(self, method: str, args: Any, session: str | None = None) -> Any:
         """Run one RPC: its result, or MetaError / BadRequest / NoSession."""

@@ -1105,6 +1105,18 @@ def _q_getattr(st: MetaState, a: Args, live: Live) -> Any:
     return attrs
 
 
+def _q_getattrs(st: MetaState, a: Args, live: Live) -> Any:
+    """Several inodes' attrs at once, None for one that is gone."""
+    out: list[Any] = []
+    for ino in a["inos"]:
+        try:
+            out.append(st.inode(a["vol"], ino).attrs())
+        except MetaError:
+            out.append(None)
+    _with_xattr_flags(st, a["vol"], [attrs for attrs in out if attrs is not None])
+    return out
+
+
 def _q_parent(st: MetaState, a: Args, live: Live) -> Any:
     """The attrs of a directory's parent (the root is its own parent)."""
     inode = st.inode(a["vol"], a["ino"])
@@ -1292,6 +1304,7 @@ QUERIES: dict[str, Method] = {
     "statfs": Method(_q_statfs, {"vol": VOL}),
     "lookup": Method(_q_lookup, {"vol": VOL, "parent": INO, "name": NAME}),
     "getattr": Method(_q_getattr, {"vol": VOL, "ino": INO}),
+    "getattrs": Method(_q_getattrs, {"vol": VOL, "inos": (_list(_int(1), 8), REQUIRED)}),
     "parent": Method(_q_parent, {"vol": VOL, "ino": INO}),
     "readdir": Method(_q_readdir, {"vol": VOL, "ino": INO, "after": (_int(0), 0),
                                    "limit": LIMIT}),

@@ -86,6 +86,57 @@ def test_a_directory_known_whole_answers_absent_names_until_a_name_is_unknown() 
     assert small.entry(5, b"b") == 51 and small.entry(5, b"other") is None
 
 
+def test_a_removal_keeps_a_whole_directory_whole_unless_something_else_happened() -> None:
+    held = Held()
+    held.leased.update({2, 9})
+    cache = MetaCache(held)
+    cache.put_listing(2, [(1, b"x", 9), (2, b"y", 10)], cache.stamp())
+    removed = cache.removing(2, b"x")            # unlink x sent: x is unknown meanwhile
+    assert cache.entry(2, b"x") is None and cache.entry(2, b"z") is None
+    cache.touched([2, 9])                        # its answer: the directory changed
+    removed()
+    assert cache.entry(2, b"x") == 0 and cache.entry(2, b"z") == 0
+    assert cache.entry(2, b"y") == 10
+    removed = cache.removing(2, b"y")
+    cache.forget(2)                              # recalled while the unlink ran
+    cache.put_entry(2, b"q", 11, cache.stamp())  # (another mount added q)
+    cache.touched([2])
+    removed()
+    assert cache.entry(2, b"y") == 0 and cache.entry(2, b"q") == 11
+    assert cache.entry(2, b"z") is None          # no longer known whole
+    cache.put_listing(2, [(3, b"q", 11)], cache.stamp())
+    removed = cache.removing(2, b"q")
+    cache.touched([2])                           # another op of this mount's answer
+    cache.touched([2])                           # and this one's
+    removed()
+    assert cache.entry(2, b"z") is None
+
+
+def test_an_ops_answer_brings_the_new_attrs_of_what_it_touched() -> None:
+    """After a mkdir the kernel asks for the parent's attrs: the op's answer
+    carries them, kept only if no other change crossed it."""
+    held = Held()
+    held.leased.update({1, 5})
+    cache = MetaCache(held)
+    sent = cache.stamp()
+    cache.touched([1], [attrs(1, 3)], sent)
+    assert cache.attr(1) == attrs(1, 3)
+    first, second = cache.stamp(), cache.stamp()     # two ops in flight on 1
+    cache.touched([1], [attrs(1, 4)], second)
+    cache.touched([1], [attrs(1, 5)], first)     # crossed by the other: not kept
+    assert cache.attr(1) is None
+    sent = cache.stamp()
+    cache.forget(5)                              # lease on 5 recalled meanwhile
+    cache.touched([1, 5], [attrs(1, 6), attrs(5, 6)], sent)
+    assert cache.attr(1) == attrs(1, 6) and cache.attr(5) is None
+    held.leased.discard(1)                       # no lease: nothing kept
+    cache.touched([1], [attrs(1, 7)], cache.stamp())
+    held.leased.add(1)
+    assert cache.attr(1) is None
+    cache.touched([1], [attrs(5, 8)], cache.stamp())     # not an inode it touched
+    assert cache.attr(5) is None
+
+
 def test_an_answer_overtaken_by_a_change_is_not_stored() -> None:
     """A getattr sent before this mount's own truncate but answered after it
     carries the old size: it must not replace what the truncate dropped."""
