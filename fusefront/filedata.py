@@ -183,8 +183,6 @@ class FileData:
         self.mtime_ns = attrs["mtime_ns"]
         self.atime_ns = attrs["atime_ns"]
         self.ctime_ns = attrs["ctime_ns"]
-        self.atime_sent = trio.Event()         # the last read access is recorded
-        self.atime_sent.set()
         self.bs = volume.block_size
         self.spans: dict[int, dict[int, BlockRef]] = {}   # span number -> its block refs
         self.map_gen = 0              # commits and truncates so far (see _span)

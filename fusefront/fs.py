@@ -161,6 +161,8 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, FileData] = {}
         self.dirs: dict[int, DirHandle] = {}
         self.xattr_names: dict[int, tuple[float, frozenset[bytes]]] = {}
+        # read accesses on their way to the metadata node: inode -> (atime, sent)
+        self.atime_pending: dict[int, tuple[int, trio.Event]] = {}
         self.next_fh = 1
         self.nursery: trio.Nursery | None = None
 
@@ -299,7 +301,14 @@ class Operations(pyfuse3.Operations):
                      blocks=max(0, a["blocks"] + f.unstored_bytes() // 512))
         if f is not None and f.atime_ns > a["atime_ns"]:
             a = dict(a, atime_ns=f.atime_ns)      # a read access still on its way
-        return self.entry(a, parent)
+        return self.entry(self.with_pending_atime(a), parent)
+
+    def with_pending_atime(self, a: dict[str, Any]) -> dict[str, Any]:
+        """A read access still on its way, its file closed since."""
+        pending = self.atime_pending.get(a["ino"])
+        if pending is not None and pending[0] > a["atime_ns"]:
+            return dict(a, atime_ns=pending[0])
+        return a
 
     def open_inos(self) -> list[int]:
         return sorted(ino for ino, f in self.files.items() if f.opens > 0)
@@ -420,6 +429,9 @@ class Operations(pyfuse3.Operations):
             changes["mtime_ns"] = attr.st_mtime_ns
         if fields.update_size and attr.st_size > MAX_FILE_SIZE:
             raise pyfuse3.FUSEError(errno.EFBIG)
+        pending = self.atime_pending.get(ino)
+        if pending is not None and "atime_ns" in changes:
+            await pending[1].wait()        # an explicit atime lands after the read's
         f = self.files.get(ino)
         a = None
         if changes and not fields.update_size and f is not None:
@@ -648,6 +660,7 @@ class Operations(pyfuse3.Operations):
     # ----- files
     def file(self, a: dict[str, Any]) -> FileData:
         f = self.files.get(a["ino"])
+        a = self.with_pending_atime(a)
         if f is None:
             f = self.files[a["ino"]] = FileData(self.v, a)
         elif f.opens == 0 and not f.pending():
@@ -699,22 +712,26 @@ class Operations(pyfuse3.Operations):
         f = self.handles[fh]
         data = await f.read(offset, size, self.spawn)
         now = time.time_ns()
-        if self.relatime and f.atime_due(now):
+        if self.relatime and f.atime_due(now) and self.nursery is not None:
             f.atime_ns = now
-            f.atime_sent = trio.Event()
-            self.spawn(functools.partial(self.touch_atime, f.ino, now, f.atime_sent))
+            sent = trio.Event()
+            self.atime_pending[f.ino] = (now, sent)
+            self.spawn(functools.partial(self.touch_atime, f.ino, now, sent))
         return data
 
     async def touch_atime(self, ino: int, now: int, sent: trio.Event) -> None:
-        """Record a read access, then let the kernel drop its cached
-        attributes; ``close`` waits for this (see flush)."""
+        """Record a read access in the background (nobody waits for it: until
+        it lands, this mount shows it in every answer, see ``merged``), then
+        let the kernel drop its cached attributes."""
         try:
             since, drops = self.cache.stamp(), self.cache.drops(ino)
             a = await self.call("touch_atime", ino=ino, atime_ns=now)
             self.cache.put_own(ino, a, since, drops)
-            await self.invalidate_attrs(ino)
         finally:
+            if self.atime_pending.get(ino, (0, None))[1] is sent:
+                del self.atime_pending[ino]
             sent.set()
+            await self.invalidate_attrs(ino)
 
     @staticmethod
     async def invalidate_attrs(ino: int) -> None:
@@ -751,7 +768,6 @@ class Operations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         f = self.handles[fh]
         await f.flush()
-        await f.atime_sent.wait()     # a stat after close shows the read
 
     @fuse_op
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -141,6 +141,9 @@ async def serve(ops: Operations) -> None:
                 nursery.start_soon(ops.leases.run)
                 await ops.restore_cache()
             await pyfuse3.main()
+            with trio.move_on_after(10):        # read accesses still on their way
+                for _, sent in list(ops.atime_pending.values()):
+                    await sent.wait()
             nursery.cancel_scope.cancel()
         await _flush_all(ops)
         ops.save_cache()        # while the leases still hold

@@ -242,6 +242,30 @@ def test_atime_is_relatime(mnt: Path, cluster: Cluster) -> None:
     assert st.st_atime_ns == first and st.st_mtime_ns == 2_000_000_000
 
 
+def test_a_read_access_recorded_in_the_background_never_overtakes_later_changes(
+        mnt: Path, cluster: Cluster) -> None:
+    """close does not wait for a read's atime to be recorded; an explicit
+    atime set right after must still win, and an unmount keeps the read."""
+    p = mnt / "b"
+    p.write_bytes(b"data")
+    for i in range(20):
+        os.utime(p, ns=(1_000_000_000, 2_000_000_000))     # a read is due again
+        p.read_bytes()
+        assert p.stat().st_atime_ns > 2_000_000_000
+        os.utime(p, ns=(3_000_000_000 + i, 2_000_000_000))
+        assert p.stat().st_atime_ns == 3_000_000_000 + i
+    os.utime(p, ns=(1_000_000_000, 2_000_000_000))
+    p.read_bytes()
+    read = p.stat().st_atime_ns
+    cluster.umount(mnt)
+    cluster.mount(mnt)
+    assert p.stat().st_atime_ns == read > 2_000_000_000
+    os.utime(p, ns=(3_000_000_000, 2_000_000_000))
+    cluster.umount(mnt)
+    cluster.mount(mnt)
+    assert p.stat().st_atime_ns == 3_000_000_000
+
+
 def test_dot_and_dotdot_in_listings(mnt: Path) -> None:
     (mnt / "p" / "c").mkdir(parents=True)
     out = subprocess.run(["ls", "-ai", str(mnt / "p" / "c")], capture_output=True, text=True,
