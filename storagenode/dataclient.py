@@ -138,12 +138,15 @@ class DataClient:
         await self._send("PUT", address, f"/v1/objects/{oid}", content=obj)
 
     async def get(self, address: str, oid: ObjectId,
-                  byte_range: tuple[int, int] | None = None) -> bytes:
-        """The whole object, verified here too; or the half-open span
-        [start, end) of the stored object when ``byte_range`` is given."""
+                  byte_range: tuple[int, int] | None = None, *, verify: bool = True) -> bytes:
+        """The whole object, verified here too (``verify=False``: by the
+        caller, which decodes it: ``blockformat.decode`` verifies); or the
+        half-open span [start, end) of the stored object when ``byte_range``
+        is given."""
         if byte_range is None:
             obj = (await self._send("GET", address, f"/v1/objects/{oid}")).content
-            await _verify(address, obj)
+            if verify:
+                await _verify(address, obj)
             return obj
         start, end = byte_range
         if not 0 <= start < end:

@@ -125,15 +125,17 @@ def test_a_hung_holder_costs_a_moment_not_a_timeout() -> None:
     class HungData(FakeData):
         hung: set[str] = set()
 
-        async def get(self, address: str, oid: ObjectId) -> bytes:  # type: ignore[override]
+        async def get(self, address: str, oid: ObjectId,
+                      byte_range: tuple[int, int] | None = None, *,
+                      verify: bool = True) -> bytes:
             if address in self.hung:
                 await trio.sleep_forever()
-            return await super().get(address, oid)
+            return await super().get(address, oid, byte_range, verify=verify)
 
     async def main() -> None:
         data = HungData()
         store = BlockStore(ClusterView(FakeMeta([node(n) for n in "abcd"])),  # type: ignore[arg-type]
-                           data, 3, trio.CapacityLimiter(2))
+                           data, 3, trio.CapacityLimiter(2))  # type: ignore[arg-type]
         block = os.urandom(50_000)
         oid, holders = await store.upload(block)
         data.hung = {holders[0]}
@@ -141,6 +143,28 @@ def test_a_hung_holder_costs_a_moment_not_a_timeout() -> None:
         assert await store.download(oid, [NodeId(h) for h in holders]) == block
         assert HEDGE_AFTER <= trio.current_time() - started < HEDGE_AFTER + 1
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.01))
+
+
+def test_a_copy_damaged_on_its_way_is_refused_and_the_next_one_read() -> None:
+    """The mount checks each copy it receives once (while decoding it): a
+    flipped byte, from disk or the wire, makes it read the next holder."""
+    from storagenode.ids import NodeId
+    from .test_erasure import FakeData, FakeMeta, node
+    from fusefront.datapath import BlockStore, ClusterView
+
+    async def main() -> None:
+        data = FakeData()
+        store = BlockStore(ClusterView(FakeMeta([node(n) for n in "abcd"])),  # type: ignore[arg-type]
+                           data, 3, trio.CapacityLimiter(2))  # type: ignore[arg-type]
+        block = os.urandom(50_000)
+        oid, holders = await store.upload(block)
+        for h in holders[:2]:
+            damaged = bytearray(data.stores[h][oid])
+            damaged[len(damaged) // 2] ^= 1
+            data.stores[h][oid] = bytes(damaged)
+        assert await store.download(oid, [NodeId(h) for h in holders]) == block
+        assert len(data.gets) == 3
+    trio.run(main)
 
 
 def test_placing_replaces_failures_hedges_silence_and_keeps_holders_distinct() -> None:

@@ -303,7 +303,8 @@ class FakeData:
             raise NodeFull(address, "full")
         store[oid] = obj
 
-    async def get(self, address: str, oid: ObjectId) -> bytes:
+    async def get(self, address: str, oid: ObjectId,
+                  byte_range: tuple[int, int] | None = None, *, verify: bool = True) -> bytes:
         self.gets.append((address, oid))
         store = self._check(address)
         if oid not in store:
