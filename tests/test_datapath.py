@@ -7,6 +7,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 import trio.testing
@@ -115,12 +116,20 @@ def test_unreferenced_blocks_are_deleted(cluster: Cluster, mnt: Path) -> None:
     assert wait_for(lambda: len(stored_objects(cluster)) == 1)
 
 
+def fake_store(data: Any) -> Any:
+    """A replicated BlockStore over four data nodes held in ``data`` (FakeData)."""
+    from .test_erasure import FakeMeta, node
+    from fusefront.datapath import BlockStore, ClusterView
+    return BlockStore(ClusterView(FakeMeta([node(n) for n in "abcd"])),  # type: ignore[arg-type]
+                      data, 3, trio.CapacityLimiter(2))
+
+
 def test_a_hung_holder_costs_a_moment_not_a_timeout() -> None:
     """Reads ask the next node when the first stays silent (hedging): with
     the first holder hung forever, the block arrives after HEDGE_AFTER."""
     from storagenode.ids import NodeId
-    from .test_erasure import FakeData, FakeMeta, node
-    from fusefront.datapath import HEDGE_AFTER, BlockStore, ClusterView
+    from .test_erasure import FakeData
+    from fusefront.datapath import HEDGE_AFTER
 
     class HungData(FakeData):
         hung: set[str] = set()
@@ -134,8 +143,7 @@ def test_a_hung_holder_costs_a_moment_not_a_timeout() -> None:
 
     async def main() -> None:
         data = HungData()
-        store = BlockStore(ClusterView(FakeMeta([node(n) for n in "abcd"])),  # type: ignore[arg-type]
-                           data, 3, trio.CapacityLimiter(2))  # type: ignore[arg-type]
+        store = fake_store(data)
         block = os.urandom(50_000)
         oid, holders = await store.upload(block)
         data.hung = {holders[0]}
@@ -149,13 +157,11 @@ def test_a_copy_damaged_on_its_way_is_refused_and_the_next_one_read() -> None:
     """The mount checks each copy it receives once (while decoding it): a
     flipped byte, from disk or the wire, makes it read the next holder."""
     from storagenode.ids import NodeId
-    from .test_erasure import FakeData, FakeMeta, node
-    from fusefront.datapath import BlockStore, ClusterView
+    from .test_erasure import FakeData
 
     async def main() -> None:
         data = FakeData()
-        store = BlockStore(ClusterView(FakeMeta([node(n) for n in "abcd"])),  # type: ignore[arg-type]
-                           data, 3, trio.CapacityLimiter(2))  # type: ignore[arg-type]
+        store = fake_store(data)
         block = os.urandom(50_000)
         oid, holders = await store.upload(block)
         for h in holders[:2]:
