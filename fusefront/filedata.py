@@ -113,11 +113,11 @@ class Volume:
         self.prefetching = 0
         # set by the lease client: the metadata node forgot our session
         self.lost_session: Callable[[], Awaitable[None]] | None = None
-        # set by the mount: an op sent at ``stamp()`` changed these inodes
-        # (None: maybe anything), and here are the new attrs of some of them
+        # set by the mount: op ``method`` sent at ``stamp()`` changed these
+        # inodes (None: maybe anything), and here are the new attrs of some
         self.stamp: Callable[[], int] = lambda: 0
-        self.touched: Callable[[list[int] | None, list[dict[str, Any]], int], None] = \
-            lambda inos, attrs, since: None
+        self.touched: Callable[[str, list[int] | None, list[dict[str, Any]], int], None] = \
+            lambda method, inos, attrs, since: None
         # set by the mount: before an op on an inode, what keeps its answer
         # (the inode's new attrs) if nothing else changed it meanwhile
         self.keeper: Callable[[int], Callable[[dict[str, Any]], None]] = \
@@ -155,10 +155,10 @@ class Volume:
                 answer = await send()
         except MetaUnavailable:
             if method not in QUERIES:
-                self.touched(None, [], since)
+                self.touched(method, None, [], since)
             raise
         if "touched" in answer:
-            self.touched(answer["touched"], answer.get("touched_attrs") or [], since)
+            self.touched(method, answer["touched"], answer.get("touched_attrs") or [], since)
         return answer
 
     async def call_leased(self, method: str, **args: Any) -> tuple[Any, list[Any]]:

@@ -179,12 +179,12 @@ class Operations(pyfuse3.Operations):
         else:
             self.cache.forget(ino)
 
-    def cache_touched(self, inos: list[int] | None, attrs: list[dict[str, Any]],
-                      since: int) -> None:
+    def cache_touched(self, method: str, inos: list[int] | None,
+                      attrs: list[dict[str, Any]], since: int) -> None:
         if inos is None:
             self.cache.clear()
-        else:
-            self.cache.touched(inos, attrs, since)
+        else:       # a read access changes no directory's entries
+            self.cache.touched(inos, attrs, since, entries=method != "touch_atime")
 
     def keeper(self, ino: int) -> Callable[[dict[str, Any]], None]:
         """Take before an op of this mount on ``ino``; call with its answer."""
@@ -397,10 +397,14 @@ class Operations(pyfuse3.Operations):
             for _, name, attrs in result:
                 self.cache.put_entry(key, name, attrs["ino"], since)
                 self.cache.put_attr(attrs["ino"], attrs, since)
+                if stat.S_ISDIR(attrs["mode"]):
+                    self.cache.put_parent(attrs["ino"], key, since)
         elif method == "lookup":
             self.cache.put_entry(key, args["name"], result["ino"] if result else 0, since)
             if result:
                 self.cache.put_attr(result["ino"], result, since)
+                if stat.S_ISDIR(result["mode"]):
+                    self.cache.put_parent(result["ino"], key, since)
         else:
             self.cache.put_attr(key, result, since)
         return result
@@ -474,6 +478,7 @@ class Operations(pyfuse3.Operations):
         a = await self.change("mkdir", parent=parent, name=name, mode=mode & ~ctx.umask,
                               uid=ctx.uid, gid=ctx.gid)
         self.cache.put_new_directory(a["ino"])      # every name in it is known: none
+        self.cache.put_parent(a["ino"], parent, self.cache.stamp())
         return self.entry(a, parent)
 
     @fuse_op
@@ -598,19 +603,19 @@ class Operations(pyfuse3.Operations):
         d = self.dirs[fh]
         if start_id == 0:
             d.rewind()                  # rewinddir: see what was added since
-            a = await self.attrs_of(d.ino)
-            if self.relatime and atime_due(a, time.time_ns()):
-                # a listing is a read access (relatime); the kernel drops the
-                # cached atime after readdir
-                since, drops = self.cache.stamp(), self.cache.drops(d.ino)
-                a = await self.call("touch_atime", ino=d.ino, atime_ns=time.time_ns())
-                self.cache.put_own(d.ino, a, since, drops)
+            a = self.with_pending_atime(await self.attrs_of(d.ino))
+            now = time.time_ns()
+            if self.relatime and atime_due(a, now):
+                # a listing is a read access (relatime), recorded in the
+                # background like a file's; the kernel drops the cached atime
+                self.note_read_access(d.ino, now)
+                a = dict(a, atime_ns=now)
             me = self.entry(a)
             if not pyfuse3.readdir_reply(token, b".", me, 1):
                 return
             start_id = 1
         if start_id == 1:
-            parent = self.entry(await self.call("parent", ino=d.ino))
+            parent = self.entry(await self.parent_attrs(d.ino))
             if not pyfuse3.readdir_reply(token, b"..", parent, 2):
                 return
             start_id = 2
@@ -635,6 +640,17 @@ class Operations(pyfuse3.Operations):
             d.add(rows, complete=len(rows) < DIR_BATCH)
             if d.complete and d.whole:
                 self.cache.put_listing(d.ino, [(c, n, a["ino"]) for c, n, a in d.rows], d.since)
+
+    async def parent_attrs(self, ino: int) -> dict[str, Any]:
+        """The attrs of directory ``ino``'s parent (for ".."), from the cache
+        while leases cover both."""
+        parent = self.cache.parent_of(ino)
+        if parent is not None:
+            return await self.attrs_of(parent)
+        since = self.cache.stamp()
+        a: dict[str, Any] = await self.call("parent", ino=ino)
+        self.cache.put_parent(ino, a["ino"], since)
+        return a
 
     def listing_from_cache(self, d: "DirHandle") -> None:
         """A listing this mount holds leases on, with every entry's attrs."""
@@ -714,10 +730,13 @@ class Operations(pyfuse3.Operations):
         now = time.time_ns()
         if self.relatime and f.atime_due(now) and self.nursery is not None:
             f.atime_ns = now
-            sent = trio.Event()
-            self.atime_pending[f.ino] = (now, sent)
-            self.spawn(functools.partial(self.touch_atime, f.ino, now, sent))
+            self.note_read_access(f.ino, now)
         return data
+
+    def note_read_access(self, ino: int, now: int) -> None:
+        sent = trio.Event()
+        self.atime_pending[ino] = (now, sent)
+        self.spawn(functools.partial(self.touch_atime, ino, now, sent))
 
     async def touch_atime(self, ino: int, now: int, sent: trio.Event) -> None:
         """Record a read access in the background (nobody waits for it: until

@@ -9,7 +9,9 @@ while the lease that covers the answer is held (docs/LEASES.md):
 * ``attr(ino)``: the inode's attributes, under a lease on the inode;
 * ``entry(parent, name)``: the inode a name points to (0: no such name),
   under a lease on the directory;
-* ``listing(dir)``: a directory's whole listing, under a lease on it.
+* ``listing(dir)``: a directory's whole listing, under a lease on it;
+* ``parent_of(dir)``: a directory's parent, under a lease on the directory
+  (only a rename of it changes that, and the rename recalls the lease).
 
 A directory whose every name is known (a whole listing was read, or this
 mount made it) answers a lookup of any other name with "absent" at once:
@@ -73,6 +75,7 @@ class MetaCache:
         self.entries: dict[int, dict[bytes, int]] = {}
         self.listings: dict[int, list[Row]] = {}
         self.whole: set[int] = set()    # directories whose every name is in entries
+        self.parents: dict[int, int] = {}   # directory -> its parent (for "..")
         self.names = 0
         self.hits = 0
         self.misses = 0
@@ -119,6 +122,11 @@ class MetaCache:
             return 0
         return found
 
+    def parent_of(self, ino: int) -> int | None:
+        """The parent of directory ``ino``, if known (it changes only by a
+        rename of ``ino``, which recalls the lease on it)."""
+        return self.parents.get(ino) if self.valid(ino) else None
+
     def listing(self, ino: int) -> list[Row] | None:
         """Every entry of directory ``ino`` in cursor order, if known."""
         rows = self.listings.get(ino)
@@ -156,6 +164,13 @@ class MetaCache:
             self.entries.clear()
             self.whole.clear()
             self.names = 0
+
+    def put_parent(self, ino: int, parent: int, since: int) -> None:
+        if not self.fresh(ino, since) or not self.valid(ino):
+            return
+        if len(self.parents) >= self.max_inodes:
+            self.parents.clear()
+        self.parents[ino] = parent
 
     def put_listing(self, ino: int, rows: list[Row], since: int) -> None:
         if not self.fresh(ino, since) or not self.valid(ino) or len(rows) > self.max_names // 4:
@@ -197,17 +212,20 @@ class MetaCache:
 
     # ---- emptying
     def touched(self, inos: list[int], attrs: Sequence[dict[str, Any]] = (),
-                since: int = -1) -> None:
+                since: int = -1, *, entries: bool = True) -> None:
         """An op of this mount, sent at ``since``, changed these inodes'
-        attributes (a directory's entries are then updated by the caller,
-        which knows the op).  ``attrs``: the new attributes of some of them,
-        read after the op; each is kept if nothing else dropped its inode
-        since the op was sent (then no other change crossed the answer)."""
+        attributes (and, if ``entries``, a directory's entries, which the
+        caller then updates: it knows the op).  ``attrs``: the new
+        attributes of some of them, read after the op; each is kept if
+        nothing else dropped its inode since the op was sent (then no other
+        change crossed the answer)."""
         keep = [a for a in attrs if a["ino"] in inos and self.fresh(a["ino"], since)]
         for ino in dict.fromkeys(inos):
             self._mark(ino)
             self.attrs.pop(ino, None)
-            self.listings.pop(ino, None)
+            if entries:
+                self.listings.pop(ino, None)
+                self.parents.pop(ino, None)
         for a in keep:
             if self.valid(a["ino"]):
                 self._store(a["ino"], a)
@@ -217,6 +235,7 @@ class MetaCache:
         self._mark(ino)
         self.attrs.pop(ino, None)
         self.listings.pop(ino, None)
+        self.parents.pop(ino, None)
         self.whole.discard(ino)
         names = self.entries.pop(ino, None)
         if names is not None:
@@ -229,6 +248,7 @@ class MetaCache:
         self.attrs.clear()
         self.entries.clear()
         self.listings.clear()
+        self.parents.clear()
         self.whole.clear()
         self.names = 0
 

@@ -267,8 +267,14 @@ def test_a_read_access_recorded_in_the_background_never_overtakes_later_changes(
 
 
 def test_dot_and_dotdot_in_listings(mnt: Path) -> None:
+    def listed(d: Path) -> dict[str, int]:
+        out = subprocess.run(["ls", "-ai", str(d)], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return dict(zip(out[1::2], map(int, out[0::2])))
     (mnt / "p" / "c").mkdir(parents=True)
-    out = subprocess.run(["ls", "-ai", str(mnt / "p" / "c")], capture_output=True, text=True,
-                         check=True).stdout.split()
-    listed = dict(zip(out[1::2], map(int, out[0::2])))
-    assert listed == {".": (mnt / "p" / "c").stat().st_ino, "..": (mnt / "p").stat().st_ino}
+    (mnt / "q").mkdir()
+    assert listed(mnt / "p" / "c") == {".": (mnt / "p" / "c").stat().st_ino,
+                                       "..": (mnt / "p").stat().st_ino}
+    (mnt / "p" / "c").rename(mnt / "q" / "c")          # ".." follows a rename
+    assert listed(mnt / "q" / "c") == {".": (mnt / "q" / "c").stat().st_ino,
+                                       "..": (mnt / "q").stat().st_ino}

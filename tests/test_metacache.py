@@ -50,6 +50,8 @@ def test_names_and_listings_live_under_the_directory_lease() -> None:
     assert cache.entry(1, b"a") == 7 and cache.entry(1, b"gone") == 0
     assert cache.entry(1, b"unknown") == 0       # not in the whole listing: absent
     assert cache.listing(1) == [(3, b"a", 7), (9, b"b", 8)]
+    cache.touched([1], entries=False)            # a read access: entries unchanged
+    assert cache.listing(1) == [(3, b"a", 7), (9, b"b", 8)]
     cache.touched([1])                           # this mount changed the directory
     assert cache.listing(1) is None and cache.entry(1, b"a") == 7
     cache.forget(1)                              # the lease on it was recalled
@@ -110,6 +112,23 @@ def test_a_removal_keeps_a_whole_directory_whole_unless_something_else_happened(
     cache.touched([2])                           # and this one's
     removed()
     assert cache.entry(2, b"z") is None
+
+
+def test_a_directorys_parent_is_known_while_its_lease_holds() -> None:
+    held = Held()
+    held.leased.update({4})
+    cache = MetaCache(held)
+    cache.put_parent(4, 1, cache.stamp())
+    assert cache.parent_of(4) == 1
+    cache.touched([4])                           # this mount renamed it
+    assert cache.parent_of(4) is None
+    sent = cache.stamp()
+    cache.forget(4)                              # another mount renames it
+    cache.put_parent(4, 1, sent)                 # an answer from before: not kept
+    assert cache.parent_of(4) is None
+    cache.put_parent(4, 2, cache.stamp())
+    held.leased.discard(4)
+    assert cache.parent_of(4) is None
 
 
 def test_an_ops_answer_brings_the_new_attrs_of_what_it_touched() -> None:

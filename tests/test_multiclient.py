@@ -133,6 +133,25 @@ def test_changes_on_one_client_show_on_the_other_at_once(two: tuple[Cluster, Pat
           f"median {sorted(took)[len(took) // 2] * 1000:.1f} ms")
 
 
+def test_a_directory_moved_on_one_client_shows_its_new_parent_on_the_other(
+        two: tuple[Cluster, Path, Path]) -> None:
+    _, a, b = two
+    (a / "p" / "c").mkdir(parents=True)
+    (a / "q").mkdir()
+    for i in range(5):
+        old, new = (a / "p", a / "q") if i % 2 == 0 else (a / "q", a / "p")
+        b_old, b_new = b / old.name, b / new.name
+        assert os.stat(b_old / "c" / "..").st_ino == os.stat(b_old).st_ino
+        assert sorted(os.listdir(b_old / "c")) == []      # B caches c, its parent ...
+        dotdot = subprocess.run(["ls", "-ai", str(b_old / "c")], capture_output=True,
+                                text=True, check=True).stdout.split()
+        assert dotdot[dotdot.index("..") - 1] == str(os.stat(b_old).st_ino)
+        os.rename(old / "c", new / "c")                   # ... A moves c
+        dotdot = subprocess.run(["ls", "-ai", str(b_new / "c")], capture_output=True,
+                                text=True, check=True).stdout.split()
+        assert dotdot[dotdot.index("..") - 1] == str(os.stat(b_new).st_ino)
+
+
 def test_mkdir_race_has_one_winner(two: tuple[Cluster, Path, Path]) -> None:
     _, a, b = two
     results: list[str] = []
