@@ -294,12 +294,18 @@ class FileData:
     async def write(self, offset: int, data: bytes, spawn: Spawn, *,
                     lease: Callable[[], int | None] | None = None) -> bool:
         """Buffer ``data``; with leases, under the WRITE lease whose epoch
-        ``lease()`` gives now.  False (nothing written) if that epoch is not
-        the one the caller saw when it sent us here: a recall came between,
-        and the caller must take the new lease first.  Data still buffered
-        under an older lease is committed under that lease's fence first (a
-        lost lease fails it: it is never committed under a newer one)."""
+        ``lease()`` gives now.  False (nothing written) if there is no such
+        lease (its grant was recalled before it arrived) or it is not the one
+        the caller saw when it sent us here: a recall came between, and the
+        caller must take a new lease first.  (Data buffered under no lease
+        would be committed unfenced, waiting for an op lease behind the
+        other client's request, which waits for this mount's recall flush,
+        which waits for this file's lock.)  Data still buffered under an
+        older lease is committed under that lease's fence first (a lost
+        lease fails it: it is never committed under a newer one)."""
         fence = lease() if lease is not None else None
+        if lease is not None and fence is None:
+            return False
         async with self.lock:
             if lease is not None:
                 if lease() != fence:

@@ -54,9 +54,11 @@ XATTR_CREATE, XATTR_REPLACE = 1, 2
 # that directory is among their arguments (readdir: through its handle).
 # Invalidating an entry of that directory waits for the lock (FACTS.md 6),
 # so a recall must not wait for that invalidation (``Operations.busy``).
+# Likewise a write (through its handle: the file): dropping the file's
+# pages waits for it, and it may wait for a WRITE lease behind the recall.
 DIR_LOCKING = {"lookup": (0,), "create": (0,), "mknod": (0,), "mkdir": (0,),
                "symlink": (0,), "link": (1,), "unlink": (0,), "rmdir": (0,),
-               "rename": (0, 2), "readdir": (0,)}
+               "rename": (0, 2), "readdir": (0,), "write": (0,)}
 
 
 def fuse_op(fn: F) -> F:
@@ -245,6 +247,9 @@ class Operations(pyfuse3.Operations):
         if op == "readdir":
             handle = self.dirs.get(dirs[0])
             dirs = [handle.ino] if handle is not None else []
+        elif op == "write":
+            f = self.handles.get(dirs[0])
+            dirs = [f.ino] if f is not None else []
         self.in_flight.update(dirs)
         return dirs
 

@@ -3,10 +3,12 @@ metadata node records what the client sends."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import trio
 
+from fusefront.filedata import FileData, Volume
 from fusefront.leaseclient import Leases
 
 
@@ -50,4 +52,30 @@ def test_a_repeated_recall_never_releases_under_the_first_ones_flush() -> None:
         assert meta.calls == [("release", {"epochs": [7]})]
         await leases.recall(5, 7)                       # a late repeat: released again, harmless
         assert order == ["flush starts", "flush ends"]
+    trio.run(main)
+
+
+def test_a_write_lease_recalled_before_its_grant_arrived_buffers_nothing() -> None:
+    """A recall can overtake its grant (they travel on different paths): the
+    grant is then not held, and a write must not buffer data under no lease
+    (it would be committed unfenced, waiting behind the other client, which
+    waits for this mount: a deadlock until timeouts, EIO); it asks again."""
+    async def main() -> None:
+        meta = FakeMeta()
+        leases = Leases(meta, flush=lambda ino: trio.sleep(0),  # type: ignore[arg-type]
+                        invalidate=lambda ino, names: None, vol=1)
+        await leases.recall(5, 9)                       # the recall comes first ...
+        leases.note(5, {"epoch": 9, "mode": "write", "cache": True})   # ... then the grant
+        assert leases.write_epoch(5) is None
+        volume = Volume(1, 1 << 20, meta, store=None, cache=None)  # type: ignore[arg-type]
+        f = FileData(volume, {"ino": 5, "size": 0, "mtime_ns": 1, "atime_ns": 1,
+                              "ctime_ns": 1})
+        written = await f.write(0, b"data", lambda fn: None,
+                                lease=functools.partial(leases.write_epoch, 5))
+        assert not written
+        assert not f.pending() and f.size == 0
+        leases.note(5, {"epoch": 10, "mode": "write", "cache": True})
+        assert await f.write(0, b"data", lambda fn: None,
+                             lease=functools.partial(leases.write_epoch, 5))
+        assert f.pending() and f.size == 4 and f.fence == 10
     trio.run(main)
