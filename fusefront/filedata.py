@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import stat
 import time
 from dataclasses import dataclass
 import logging
@@ -193,7 +194,7 @@ class FileData:
         self.stale: list[BlockRef] = []        # uploaded, then rewritten: never committed
         self.fence: int | None = None          # epoch of the WRITE lease the buffers are under
         self.changed = False          # size or mtime differ from the metadata node
-        self.attr_changes: dict[str, int] = {}   # a setattr's mode, uid, gid, atime (flush_with)
+        self.attr_changes: dict[str, int] = {}   # setattrs' mode, uid, gid, atime, to commit
         self.lock = trio.Lock()
         self.opens = 0
         self.maybe_orphan = False     # lost a name while open here: check at last release
@@ -307,16 +308,8 @@ class FileData:
         if lease is not None and fence is None:
             return False
         async with self.lock:
-            if lease is not None:
-                if lease() != fence:
-                    return False
-                if fence != self.fence and self.pending():
-                    try:
-                        await self._flush_all()
-                    except Exception:
-                        await self._discard_locked()
-                        raise
-                self.fence = fence
+            if lease is not None and not await self._under(fence, lease):
+                return False
             passed = []            # blocks this write filled up to their end
             pos = 0
             while pos < len(data):
@@ -339,6 +332,59 @@ class FileData:
             for idx in passed:
                 await self._start_upload(idx, spawn)
             return True
+
+    async def _under(self, fence: int | None, lease: Callable[[], int | None]) -> bool:
+        """With the lock held: make ``fence``, the WRITE lease the caller saw,
+        the one what is buffered from now on goes under; False if it is no
+        longer held.  What is buffered under an older one is committed first."""
+        if lease() != fence:
+            return False
+        if fence != self.fence and self.pending():
+            try:
+                await self._flush_all()
+            except Exception:
+                await self._discard_locked()
+                raise
+        self.fence = fence
+        return True
+
+    async def buffer_attrs(self, changes: dict[str, int],
+                           lease: Callable[[], int | None]) -> bool:
+        """Keep a setattr's ``changes`` (mode, uid, gid, atime, mtime; no size)
+        with the buffered writes, under the WRITE lease ``lease()`` gives, to
+        be committed with them (at close, fsync, or a recall of the lease:
+        nobody else sees the file's attributes before).  tar and cp -a set
+        times, owner and mode before close: one commit, not one per call.
+        False (nothing kept) without that lease."""
+        fence = lease()
+        if fence is None:
+            return False
+        async with self.lock:
+            if not await self._under(fence, lease):
+                return False
+            if "mtime_ns" in changes:
+                self.mtime_ns = changes["mtime_ns"]
+            if "atime_ns" in changes:
+                self.atime_ns = changes["atime_ns"]
+            self.attr_changes.update((k, v) for k, v in changes.items() if k != "mtime_ns")
+            self.ctime_ns = time.time_ns()
+            self.changed = True
+            return True
+
+    def overlay(self, a: dict[str, Any]) -> dict[str, Any]:
+        """The metadata node's ``a`` with what is buffered here applied."""
+        if self.changed:
+            a = dict(a, size=self.size, mtime_ns=self.mtime_ns,
+                     ctime_ns=max(a["ctime_ns"], self.ctime_ns),
+                     blocks=max(0, a["blocks"] + self.unstored_bytes() // 512))
+            changes = self.attr_changes
+            if changes:
+                a.update((k, v) for k, v in changes.items() if k != "mode")
+                if "mode" in changes:
+                    a["mode"] = stat.S_IFMT(a["mode"]) | (changes["mode"] & 0o7777)
+        if self.atime_ns > a["atime_ns"]:
+            a = dict(a, atime_ns=self.atime_ns)      # a read access still on its way
+        return a
 
     async def _dirty_block(self, idx: int, whole: bool) -> bytearray:
         buf = self.dirty.get(idx)
@@ -440,7 +486,7 @@ class FileData:
                 return None
             if "mtime_ns" in changes:
                 self.mtime_ns = changes["mtime_ns"]
-            self.attr_changes = {k: v for k, v in changes.items() if k != "mtime_ns"}
+            self.attr_changes.update((k, v) for k, v in changes.items() if k != "mtime_ns")
             try:
                 return await self._flush_all()
             finally:
@@ -499,6 +545,7 @@ class FileData:
             else:
                 span[idx] = ref
         self.uploaded.clear()
+        self.attr_changes = {}
         self.changed = bool(self.dirty)
         stale, self.stale = self.stale, []
         for ref in stale:                  # never committed: no one else can refer to it
@@ -542,6 +589,7 @@ class FileData:
         dropped = [r for r in self.uploaded.values() if r is not None] + self.stale
         self.uploaded.clear()
         self.stale = []
+        self.attr_changes = {}
         self.changed = False
         self._forget_map()
         for ref in dropped:          # never committed: no one else refers to them

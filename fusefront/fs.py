@@ -300,12 +300,8 @@ class Operations(pyfuse3.Operations):
         """Attributes with this mount's unflushed size, times and blocks applied
         (a write changes mtime and ctime together, as on a local filesystem)."""
         f = self.files.get(a["ino"])
-        if f is not None and f.changed:
-            a = dict(a, size=f.size, mtime_ns=f.mtime_ns,
-                     ctime_ns=max(a["ctime_ns"], f.ctime_ns),
-                     blocks=max(0, a["blocks"] + f.unstored_bytes() // 512))
-        if f is not None and f.atime_ns > a["atime_ns"]:
-            a = dict(a, atime_ns=f.atime_ns)      # a read access still on its way
+        if f is not None:
+            a = f.overlay(a)
         return self.entry(self.with_pending_atime(a), parent)
 
     def with_pending_atime(self, a: dict[str, Any]) -> dict[str, Any]:
@@ -443,6 +439,10 @@ class Operations(pyfuse3.Operations):
             await pending[1].wait()        # an explicit atime lands after the read's
         f = self.files.get(ino)
         a = None
+        if changes and not fields.update_size and f is not None and f.opens > 0 \
+                and self.leases is not None \
+                and await f.buffer_attrs(changes, functools.partial(self.leases.write_epoch, ino)):
+            return self.merged(await self.attrs_of(ino))   # under our lease: known here
         if changes and not fields.update_size and f is not None:
             a = await f.flush_with(changes)
         if a is None:

@@ -68,6 +68,7 @@ LEASE_RPCS = ("open_session", "renew", "close_session", "events", "acquire", "re
 SOFT = ("heartbeat", "repair_status", "fsck") + LEASE_RPCS   # answered from memory, not logged
 LEASED_QUERIES = ("lookup", "getattr", "readdir", "revalidate")
 LEASED_OPS = ("mknod", "mkdir", "symlink", "link", "setattr")
+WRITER_WAIT = 5.0           # most a stat waits for another mount's buffered changes
 
 
 @dataclass
@@ -261,14 +262,23 @@ class MetaNode:
         op can finish between them: an op holds WRITE op leases on what it
         changes from before it is applied until after its commit, so either
         the read saw the op's result, or the grant on that inode is refused
-        (the answer is then not cached)."""
-        grab = functools.partial(self._try_read_lease, session, args.get("vol"))
+        (the answer is then not cached).
+
+        The attributes of a file another mount holds a WRITE lease on
+        (getattr, lookup) are the ones that mount buffers: its size, times,
+        mode, owner.  Its lease is recalled and the answer waits (at most
+        ``WRITER_WAIT``) until it has committed them, so that a stat shows
+        what a stat on the writing mount shows (as on a local filesystem)."""
+        vol = args.get("vol")
+        grab = functools.partial(self._try_read_lease, session, vol)
         if method == "revalidate":
             result = self._reader.query(method, args, {})
             return result, [grab(ino) if answer != 0 else None
                             for ino, answer in zip(args["inos"], result)]
         key = args.get("parent") if method == "lookup" else args.get("ino")
         first = grab(key)
+        if first is None and method == "getattr":
+            first = await self._after_writer(session, vol, key)
         try:
             result = self._reader.query(method, args, self.liveness())
         except MetaError as exc:
@@ -278,8 +288,39 @@ class MetaNode:
         if method == "getattr":
             return result, [first]
         if method == "lookup":
-            return result, [first, grab(result["ino"])]
+            child = grab(result["ino"])
+            if child is None and self._foreign_writer(session, vol, result["ino"]):
+                child = await self._after_writer(session, vol, result["ino"])
+                try:
+                    result = self._reader.query(method, args, self.liveness())
+                except MetaError as exc:
+                    if exc.errno == errno.ENOENT:
+                        return None, [first, None]
+                    raise
+                if child is not None and result["ino"] != child["ino"]:
+                    self.leases.release(session, [child["epoch"]])
+                    child = None        # renamed over meanwhile: that lease says nothing
+            return result, [first, child]
         return result, [first] + [grab(entry[2]["ino"]) for entry in result]
+
+    def _foreign_writer(self, session: str, vol: Any, ino: Any) -> bool:
+        """Does another mount hold a WRITE cache lease on this inode?"""
+        if not isinstance(vol, int) or not isinstance(ino, int):
+            return False
+        return any(g.mode is Mode.WRITE and g.cache and g.session != session
+                   for g in self.leases.table.holders(LeaseKey(VolumeId(vol), InodeId(ino))))
+
+    async def _after_writer(self, session: str, vol: Any, ino: Any) -> Any:
+        """A READ lease on the inode, once the mount holding a WRITE lease on
+        it has committed what it buffers and released it (or None: no such
+        writer, or it took longer than ``WRITER_WAIT``)."""
+        if not self._foreign_writer(session, vol, ino):
+            return None
+        with trio.move_on_after(WRITER_WAIT):
+            grant = await self.leases.acquire(session, LeaseKey(VolumeId(vol), InodeId(ino)),
+                                              Mode.READ, cache=True, wait=True)
+            return None if grant is None else grant_map(grant, self._monotonic())
+        return None
 
     async def leased_op(self, method: str, args: Any,
                         session: str) -> tuple[Any, Any, list[int]]:

@@ -101,8 +101,12 @@ def test_attributes_set_on_a_file_open_for_writing_show_on_the_other_client(
         assert (theirs.st_mtime_ns, theirs.st_size) == (old[1], 5000)
         f.write(b"y")                              # a later write sets mtime again
         os.fchmod(f.fileno(), 0o640)
+        os.fchown(f.fileno(), 1234, 4321)
+        mid = os.stat(b / "f")                     # buffered on A again: B waits for them
+        assert (mid.st_size, oct(mid.st_mode), mid.st_gid) == (5001, "0o100640", 4321)
     after = os.stat(b / "f")
-    assert (after.st_size, oct(after.st_mode), after.st_uid) == (5001, "0o100640", 1234)
+    assert (after.st_size, oct(after.st_mode), after.st_uid, after.st_gid) == \
+        (5001, "0o100640", 1234, 4321)
     assert after.st_mtime_ns > old[1]
     assert (b / "f").read_bytes() == b"x" * 5000 + b"y"
     c.umount(a)
