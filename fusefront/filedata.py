@@ -64,6 +64,7 @@ MAX_INFLIGHT = 8        # background block uploads over the whole mount
 MAX_PREFETCH = 8        # read-ahead fetches over the whole mount
 COMMIT_BATCH = 256      # uploaded blocks that force a commit
 MAP_SPAN = 65536        # block map entries fetched per request
+MAP_REF_BYTES = 200     # about what one loaded block map entry costs in memory
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,11 @@ class FileData:
             if gen == self.map_gen:       # else a commit overtook the answer: ask again
                 self.spans[number] = {r[0]: BlockRef.from_row(r) for r in rows}
         return self.spans[number]
+
+    def map_bytes(self) -> int:
+        """About what the loaded block map holds in memory."""
+        return sum(MAP_REF_BYTES + len(ref.data or b"")
+                   for span in self.spans.values() for ref in span.values())
 
     def _known_ref(self, idx: int) -> BlockRef | None:
         """Block ``idx``'s committed ref if its span is loaded (no fetching)."""

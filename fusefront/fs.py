@@ -185,8 +185,9 @@ class Operations(pyfuse3.Operations):
                       attrs: list[dict[str, Any]], since: int) -> None:
         if inos is None:
             self.cache.clear()
-        else:       # a read access changes no directory's entries
-            self.cache.touched(inos, attrs, since, entries=method != "touch_atime")
+        else:       # a read access changes no directory's entries, no block map
+            atime = method == "touch_atime"
+            self.cache.touched(inos, attrs, since, entries=not atime, blocks=not atime)
 
     def keeper(self, ino: int) -> Callable[[dict[str, Any]], None]:
         """Take before an op of this mount on ``ino``; call with its answer."""
@@ -684,6 +685,9 @@ class Operations(pyfuse3.Operations):
         a = self.with_pending_atime(a)
         if f is None:
             f = self.files[a["ino"]] = FileData(self.v, a)
+            spans = self.cache.take_map(f.ino, f.committed_size)
+            if spans is not None:
+                f.spans = spans         # as it was at the last close here
         elif f.opens == 0 and not f.pending():
             f.refresh(a)      # close-to-open
         return f
@@ -819,6 +823,8 @@ class Operations(pyfuse3.Operations):
                 del self.files[f.ino]
                 if f.maybe_orphan:
                     await self._purge_if_orphan(f.ino)
+                else:
+                    self.cache.put_map(f.ino, f.committed_size, f.spans, f.map_bytes())
 
     async def _purge_if_orphan(self, ino: int) -> None:
         try:

@@ -11,7 +11,11 @@ while the lease that covers the answer is held (docs/LEASES.md):
   under a lease on the directory;
 * ``listing(dir)``: a directory's whole listing, under a lease on it;
 * ``parent_of(dir)``: a directory's parent, under a lease on the directory
-  (only a rename of it changes that, and the rename recalls the lease).
+  (only a rename of it changes that, and the rename recalls the lease);
+* ``take_map(ino, size)``: the block map (inline data of a small file
+  among it) a closed file had when its last handle here closed, under a
+  lease on the file: reading it again after the kernel dropped its pages
+  needs no round trip.  Bounded by ``max_map_bytes``.
 
 A directory whose every name is known (a whole listing was read, or this
 mount made it) answers a lookup of any other name with "absent" at once:
@@ -60,6 +64,7 @@ log = logging.getLogger(__name__)
 MAX_INODES = 200_000
 MAX_NAMES = 400_000
 MAX_MARKS = 100_000
+MAX_MAP_BYTES = 16 << 20        # block maps kept of closed files (inline data among them)
 SCHEMA = 1
 
 Row = tuple[int, bytes, int]            # (cursor, name, ino) of one directory entry
@@ -67,10 +72,14 @@ Row = tuple[int, bytes, int]            # (cursor, name, ino) of one directory e
 
 class MetaCache:
     def __init__(self, valid: Callable[[int], bool], *, max_inodes: int = MAX_INODES,
-                 max_names: int = MAX_NAMES) -> None:
+                 max_names: int = MAX_NAMES, max_map_bytes: int = MAX_MAP_BYTES) -> None:
         self.valid = valid              # does this mount hold a lease on the inode now?
         self.max_inodes = max_inodes
         self.max_names = max_names
+        self.max_map_bytes = max_map_bytes
+        # closed file -> (its size, its block map, the map's bytes)
+        self.maps: OrderedDict[int, tuple[int, Any, int]] = OrderedDict()
+        self.map_bytes = 0
         self.attrs: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self.entries: dict[int, dict[bytes, int]] = {}
         self.listings: dict[int, list[Row]] = {}
@@ -134,7 +143,34 @@ class MetaCache:
             return None
         return rows
 
+    def take_map(self, ino: int, size: int) -> Any | None:
+        """The block map kept for file ``ino`` if it still holds (the lease
+        on it held since, and the file still ``size`` bytes long); it is
+        handed over, no longer kept here."""
+        kept = self._drop_map(ino)
+        if kept is None or kept[0] != size or not self.valid(ino):
+            return None
+        return kept[1]
+
     # ---- filling (call after the lease that came with the answer was noted)
+    def put_map(self, ino: int, size: int, spans: Any, nbytes: int) -> None:
+        """Keep the block map of file ``ino``, ``size`` bytes long, as it
+        stands committed now that no handle of this mount has it open."""
+        self._drop_map(ino)
+        if not self.valid(ino) or nbytes > self.max_map_bytes:
+            return
+        self.maps[ino] = (size, spans, nbytes)
+        self.map_bytes += nbytes
+        while self.map_bytes > self.max_map_bytes:
+            _, (_, _, dropped) = self.maps.popitem(last=False)
+            self.map_bytes -= dropped
+
+    def _drop_map(self, ino: int) -> tuple[int, Any, int] | None:
+        kept = self.maps.pop(ino, None)
+        if kept is not None:
+            self.map_bytes -= kept[2]
+        return kept
+
     def put_attr(self, ino: int, a: dict[str, Any], since: int) -> None:
         if not self.fresh(ino, since) or not self.valid(ino):
             return
@@ -212,10 +248,11 @@ class MetaCache:
 
     # ---- emptying
     def touched(self, inos: list[int], attrs: Sequence[dict[str, Any]] = (),
-                since: int = -1, *, entries: bool = True) -> None:
+                since: int = -1, *, entries: bool = True, blocks: bool = True) -> None:
         """An op of this mount, sent at ``since``, changed these inodes'
         attributes (and, if ``entries``, a directory's entries, which the
-        caller then updates: it knows the op).  ``attrs``: the new
+        caller then updates: it knows the op; if ``blocks``, maybe a file's
+        block map).  ``attrs``: the new
         attributes of some of them, read after the op; each is kept if
         nothing else dropped its inode since the op was sent (then no other
         change crossed the answer)."""
@@ -223,6 +260,8 @@ class MetaCache:
         for ino in dict.fromkeys(inos):
             self._mark(ino)
             self.attrs.pop(ino, None)
+            if blocks:
+                self._drop_map(ino)
             if entries:
                 self.listings.pop(ino, None)
                 self.parents.pop(ino, None)
@@ -234,6 +273,7 @@ class MetaCache:
         """The lease on ``ino`` is gone: its attributes and its entries."""
         self._mark(ino)
         self.attrs.pop(ino, None)
+        self._drop_map(ino)
         self.listings.pop(ino, None)
         self.parents.pop(ino, None)
         self.whole.discard(ino)
@@ -246,6 +286,8 @@ class MetaCache:
         self.floor = self.clock
         self.marks.clear()
         self.attrs.clear()
+        self.maps.clear()
+        self.map_bytes = 0
         self.entries.clear()
         self.listings.clear()
         self.parents.clear()

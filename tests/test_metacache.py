@@ -305,3 +305,31 @@ def test_changes_by_another_mount_are_seen_through_the_cache(cluster: Cluster, m
     os.rename(other / "d" / "g", other / "d" / "h")
     assert sorted(os.listdir(mnt / "d")) == ["f", "h"]
     assert not (mnt / "d" / "g").exists()
+
+
+def test_a_closed_files_block_map_is_kept_only_while_it_surely_holds() -> None:
+    """Reading a file again after its last close (the kernel dropped its
+    pages) takes the block map kept at that close: only under the lease,
+    only for the same size, once, and never past a change or the budget."""
+    held = Held()
+    cache = MetaCache(held, max_map_bytes=1000)
+    cache.put_map(5, 10, "map5", 100)
+    assert cache.take_map(5, 10) is None             # no lease: not kept
+    held.leased |= {5, 6, 7}
+    cache.put_map(5, 10, "map5", 100)
+    assert cache.take_map(5, 11) is None             # another size: dropped
+    assert cache.take_map(5, 10) is None
+    cache.put_map(5, 10, "map5", 100)
+    assert cache.take_map(5, 10) == "map5"
+    assert cache.take_map(5, 10) is None             # handed over: not kept twice
+    cache.put_map(5, 10, "map5", 100)
+    cache.touched([5], entries=False, blocks=False)  # a read's atime: the map stands
+    assert cache.take_map(5, 10) == "map5"
+    for change in (lambda: cache.touched([5]), lambda: cache.forget(5), cache.clear):
+        cache.put_map(5, 10, "map5", 100)
+        change()                                     # a truncate here, a recall, a lost session
+        assert cache.take_map(5, 10) is None
+    cache.put_map(5, 10, "map5", 600)
+    cache.put_map(6, 10, "map6", 600)                # over the budget: the oldest goes
+    assert cache.take_map(5, 10) is None and cache.take_map(6, 10) == "map6"
+    assert cache.map_bytes == 0

@@ -269,3 +269,28 @@ def test_four_clients_change_one_directory_tree_and_lose_nothing(tmp_path: Path)
             for rel in sorted(expected)[:40]:     # content written by the file's creator
                 writer = os.path.basename((m / rel).read_bytes().decode()).split("-")[0]
                 assert writer == os.path.basename(rel).split("-")[0], rel
+
+
+def test_a_file_read_again_shows_what_the_other_client_wrote_since(
+        two: tuple[Cluster, Path, Path]) -> None:
+    """A keeps the block map of a file it closed (a re-read after the kernel
+    dropped its pages needs no round trip); a same-size rewrite on B, or a
+    truncate on A itself, must never leave A reading the old bytes."""
+    _, a, b = two
+    for size in (3000, 3 << 20):               # inline, and in a data block
+        first, second = os.urandom(size), os.urandom(size)
+        (a / "f").write_bytes(first)
+        assert (a / "f").read_bytes() == first
+        drop_kernel_caches()
+        assert (a / "f").read_bytes() == first     # from the kept map
+        (b / "f").write_bytes(second)              # recalls A's lease
+        drop_kernel_caches()
+        assert (a / "f").read_bytes() == second
+        os.truncate(a / "f", size // 2)            # closed on A: a setattr
+        drop_kernel_caches()
+        assert (a / "f").read_bytes() == second[:size // 2]
+        assert (b / "f").read_bytes() == second[:size // 2]
+
+
+def drop_kernel_caches() -> None:
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
