@@ -357,7 +357,7 @@ class BlockStore:
                           send: trio.MemorySendChannel[bytes | None]) -> None:
         block: bytes | None = None
         try:
-            obj = await self.data.get(node.address, oid, verify=False)    # decode verifies
+            obj = await self.data.get_buffer(node.address, oid)    # decode verifies
             block = await trio.to_thread.run_sync(blockformat.decode, obj, limiter=self.limiter)
         except (NodeError, blockformat.CorruptedObject) as exc:
             log.warning("reading %s from %s failed: %s", oid, node.node_id, exc)

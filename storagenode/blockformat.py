@@ -80,7 +80,7 @@ def encode(data: bytes | bytearray | memoryview, *, level: int = ZSTD_LEVEL,
     return b"".join((head, _checksum(head, payload), payload))
 
 
-def parse_header(obj: bytes | memoryview) -> Header:
+def parse_header(obj: bytes | bytearray | memoryview) -> Header:
     """The header of ``obj``; CorruptedObject when it is not well formed."""
     if len(obj) < HEADER_SIZE:
         raise CorruptedObject("object shorter than its header")
@@ -95,7 +95,7 @@ def parse_header(obj: bytes | memoryview) -> Header:
     return Header(codec, raw_len, payload_len, checksum)
 
 
-def verify(obj: bytes | memoryview) -> Header:
+def verify(obj: bytes | bytearray | memoryview) -> Header:
     """Check framing and checksum of a whole object; return its header."""
     header = parse_header(obj)
     view = memoryview(obj)
@@ -107,7 +107,7 @@ def verify(obj: bytes | memoryview) -> Header:
     return header
 
 
-def decode(obj: bytes | memoryview) -> bytes:
+def decode(obj: bytes | bytearray | memoryview) -> bytes:
     """The block data of a stored object, verified; CorruptedObject if not."""
     header = verify(obj)
     payload = memoryview(obj)[HEADER_SIZE:]

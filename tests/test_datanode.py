@@ -90,11 +90,14 @@ def test_put_get_head_delete(node: NodeProcess, secret: str) -> None:
         await c.put(node.address, oid, obj)            # identical re-put is fine
         assert await c.head(node.address, oid) == len(obj)
         assert await c.get(node.address, oid) == obj
+        assert await c.get_buffer(node.address, oid) == obj    # one buffer, same bytes
         assert await c.delete(node.address, oid) is True
         assert await c.delete(node.address, oid) is False
         assert await c.head(node.address, oid) is None
         with pytest.raises(ObjectNotFound):
             await c.get(node.address, oid)
+        with pytest.raises(ObjectNotFound):
+            await c.get_buffer(node.address, oid)
 
     with_client(secret, scenario)
 
@@ -226,7 +229,7 @@ def test_corrupt_stored_object_is_reported_and_quarantined(node: NodeProcess, se
     damaged[-100] ^= 0x01
     stored_path(node, oid).write_bytes(bytes(damaged))
     with pytest.raises(ObjectCorrupted):
-        with_client(secret, lambda c: c.get(node.address, oid))
+        with_client(secret, lambda c: c.get_buffer(node.address, oid))
     assert metric(node, "objfs_data_corrupt_objects_total") == before + 1
     assert not stored_path(node, oid).exists()
     assert any(p.name.startswith(oid) for p in (node.state / "quarantine").iterdir())

@@ -311,6 +311,9 @@ class FakeData:
             raise ObjectNotFound(address, "no such object")
         return store[oid]
 
+    async def get_buffer(self, address: str, oid: ObjectId) -> bytes:
+        return await self.get(address, oid, verify=False)
+
     async def delete(self, address: str, oid: ObjectId) -> bool:
         return self._check(address).pop(oid, None) is not None
 
