@@ -160,8 +160,17 @@ class Leases:
         return max(0.0, min(CACHE_MAX, self.valid_until - trio.current_time()))
 
     def note(self, ino: int, grant: dict[str, Any] | None) -> None:
-        if grant is not None and grant.get("cache", True) and grant["epoch"] not in self.recalled:
-            self.held[ino] = Held(grant["epoch"], grant["mode"])
+        """Hold the lease ``grant`` on ``ino`` (None: nothing was granted).
+        A READ grant never replaces a WRITE lease held here (or one being
+        flushed for a recall): one session may hold both on an inode, and
+        forgetting the WRITE one would make its recall release it without
+        committing the writes buffered under it (EIO at close, data lost)."""
+        if grant is None or not grant.get("cache", True) or grant["epoch"] in self.recalled:
+            return
+        held = self.held.get(ino)
+        if held is not None and held.mode != "read" and grant["mode"] == "read":
+            return
+        self.held[ino] = Held(grant["epoch"], grant["mode"])
 
     def note_name(self, parent: int, name: bytes) -> None:
         if parent in self.held:

@@ -415,11 +415,17 @@ class LeaseTable:
                        for lease in ks.leases.values())
 
     def _covering(self, ks: _Key, session: SessionId, mode: Mode) -> _Lease | None:
+        """The session's live cache lease that covers ``mode``; its WRITE
+        lease if it holds one too (so a READ request of a writer answers
+        with the lease its buffered writes are under)."""
+        found = None
         for lease in ks.leases.values():
             if (lease.session == session and lease.cache and not lease.recalled
                     and covers(lease.mode, mode)):
-                return lease
-        return None
+                if lease.mode is Mode.WRITE:
+                    return lease
+                found = found or lease
+        return found
 
     def _grant(self, session: SessionId, key: LeaseKey, mode: Mode,
                cache: bool) -> Grant:

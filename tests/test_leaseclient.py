@@ -79,3 +79,27 @@ def test_a_write_lease_recalled_before_its_grant_arrived_buffers_nothing() -> No
                              lease=functools.partial(leases.write_epoch, 5))
         assert f.pending() and f.size == 4 and f.fence == 10
     trio.run(main)
+
+
+def test_a_read_grant_never_hides_the_write_lease_held() -> None:
+    """One session can hold a READ and a WRITE lease on one inode (the READ
+    one from a lookup before the file was opened for writing).  A query
+    answered with the READ one must not replace the WRITE one here: its
+    recall would then find no WRITE lease, release it without flushing, and
+    the buffered writes would be refused at close (EIO)."""
+    async def main() -> None:
+        meta = FakeMeta()
+        flushed: list[int] = []
+
+        async def flush(ino: int) -> None:
+            flushed.append(ino)
+        leases = Leases(meta, flush=flush, invalidate=lambda ino, names: None,  # type: ignore[arg-type]
+                        vol=1)
+        leases.note(5, {"epoch": 3, "mode": "read", "cache": True})
+        leases.note(5, {"epoch": 7, "mode": "write", "cache": True})
+        leases.note(5, {"epoch": 3, "mode": "read", "cache": True})    # a getattr's answer
+        assert leases.write_epoch(5) == 7
+        await leases.recall(5, 7)
+        assert flushed == [5]
+        assert meta.calls == [("release", {"epochs": [7]})]
+    trio.run(main)

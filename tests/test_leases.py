@@ -53,6 +53,17 @@ def grants(events: list[Event]) -> dict[Ticket, Grant]:
 
 # ---- the rules, one by one -------------------------------------------------
 
+def test_a_read_request_of_a_writer_answers_with_its_write_lease() -> None:
+    """A session holding a READ and then a WRITE lease on one file is told
+    of the WRITE one when it asks to read (its buffered writes are under it)."""
+    t = table(A)
+    read = granted(t.acquire(A, F, R, 0.0))
+    write = granted(t.acquire(A, F, W, 1.0))
+    assert write.epoch != read.epoch
+    again = granted(t.acquire(A, F, R, 2.0))
+    assert (again.epoch, again.mode) == (write.epoch, W)
+
+
 def test_shared_reads_are_granted_together() -> None:
     t = table(A, B)
     ga = granted(t.acquire(A, F, R, 0.0))

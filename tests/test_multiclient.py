@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -294,3 +295,51 @@ def test_a_file_read_again_shows_what_the_other_client_wrote_since(
 
 def drop_kernel_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def test_a_writer_changing_an_open_file_while_another_mount_stats_it_loses_nothing(
+        two: tuple[Cluster, Path, Path]) -> None:
+    """A rewrites, chmods, chowns and fsyncs a file it keeps open, over and
+    over, while B stats and reads it: every stat of B recalls A's WRITE
+    lease.  No call of A fails (a lost track of its WRITE lease made a close
+    fail with EIO and drop the data), and both mounts end agreeing."""
+    _, a, b = two
+    (a / "f").write_bytes(b"")
+    stop = time.monotonic() + 20
+    failures: list[BaseException] = []
+    rnd = random.Random(5)
+
+    def reader() -> None:
+        while time.monotonic() < stop and not failures:
+            try:
+                os.stat(b / "f")
+                if rnd.random() < 0.3:
+                    (b / "f").read_bytes()
+            except BaseException as exc:         # noqa: BLE001 (reported below)
+                failures.append(exc)
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        while time.monotonic() < stop and not failures:
+            with open(a / "f", "r+b") as f:
+                for _ in range(rnd.randint(1, 4)):
+                    step = rnd.random()
+                    if step < 0.5:
+                        f.seek(0)
+                        f.truncate()
+                        f.write(os.urandom(rnd.randint(0, 200_000)))
+                        f.flush()
+                    elif step < 0.8:
+                        os.fchmod(f.fileno(), rnd.choice([0o600, 0o640, 0o644, 0o755]))
+                    else:
+                        os.fchown(f.fileno(), rnd.choice([0, 1000, 1234]), -1)
+                    if rnd.random() < 0.2:
+                        os.fsync(f.fileno())
+    finally:
+        stop = 0
+        thread.join()
+    assert not failures, failures
+    mine, theirs = os.stat(a / "f"), os.stat(b / "f")
+    assert (mine.st_mode, mine.st_uid, mine.st_size) == (theirs.st_mode, theirs.st_uid,
+                                                        theirs.st_size)
+    assert (a / "f").read_bytes() == (b / "f").read_bytes()
