@@ -228,6 +228,18 @@ class LeaseServer:
             self.table.release(grant.session, grant.epoch, now)
         self._deliver()
 
+    async def after_writer(self, session: str, key: LeaseKey, limit: float) -> Grant | None:
+        """If another session holds a WRITE cache lease on ``key`` (it may be
+        buffering writes and attribute changes), a READ lease for
+        ``session`` once that one is recalled and released, waiting at most
+        ``limit`` seconds; None if there is no such writer or it took longer."""
+        if not any(g.mode is Mode.WRITE and g.cache and g.session != session
+                   for g in self.table.holders(key)):
+            return None
+        with trio.move_on_after(limit):
+            return await self.acquire(session, key, Mode.READ, cache=True, wait=True)
+        return None
+
     def admit_write(self, session: str, vol: int, ino: int, epoch: int) -> Grant | None:
         """An op lease for a commit carried under WRITE cache lease ``epoch``,
         or None: the lease is gone (expired or recalled and released)."""

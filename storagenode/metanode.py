@@ -289,38 +289,37 @@ class MetaNode:
             return result, [first]
         if method == "lookup":
             child = grab(result["ino"])
-            if child is None and self._foreign_writer(session, vol, result["ino"]):
+            if child is None:
                 child = await self._after_writer(session, vol, result["ino"])
-                try:
-                    result = self._reader.query(method, args, self.liveness())
-                except MetaError as exc:
-                    if exc.errno == errno.ENOENT:
-                        return None, [first, None]
-                    raise
-                if child is not None and result["ino"] != child["ino"]:
-                    self.leases.release(session, [child["epoch"]])
-                    child = None        # renamed over meanwhile: that lease says nothing
+                if child is not None:     # the writer committed meanwhile: read again
+                    result, child = self._lookup_again(session, args, child)
             return result, [first, child]
         return result, [first] + [grab(entry[2]["ino"]) for entry in result]
 
-    def _foreign_writer(self, session: str, vol: Any, ino: Any) -> bool:
-        """Does another mount hold a WRITE cache lease on this inode?"""
-        if not isinstance(vol, int) or not isinstance(ino, int):
-            return False
-        return any(g.mode is Mode.WRITE and g.cache and g.session != session
-                   for g in self.leases.table.holders(LeaseKey(VolumeId(vol), InodeId(ino))))
+    def _lookup_again(self, session: str, args: Any, child: Any) -> tuple[Any, Any]:
+        """A lookup read again after waiting for ``child``'s lease.  An unlink
+        or a rename over the name queued before that lease ran meanwhile:
+        then the lease says nothing of the answer and is given back."""
+        try:
+            result = self._reader.query("lookup", args, self.liveness())
+        except MetaError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            result = None
+        if result is None or result["ino"] != child["ino"]:
+            self.leases.release(session, [child["epoch"]])
+            child = None
+        return result, child
 
     async def _after_writer(self, session: str, vol: Any, ino: Any) -> Any:
-        """A READ lease on the inode, once the mount holding a WRITE lease on
-        it has committed what it buffers and released it (or None: no such
-        writer, or it took longer than ``WRITER_WAIT``)."""
-        if not self._foreign_writer(session, vol, ino):
+        """A READ lease on the inode once another mount holding a WRITE lease
+        on it has committed what it buffers (None: no such mount, or it took
+        longer than ``WRITER_WAIT``)."""
+        if not isinstance(vol, int) or not isinstance(ino, int):
             return None
-        with trio.move_on_after(WRITER_WAIT):
-            grant = await self.leases.acquire(session, LeaseKey(VolumeId(vol), InodeId(ino)),
-                                              Mode.READ, cache=True, wait=True)
-            return None if grant is None else grant_map(grant, self._monotonic())
-        return None
+        grant = await self.leases.after_writer(session, LeaseKey(VolumeId(vol), InodeId(ino)),
+                                               WRITER_WAIT)
+        return None if grant is None else grant_map(grant, self._monotonic())
 
     async def leased_op(self, method: str, args: Any,
                         session: str) -> tuple[Any, Any, list[int]]:

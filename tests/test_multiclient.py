@@ -315,7 +315,7 @@ def test_a_writer_changing_an_open_file_while_another_mount_stats_it_loses_nothi
                 os.stat(b / "f")
                 if rnd.random() < 0.3:
                     (b / "f").read_bytes()
-            except BaseException as exc:         # noqa: BLE001 (reported below)
+            except Exception as exc:             # noqa: BLE001 (reported below)
                 failures.append(exc)
     thread = threading.Thread(target=reader)
     thread.start()
