@@ -16,6 +16,7 @@ operations, and exits 1.
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import random
 import stat
@@ -28,9 +29,26 @@ from typing import Any
 PAGE = 4096
 
 
+def read_direct(path: Path) -> bytes:
+    """The file's bytes read past the kernel's page cache (O_DIRECT)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 1 << 20)
+        out = bytearray()
+        while True:
+            n = os.preadv(fd, [buf], len(out))
+            out += buf[:n]
+            if n == 0:
+                return bytes(out)
+    finally:
+        os.close(fd)
+
+
 class Run:
-    def __init__(self, paths: list[Path], seed: int, noise: str, truncate: bool) -> None:
+    def __init__(self, paths: list[Path], seed: int, noise: str, truncate: bool,
+                 third: Path | None = None) -> None:
         self.paths = paths
+        self.third = third
         self.rnd = random.Random(seed)
         self.noise = noise
         self.truncate = truncate
@@ -83,13 +101,20 @@ class Run:
             return
         pages = [i // PAGE for i in range(0, max(len(got), len(self.ref)), PAGE)
                  if got[i:i + PAGE] != self.ref[i:i + PAGE]]
+        direct = read_direct(path)
+        seen = f"an O_DIRECT read there is {'right' if direct == self.ref else 'wrong'}; "
+        others = [("writing mount", self.paths[1 - other])]
+        if self.third is not None:
+            others.append(("third mount", self.third))
+        seen += "; ".join(f"{name} reads it {'right' if p.read_bytes() == self.ref else 'wrong'}"
+                         for name, p in others)
         time.sleep(3)
         later = path.read_bytes() == self.ref
         self.problems.append(
             f"turn {self.turns}: mount {other} read {len(got)} bytes (size {st.st_size}, "
             f"mode {oct(stat.S_IMODE(st.st_mode))}), expected {len(self.ref)} bytes, mode "
             f"{oct(self.mode)}; {len(pages)} pages differ (first {pages[:5]}); "
-            f"right 3 s later: {later}")
+            f"{seen}; right 3 s later: {later}")
 
     def noise_loop(self) -> None:
         rnd = random.Random(self.rnd.random())
@@ -131,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--noise", choices=("none", "stat", "read"), default="read")
     p.add_argument("--no-truncate", action="store_true")
+    p.add_argument("--third", type=Path,
+                   help="the same file through a third mount, read only after a mismatch")
     a = p.parse_args(argv)
-    run = Run([a.first, a.second], a.seed, a.noise, not a.no_truncate)
+    run = Run([a.first, a.second], a.seed, a.noise, not a.no_truncate, a.third)
     run.run(a.seconds)
     print(f"seed {a.seed}: {run.turns} turns, noise {a.noise}")
     for problem in run.problems:
