@@ -176,6 +176,12 @@ class Volume:
         return data == self._zeros[:len(data)]
 
 
+def view_of(attrs: dict[str, Any]) -> tuple[int, int, int]:
+    """What tells one state of a file on the metadata node from another: any
+    change there sets its ctime (the node's clock)."""
+    return attrs["size"], attrs["mtime_ns"], attrs["ctime_ns"]
+
+
 class FileData:
     def __init__(self, volume: Volume, attrs: dict[str, Any]) -> None:
         self.v = volume
@@ -185,6 +191,7 @@ class FileData:
         self.mtime_ns = attrs["mtime_ns"]
         self.atime_ns = attrs["atime_ns"]
         self.ctime_ns = attrs["ctime_ns"]
+        self.view = view_of(attrs)    # the node's file these blocks and sizes are of
         self.bs = volume.block_size
         self.spans: dict[int, dict[int, BlockRef]] = {}   # span number -> its block refs
         self.map_gen = 0              # commits and truncates so far (see _span)
@@ -254,7 +261,12 @@ class FileData:
         self.size, self.mtime_ns = attrs["size"], attrs["mtime_ns"]
         self.committed_size = attrs["size"]
         self.atime_ns, self.ctime_ns = attrs["atime_ns"], attrs["ctime_ns"]
+        self.view = view_of(attrs)
         self._forget_map()
+
+    def outdated(self, attrs: dict[str, Any]) -> bool:
+        """Has the file changed on the metadata node since this view was taken?"""
+        return self.view != view_of(attrs)
 
     async def read(self, offset: int, length: int, prefetch: Spawn) -> bytes:
         end = min(offset + length, self.size)
@@ -541,6 +553,7 @@ class FileData:
             await self._store_again()     # uploaded too long ago (see metastate._check_fresh)
             attrs = await self._send_commit()
         self.committed_size = attrs["size"]
+        self.view = view_of(attrs)
         self.map_gen += 1
         for idx, ref in self.uploaded.items():
             span = self.spans.get(idx // MAP_SPAN)
@@ -605,12 +618,44 @@ class FileData:
     async def truncate(self, size: int, commit: Callable[[], Awaitable[dict[str, Any]]]
                        ) -> dict[str, Any]:
         """Cut or extend to ``size`` after committing what is buffered;
-        ``commit`` sends the change to the metadata node."""
+        ``commit`` sends the change to the metadata node (no leases)."""
         async with self.lock:
             if self.pending():
                 await self._flush_all()
-            attrs = await commit()
-            self.size = self.committed_size = size
-            self.mtime_ns = attrs["mtime_ns"]
-            self._forget_map()    # the metadata node dropped and clipped blocks
-            return attrs
+            return self._truncated(size, await commit())
+
+    async def truncate_under(self, size: int, changes: dict[str, Any],
+                             lease: Callable[[], int | None]) -> dict[str, Any] | None:
+        """Cut or extend to ``size`` (and apply a setattr's ``changes``) under
+        the WRITE lease ``lease()`` gives, fenced by it as a commit of
+        buffered writes is: it never waits for an op lease while holding the
+        file's lock (that wait may be behind another mount's request, which
+        waits for this mount's recall flush, which waits for the lock).
+        None (nothing changed) if that lease is not held, or was lost before
+        the change reached the metadata node: take a new one and try again."""
+        fence = lease()
+        if fence is None:
+            return None
+        async with self.lock:
+            if not await self._under(fence, lease):
+                return None
+            if self.pending():
+                await self._flush_all()
+            keep = self.v.keeper(self.ino)
+            try:
+                attrs: dict[str, Any] = await self.v.call(
+                    "commit_blocks", ino=self.ino, size=size, blocks=[], fence=fence,
+                    **{"mtime_ns": None, **changes})
+            except MetaError as exc:
+                if exc.errno == errno.EIO and lease() != fence:
+                    return None          # recalled meanwhile: nothing was changed
+                raise
+            keep(attrs)
+            return self._truncated(size, attrs)
+
+    def _truncated(self, size: int, attrs: dict[str, Any]) -> dict[str, Any]:
+        self.size = self.committed_size = size
+        self.mtime_ns = attrs["mtime_ns"]
+        self.view = view_of(attrs)
+        self._forget_map()    # the metadata node dropped and clipped blocks
+        return attrs

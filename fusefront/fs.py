@@ -463,7 +463,18 @@ class Operations(pyfuse3.Operations):
         f = self.files.get(ino)
         if f is None:
             return await commit()
-        return await f.truncate(size, commit)
+        leases = self.leases
+        if leases is None:
+            return await f.truncate(size, commit)
+        for _ in range(WRITE_LEASE_TRIES):
+            if leases.write_epoch(ino) is None:
+                await leases.acquire(ino, "write")
+            a = await f.truncate_under(size, changes, functools.partial(leases.write_epoch, ino))
+            if a is not None:
+                return a
+        log.warning("truncate of inode %d: its WRITE lease was recalled %d times in a row",
+                    ino, WRITE_LEASE_TRIES)
+        raise pyfuse3.FUSEError(errno.EIO)
 
     @fuse_op
     async def readlink(self, ino: int, ctx: Any) -> bytes:
@@ -685,11 +696,14 @@ class Operations(pyfuse3.Operations):
         a = self.with_pending_atime(a)
         if f is None:
             f = self.files[a["ino"]] = FileData(self.v, a)
-            spans = self.cache.take_map(f.ino, f.committed_size)
+            spans = self.cache.take_map(f.ino, f.view)
             if spans is not None:
                 f.spans = spans         # as it was at the last close here
-        elif f.opens == 0 and not f.pending():
-            f.refresh(a)      # close-to-open
+        elif not f.pending() and (f.opens == 0 or f.outdated(a)):
+            # close-to-open, also while older handles are open here: they
+            # share the kernel's pages, so a read through one of them after
+            # this open must not put the old bytes back into them
+            f.refresh(a)
         return f
 
     def new_handle(self, f: FileData) -> pyfuse3.FileInfo:
@@ -824,7 +838,7 @@ class Operations(pyfuse3.Operations):
                 if f.maybe_orphan:
                     await self._purge_if_orphan(f.ino)
                 else:
-                    self.cache.put_map(f.ino, f.committed_size, f.spans, f.map_bytes())
+                    self.cache.put_map(f.ino, f.view, f.spans, f.map_bytes())
 
     async def _purge_if_orphan(self, ino: int) -> None:
         try:

@@ -12,7 +12,7 @@ while the lease that covers the answer is held (docs/LEASES.md):
 * ``listing(dir)``: a directory's whole listing, under a lease on it;
 * ``parent_of(dir)``: a directory's parent, under a lease on the directory
   (only a rename of it changes that, and the rename recalls the lease);
-* ``take_map(ino, size)``: the block map (inline data of a small file
+* ``take_map(ino, view)``: the block map (inline data of a small file
   among it) a closed file had when its last handle here closed, under a
   lease on the file: reading it again after the kernel dropped its pages
   needs no round trip.  Bounded by ``max_map_bytes``.
@@ -78,7 +78,7 @@ class MetaCache:
         self.max_names = max_names
         self.max_map_bytes = max_map_bytes
         # closed file -> (its size, its block map, the map's bytes)
-        self.maps: OrderedDict[int, tuple[int, Any, int]] = OrderedDict()
+        self.maps: OrderedDict[int, tuple[Any, Any, int]] = OrderedDict()
         self.map_bytes = 0
         self.attrs: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self.entries: dict[int, dict[bytes, int]] = {}
@@ -143,29 +143,30 @@ class MetaCache:
             return None
         return rows
 
-    def take_map(self, ino: int, size: int) -> Any | None:
+    def take_map(self, ino: int, view: Any) -> Any | None:
         """The block map kept for file ``ino`` if it still holds (the lease
-        on it held since, and the file still ``size`` bytes long); it is
-        handed over, no longer kept here."""
+        on it held since, and the file still as ``view`` says: its size and
+        times on the metadata node); it is handed over, no longer kept here."""
         kept = self._drop_map(ino)
-        if kept is None or kept[0] != size or not self.valid(ino):
+        if kept is None or kept[0] != view or not self.valid(ino):
             return None
         return kept[1]
 
     # ---- filling (call after the lease that came with the answer was noted)
-    def put_map(self, ino: int, size: int, spans: Any, nbytes: int) -> None:
-        """Keep the block map of file ``ino``, ``size`` bytes long, as it
-        stands committed now that no handle of this mount has it open."""
+    def put_map(self, ino: int, view: Any, spans: Any, nbytes: int) -> None:
+        """Keep the block map of file ``ino`` as it stands committed (when
+        the file was as ``view`` says) now that no handle of this mount has
+        it open."""
         self._drop_map(ino)
         if not self.valid(ino) or nbytes > self.max_map_bytes:
             return
-        self.maps[ino] = (size, spans, nbytes)
+        self.maps[ino] = (view, spans, nbytes)
         self.map_bytes += nbytes
         while self.map_bytes > self.max_map_bytes:
             _, (_, _, dropped) = self.maps.popitem(last=False)
             self.map_bytes -= dropped
 
-    def _drop_map(self, ino: int) -> tuple[int, Any, int] | None:
+    def _drop_map(self, ino: int) -> tuple[Any, Any, int] | None:
         kept = self.maps.pop(ino, None)
         if kept is not None:
             self.map_bytes -= kept[2]

@@ -317,7 +317,7 @@ def test_a_closed_files_block_map_is_kept_only_while_it_surely_holds() -> None:
     assert cache.take_map(5, 10) is None             # no lease: not kept
     held.leased |= {5, 6, 7}
     cache.put_map(5, 10, "map5", 100)
-    assert cache.take_map(5, 11) is None             # another size: dropped
+    assert cache.take_map(5, 11) is None             # the file changed: dropped
     assert cache.take_map(5, 10) is None
     cache.put_map(5, 10, "map5", 100)
     assert cache.take_map(5, 10) == "map5"
