@@ -51,7 +51,7 @@ import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import blockformat, httpserve
+from . import blockformat, h11serve
 from .auth import authorized
 from .httpserve import HTTPError, Request, Response
 from .ids import NodeId, ObjectId, parse_object_id
@@ -509,4 +509,4 @@ async def run(args: argparse.Namespace, secret: str) -> None:
             nursery.start_soon(keep_registered, call, args.meta, _registration(args, node_id),
                                node.heartbeat_args, node.heartbeat_delivered)
             nursery.start_soon(node.scrubber.run)
-            await httpserve.serve(node.handle, args.listen)
+            await h11serve.serve(node.handle, args.listen, body_max=args.max_object_bytes)

@@ -1,10 +1,7 @@
-"""HTTP serving for the node roles: a thin ASGI layer run by Hypercorn on trio.
-
-Hypercorn (its trio worker) speaks HTTP; this module gives the roles a small
-request object with a bounded body reader, and response helpers.  Handlers
-raise ``HTTPError`` for client errors; anything else becomes a logged 500
-(``respond``).  ``h11serve`` serves the same handlers without Hypercorn, for
-the metadata role, where the cost per small request matters most.
+"""What the node roles' HTTP handlers see: a small request object with a
+bounded body reader, and response helpers.  Handlers raise ``HTTPError``
+for client errors; anything else becomes a logged 500 (``respond``).
+``h11serve`` speaks HTTP/1.1 and runs them (both roles).
 """
 
 from __future__ import annotations
@@ -15,9 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs
 
-import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve as hypercorn_serve
 
 log = logging.getLogger(__name__)
 
@@ -93,47 +87,3 @@ async def respond(handle: Handler, request: Request) -> Response:
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         return Response.json({"error": "internal error"}, 500)
-
-
-def asgi_app(handle: Handler) -> Callable[..., Awaitable[None]]:
-    """Wrap a request handler as an ASGI application."""
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
-        request = Request(
-            scope["method"], scope["path"],
-            parse_qs(scope.get("query_string", b"").decode("latin-1")),
-            {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
-            receive)
-        response = await respond(handle, request)
-        headers = [(k.encode(), v.encode()) for k, v in response.headers.items()]
-        if "content-length" not in response.headers:
-            headers.append((b"content-length", str(len(response.body)).encode()))
-        await send({"type": "http.response.start", "status": response.status,
-                    "headers": headers})
-        body = response.body if request.method != "HEAD" else b""
-        await send({"type": "http.response.body", "body": body})
-
-    return app
-
-
-async def serve(handle: Handler, bind: str, *,
-                task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``handle`` on ``bind`` ("host:port") until cancelled."""
-    config = Config()
-    config.bind = [bind]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 75
-    config.h11_max_incomplete_size = 64 * 1024
-    config.graceful_timeout = 2
-    await hypercorn_serve(asgi_app(handle), config, task_status=task_status)  # type: ignore[arg-type]

@@ -523,6 +523,6 @@ async def run(args: argparse.Namespace, secret: str) -> None:
             nursery.start_soon(node.write_loop)
             nursery.start_soon(node.leases.run)
             nursery.start_soon(_background, node, args, secret)
-            await serve(node.handle, args.listen)
+            await serve(node.handle, args.listen, body_max=RPC_BODY_MAX)
     finally:
         node.close()

@@ -100,6 +100,23 @@ async def exchange(stream: trio.abc.Stream, conn: h11.Connection, method: str, t
             raise AssertionError(f"unexpected {event!r}")
 
 
+async def answer_bodies(stream: trio.abc.ReceiveStream, count: int) -> list[bytes]:
+    """The bodies of the next ``count`` answers on ``stream`` (requests sent already)."""
+    conn, bodies = h11.Connection(h11.CLIENT), []
+    for _ in range(count):
+        conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+        conn.send(h11.EndOfMessage())             # (what was sent, as h11 must know it)
+        chunks = []
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some(65536)))
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+        bodies.append(b"".join(chunks))
+        conn.start_next_cycle()
+    return bodies
+
+
 async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
     """Everything until the server closes (or resets) the connection."""
     chunks = []
@@ -232,7 +249,7 @@ def test_client_gone_mid_body_breaks_nothing() -> None:
     handler = Recorder()
 
     async def test() -> None:
-        async with serving(handler) as address:
+        async with serving(handler, body_max=0) as address:    # the handler reads the body
             for how in ("close", "reset"):
                 handler.reading = trio.Event()
                 stream = await connect(address)
@@ -247,6 +264,35 @@ def test_client_gone_mid_body_breaks_nothing() -> None:
                 await still_serves(address)
     run(test)
     assert handler.seen.count("400 client disconnected") == 2
+
+
+def test_a_body_read_whole_before_the_handler_arrives_whole_in_any_pieces() -> None:
+    """A plain request whose body (up to ``body_max``) is still arriving
+    when its head is read: the body is read whole, from pieces of any size,
+    bytes of the next request after it are kept for that request, and a
+    client gone mid-body ends only its connection."""
+    handler = Recorder()
+    body = bytes(range(256)) * 3
+
+    async def test() -> None:
+        async with serving(handler, body_max=LIMIT) as address:
+            stream = await connect(address)
+            async with stream:
+                await stream.send_all(b"PUT /big HTTP/1.1\r\nhost: x\r\nconnection: keep-alive"
+                                      b"\r\ncontent-length: %d\r\n\r\n" % len(body))
+                for i in range(0, len(body), 100):
+                    await trio.sleep(0.01)
+                    last = i + 100 >= len(body)
+                    await stream.send_all(body[i:i + 100] + (
+                        b"POST /next HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi"
+                        if last else b""))
+                assert await answer_bodies(stream, 2) == [body, b"hi"]
+            stream = await connect(address)
+            await stream.send_all(b"PUT /cut HTTP/1.1\r\nhost: x\r\ncontent-length: 500\r\n\r\n01")
+            await stream.aclose()
+            await still_serves(address)
+    run(test)
+    assert handler.seen == ["PUT /big", "POST /next", "POST /ok"]
 
 
 def test_many_concurrent_connections() -> None:
