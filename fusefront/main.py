@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import logging
 import os
 import signal
@@ -37,6 +38,7 @@ log = logging.getLogger("objfs")
 M_ARENA_MAX = -8          # mallopt parameters (glibc malloc.h)
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 20  # buffers this big are mapped on their own
+KERNEL_READAHEAD_KB = 1024
 
 
 class MountError(Exception):
@@ -130,12 +132,29 @@ def build(cfg: MountConfig, secret: str, volume: dict[str, Any]) -> Operations:
     return ops
 
 
-async def serve(ops: Operations) -> None:
+def raise_kernel_readahead(mountpoint: str) -> None:
+    """Let the kernel read ahead ``KERNEL_READAHEAD_KB`` of a sequential
+    reader (its default, 128 KiB, makes eight read requests of each MiB).
+    The FUSE init handshake caps it to what the kernel offered, so this runs
+    after it: the stat waits for it.  Best effort (root only)."""
+    try:
+        dev = os.stat(mountpoint).st_dev
+        Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").write_text(
+            f"{KERNEL_READAHEAD_KB}\n")
+    except OSError as exc:
+        log.info("kernel read-ahead left at its default: %s", exc)
+
+
+async def serve(ops: Operations, mountpoint: str = "") -> None:
     """Answer kernel requests until unmounted or signalled; then flush."""
     try:
         async with trio.open_nursery() as nursery:
             ops.nursery = nursery
             nursery.start_soon(_stop_on_signal)
+            if mountpoint:
+                nursery.start_soon(functools.partial(
+                    trio.to_thread.run_sync, raise_kernel_readahead, mountpoint,
+                    abandon_on_cancel=True))
             if ops.leases is not None:
                 await ops.leases.open()
                 nursery.start_soon(ops.leases.run)
@@ -203,7 +222,7 @@ def mount(cfg: MountConfig) -> None:
                                         f"{cfg.meta}/{cfg.volume}#{volume['vol']}")
     log.info("mounted %s on %s", cfg.source, cfg.mountpoint)
     try:
-        trio.run(serve, ops)
+        trio.run(serve, ops, cfg.mountpoint.as_posix())
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", cfg.mountpoint)
