@@ -17,10 +17,20 @@ exceptions, translated once in ``_send`` and ``_check``:
 
 Whole objects are verified on this side too (in a worker thread: BLAKE3
 releases the GIL), so a corrupted transfer is never handed to a caller.
+
+``get_buffer``, the block read of every mount, skips httpx when it can
+(``_Gets``): it writes the request's bytes on a kept-alive trio socket and
+receives the answer's body straight into one buffer of its announced
+length.  httpx handed a 4 MiB body over in 64 KiB pieces through several
+layers of async iterators: 5 ms of client CPU per block, over a third of
+what a mount spends reading one.  Anything but a plain 200 answer with a
+``content-length`` is asked again through httpx, which judges it.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import httpx
@@ -31,6 +41,12 @@ from .auth import auth_header
 from .ids import ObjectId
 
 WHOLE_MAX = 1 << 30         # an object answer larger than this is read the plain way
+HEAD_MAX = 16 * 1024        # an answer's head longer than this goes to httpx
+RECEIVE_BYTES = 64 * 1024
+IDLE_KEPT = 8               # idle connections kept per node
+_STATUS = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9]) [^\r\n]*\r\n")
+_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,12})[ \t]*\r\n", re.IGNORECASE)
+_NOT_PLAIN = re.compile(rb"\r\n(transfer-encoding|connection):", re.IGNORECASE)
 
 
 class NodeError(Exception):
@@ -67,11 +83,11 @@ class NodeRejected(NodeError):
     """The node refused the request (a 4xx other than 404 and 507)."""
 
 
-def _node_message(response: httpx.Response) -> str:
+def _node_message(content: bytes, fallback: str) -> str:
     try:
-        answer = response.json()
+        answer = json.loads(content)
     except ValueError:
-        return response.text[:200] or response.reason_phrase
+        return content[:200].decode("utf-8", "replace") or fallback
     if isinstance(answer, dict) and "error" in answer:
         return str(answer["error"])
     return str(answer)[:200]
@@ -82,16 +98,22 @@ def _check(address: str, response: httpx.Response) -> httpx.Response:
     status = response.status_code
     if status < 400:
         return response
-    message = _node_message(response) if response.request.method != "HEAD" else ""
+    message = "" if response.request.method == "HEAD" else \
+        _node_message(response.content, response.reason_phrase)
+    raise _error(address, status, message)
+
+
+def _error(address: str, status: int, message: str) -> NodeError:
+    """The NodeError for a failed answer's status and the node's message."""
     if status == 404:
-        raise ObjectNotFound(address, message or "no such object", status)
+        return ObjectNotFound(address, message or "no such object", status)
     if status == 507:
-        raise NodeFull(address, message or "node full", status)
+        return NodeFull(address, message or "node full", status)
     if status == 500 and message == "corrupt":
-        raise ObjectCorrupted(address, "stored object is corrupt", status)
+        return ObjectCorrupted(address, "stored object is corrupt", status)
     if status >= 500:
-        raise NodeUnavailable(address, message or f"HTTP {status}", status)
-    raise NodeRejected(address, message or f"HTTP {status}", status)
+        return NodeUnavailable(address, message or f"HTTP {status}", status)
+    return NodeRejected(address, message or f"HTTP {status}", status)
 
 
 def _json(address: str, response: httpx.Response) -> Any:
@@ -117,8 +139,11 @@ class DataClient:
         self._http = httpx.AsyncClient(
             headers=auth_header(secret), timeout=timeout, transport=transport,
             limits=httpx.Limits(max_connections=max_connections))
+        self._gets = _Gets(secret, timeout) if transport is None else None
 
     async def aclose(self) -> None:
+        if self._gets is not None:
+            self._gets.close()
         await self._http.aclose()
 
     async def __aenter__(self) -> "DataClient":
@@ -164,6 +189,17 @@ class DataClient:
         verifies), received straight into one buffer of the announced length:
         no list of chunks and no join beside it (a 4 MiB block in flight
         cost three copies at once: the mount's memory peak)."""
+        if self._gets is not None:
+            try:
+                answer = await self._gets.get(address, f"/v1/objects/{oid}")
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                    trio.TooSlowError) as exc:
+                raise NodeUnavailable(address, f"{type(exc).__name__}: {exc}") from None
+            if answer is not None:
+                status, body = answer
+                if status != 200:
+                    raise _error(address, status, _node_message(bytes(body), f"HTTP {status}"))
+                return body
         try:
             async with self._http.stream("GET", f"http://{address}/v1/objects/{oid}"
                                          ) as response:
@@ -218,3 +254,97 @@ class DataClient:
     async def health(self, address: str) -> dict[str, Any]:
         """``{"status", "role", "node_id"}`` (needs no secret, sent anyway)."""
         return dict(_json(address, await self._send("GET", address, "/health")))
+
+
+class _Gets:
+    """Plain GETs of whole objects on kept-alive sockets (see the module
+    docstring); the connections belong to the trio run that made them."""
+
+    def __init__(self, secret: str, timeout: float) -> None:
+        self.auth = f"authorization: Bearer {secret}\r\n".encode("ascii")
+        self.timeout = timeout
+        self.idle: dict[str, list[trio.SocketStream]] = {}
+        self.token: object = None
+
+    def close(self) -> None:
+        for streams in self.idle.values():
+            for stream in streams:
+                stream.socket.close()
+        self.idle.clear()
+
+    async def get(self, address: str, path: str) -> tuple[int, bytearray] | None:
+        """Status and body of a plain answer (``content-length`` framing);
+        None for any other (ask httpx).  A kept connection the node closed meanwhile is retried
+        once on a new one (a GET changes nothing)."""
+        token = trio.lowlevel.current_trio_token()
+        if token is not self.token:
+            self.close()              # a new run: the old run's sockets are unusable
+            self.token = token
+        host, _, port = address.rpartition(":")
+        request = b"GET %s HTTP/1.1\r\nhost: %s\r\n%s\r\n" % (
+            path.encode("ascii"), address.encode("ascii"), self.auth)
+        with trio.fail_after(self.timeout):
+            while True:
+                kept = self.idle.get(address)
+                stream = kept.pop() if kept else None
+                reused = stream is not None
+                if stream is None:
+                    stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+                try:
+                    answer = await self._exchange(stream, request)
+                except (OSError, trio.BrokenResourceError):
+                    stream.socket.close()
+                    if reused:
+                        continue          # maybe closed by the node while idle
+                    raise
+                except BaseException:     # cancelled, timed out: its state is unknown
+                    stream.socket.close()
+                    raise
+                if answer is None:
+                    stream.socket.close()
+                    return None
+                status, body, keep = answer
+                if keep:
+                    streams = self.idle.setdefault(address, [])
+                    if len(streams) < IDLE_KEPT:
+                        streams.append(stream)
+                    else:
+                        stream.socket.close()
+                else:
+                    stream.socket.close()
+                return status, body
+
+    @staticmethod
+    async def _exchange(stream: trio.SocketStream, request: bytes
+                        ) -> tuple[int, bytearray, bool] | None:
+        """Send ``request``, read the answer: (status, body, connection
+        reusable), or None if the answer is not plain (then the connection
+        is spent)."""
+        await stream.send_all(request)
+        head = b""
+        while (end := head.find(b"\r\n\r\n")) < 0:
+            if len(head) > HEAD_MAX:
+                return None
+            piece = await stream.receive_some(RECEIVE_BYTES)
+            if not piece:
+                raise trio.BrokenResourceError("connection closed before the answer")
+            head += piece
+        fields = head[:end + 2]
+        status, length = _STATUS.match(fields), _LENGTH.search(fields)
+        if status is None or length is None or _NOT_PLAIN.search(fields) \
+                or int(length[1]) > WHOLE_MAX:
+            return None
+        buf = bytearray(int(length[1]))
+        got = head[end + 4:]
+        if len(got) > len(buf):
+            return None               # more than announced: not an answer to trust
+        buf[:len(got)] = got
+        view, pos = memoryview(buf), len(got)
+        sock = stream.socket
+        while pos < len(buf):
+            n = await sock.recv_into(view[pos:])
+            if n == 0:
+                raise trio.BrokenResourceError(f"answer cut at {pos} of {len(buf)} bytes")
+            pos += n
+        view.release()
+        return int(status[1]), buf, True

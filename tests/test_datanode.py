@@ -34,9 +34,10 @@ MAX_OBJECT = 256 * 1024
 
 
 
-def data_node(state: Path, secret_file: Path, *extra: str) -> NodeProcess:
+def data_node(state: Path, secret_file: Path, *extra: str, port: int | None = None
+              ) -> NodeProcess:
     meta = f"127.0.0.1:{free_port()}"          # nothing listens there
-    return NodeProcess("data", state, secret_file, ["--meta", meta, *extra])
+    return NodeProcess("data", state, secret_file, ["--meta", meta, *extra], port)
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +275,38 @@ def test_restart_keeps_objects_and_node_id(tmp_path: Path, secret_file: Path,
         assert with_client(secret, lambda c: c.get(proc.address, oid)) == obj
         stats = with_client(secret, lambda c: c.stats(proc.address))
         assert (stats["node_id"], stats["objects"]) == ("data-7", 1)
+
+
+def test_whole_object_reads_reuse_connections_and_survive_a_node_restart(
+        tmp_path: Path, secret_file: Path, secret: str) -> None:
+    """get_buffer (every block a mount reads) keeps its connections alive;
+    one the node closed meanwhile (a restart) is replaced unseen, and a node
+    that stays down is NodeUnavailable."""
+    state, port = tmp_path / "state", free_port()
+    datas = [os.urandom(n) for n in (1, 70_000, 200_000)]
+
+    async def scenario(c: DataClient) -> None:
+        with data_node(state, secret_file, port=port) as proc:
+            stored = []
+            for data in datas:
+                oid, obj = new_object_id(), blockformat.encode(data, compress=False)
+                await c.put(proc.address, oid, obj)
+                stored.append((oid, obj))
+            for _ in range(5):
+                for oid, obj in stored:
+                    assert await c.get_buffer(proc.address, oid) == obj
+        with data_node(state, secret_file, port=port) as proc:
+            for oid, obj in stored:
+                assert await c.get_buffer(proc.address, oid) == obj
+            with pytest.raises(ObjectNotFound):
+                await c.get_buffer(proc.address, new_object_id())
+        with pytest.raises(NodeUnavailable):
+            await c.get_buffer(proc.address, stored[0][0])
+
+    async def main() -> None:
+        async with DataClient(secret, timeout=5) as client:
+            await scenario(client)
+    trio.run(main)
 
 
 def test_refuses_a_different_node_id(tmp_path: Path, secret_file: Path) -> None:
