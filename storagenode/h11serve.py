@@ -239,10 +239,16 @@ class _Connection:
         self.watchdog.deadline = math.inf      # the handler takes the time it needs
         response = await respond(self.handle, request)
         self.expect(IDLE_SECONDS)              # for the answer and the next request
-        data = encode_simple(simple.method, response)
-        if data is None:                       # an answer only h11 knows how to frame
+        head = encode_simple_head(simple.method, response)
+        if head is None:                       # an answer only h11 knows how to frame
             return await _General(self).send_for(simple, response)
-        await self.stream.send_all(data)
+        if simple.method == "HEAD":
+            await self.stream.send_all(head)
+        elif len(response.body) <= SIMPLE_BODY_MAX:
+            await self.stream.send_all(head + response.body)      # one write
+        else:
+            await self.stream.send_all(head)   # a block: not copied to join them
+            await self.stream.send_all(response.body)
         return True
 
     async def _general(self) -> bool:
@@ -494,6 +500,14 @@ def encode_simple(method: str, response: Response) -> bytes | None:
     """The bytes h11 would send for ``response`` to a simple ``method``
     request; None if only h11 may frame it (a status without a body, a
     field it manages, or a field h11 would refuse)."""
+    head = encode_simple_head(method, response)
+    if head is None or method == "HEAD":
+        return head
+    return head + response.body
+
+
+def encode_simple_head(method: str, response: Response) -> bytes | None:
+    """What ``encode_simple`` sends before the body."""
     if not 200 <= response.status <= 599 or response.status in (204, 304):
         return None
     lines = [b"HTTP/1.1 %d \r\n" % response.status]
@@ -503,6 +517,4 @@ def encode_simple(method: str, response: Response) -> bytes | None:
             return None
         lines.append(f"{name}: {value}\r\n".encode("ascii"))
     lines.append(b"content-length: %d\r\n\r\n" % len(response.body))
-    if method != "HEAD":
-        lines.append(response.body)
     return b"".join(lines)
