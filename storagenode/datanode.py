@@ -509,4 +509,6 @@ async def run(args: argparse.Namespace, secret: str) -> None:
             nursery.start_soon(keep_registered, call, args.meta, _registration(args, node_id),
                                node.heartbeat_args, node.heartbeat_delivered)
             nursery.start_soon(node.scrubber.run)
-            await h11serve.serve(node.handle, args.listen, body_max=args.max_object_bytes)
+            await h11serve.serve(
+                node.handle, args.listen, body_max=args.max_object_bytes,
+                admit=lambda fields: authorized(fields.get("authorization"), secret))

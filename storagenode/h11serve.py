@@ -27,8 +27,9 @@ paths, chosen from the bytes already received when it starts:
   machine, which cost about as much CPU as everything else in a round trip.
 - **simple, body arriving**: as simple, but only the head is all here and
   the body (at most the server's ``body_max``: the handler's own limit) is
-  still arriving: it is read whole, straight from the stream, and the
-  request is then served as a simple one.  A client that closes mid-body
+  still arriving, and ``admit`` accepts the head's fields (the nodes admit
+  only requests that carry the cluster secret): the body is read whole,
+  straight from the stream, and the request is then served as a simple one.  A client that closes mid-body
   ends only its connection (no handler ran).
 - **general** (anything else: a head still arriving, chunked
   framing, 100-continue, ``connection: close``, malformed HTTP): a fresh
@@ -66,7 +67,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 from urllib.parse import parse_qs, unquote
 
 import h11
@@ -75,6 +76,8 @@ import trio
 from .httpserve import Handler, HTTPError, Request, Response, respond
 
 log = logging.getLogger(__name__)
+
+Admit = Callable[[dict[str, str]], bool]     # may this request's body be read eagerly?
 
 MAX_CONNECTIONS = 1024
 MAX_HEADER_BYTES = 64 * 1024
@@ -91,17 +94,20 @@ _NETWORK_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 async def serve(handle: Handler, bind: str, *, max_connections: int = MAX_CONNECTIONS,
-                body_max: int = SIMPLE_BODY_MAX,
+                body_max: int = SIMPLE_BODY_MAX, admit: Admit | None = None,
                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``handle`` on ``bind`` ("host:port", port 0 for any) until cancelled.
     A plain request's body of at most ``body_max`` bytes is read whole
-    before the handler runs (so make it the handler's own limit).
+    before the handler runs (so make it the handler's own limit) if
+    ``admit`` says yes to its head's fields (None: to every request); give
+    it the handler's authentication, so that nobody without it makes the
+    server hold ``body_max`` bytes per connection.
 
     ``task_status.started`` gets the bound addresses as "host:port" strings.
     """
     host, port = split_bind(bind)
     listeners = await trio.open_tcp_listeners(port, host=host)
-    server = _Server(handle, max_connections, body_max)
+    server = _Server(handle, max_connections, body_max, admit)
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, server.connection, listeners)
         task_status.started([_address(listener) for listener in listeners])
@@ -123,10 +129,12 @@ def _address(listener: trio.SocketListener) -> str:
 class _Server:
     """Counts connections and runs each one; errors end only their connection."""
 
-    def __init__(self, handle: Handler, max_connections: int, body_max: int) -> None:
+    def __init__(self, handle: Handler, max_connections: int, body_max: int,
+                 admit: Admit | None) -> None:
         self.handle = handle
         self.max_connections = max_connections
         self.body_max = body_max
+        self.admit = admit
         self.open = 0
         self.refused = 0            # since the last warning (one per burst, not each)
 
@@ -139,19 +147,19 @@ class _Server:
             return
         self.open += 1
         try:
-            await serve_stream(self.handle, stream, self.body_max)
+            await serve_stream(self.handle, stream, self.body_max, self.admit)
         finally:
             self.open -= 1
             self.refused = 0
 
 
 async def serve_stream(handle: Handler, stream: trio.abc.HalfCloseableStream,
-                       body_max: int = SIMPLE_BODY_MAX) -> None:
+                       body_max: int = SIMPLE_BODY_MAX, admit: Admit | None = None) -> None:
     """Serve HTTP/1.1 requests arriving on ``stream`` until either side ends it,
     then close it.  Never raises but for cancellation."""
     try:
         async with stream:
-            await _Connection(stream, handle, body_max).run()
+            await _Connection(stream, handle, body_max, admit).run()
     except _NETWORK_ERRORS as exc:
         log.debug("connection ended: %r", exc)
     except Exception:
@@ -168,10 +176,11 @@ class _Connection:
     """
 
     def __init__(self, stream: trio.abc.HalfCloseableStream, handle: Handler,
-                 body_max: int = SIMPLE_BODY_MAX) -> None:
+                 body_max: int = SIMPLE_BODY_MAX, admit: Admit | None = None) -> None:
         self.stream = stream
         self.handle = handle
         self.body_max = body_max
+        self.admit = admit
         self.watchdog = trio.CancelScope(deadline=trio.current_time() + IDLE_SECONDS)
         self.received = b""         # bytes not yet part of a request served, from ...
         self.start = 0              # ... this offset on
@@ -192,7 +201,7 @@ class _Connection:
         simple = parse_simple(self.received, self.start)
         if simple is None:
             head = parse_simple_head(self.received, self.start, self.body_max)
-            if head is None:
+            if head is None or (self.admit is not None and not self.admit(head.headers)):
                 return await self._general()
             simple = await self._read_body(head)
             if simple is None:

@@ -523,6 +523,8 @@ async def run(args: argparse.Namespace, secret: str) -> None:
             nursery.start_soon(node.write_loop)
             nursery.start_soon(node.leases.run)
             nursery.start_soon(_background, node, args, secret)
-            await serve(node.handle, args.listen, body_max=RPC_BODY_MAX)
+            await serve(node.handle, args.listen, body_max=RPC_BODY_MAX,
+                        admit=lambda fields: authorized(fields.get("authorization"),
+                                                        node.secret))
     finally:
         node.close()

@@ -14,7 +14,7 @@ import socket
 import struct
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import h11
 import msgpack
@@ -64,7 +64,7 @@ class Recorder:
 
 @asynccontextmanager
 async def serving(handle: Callable[[Request], Awaitable[Response]],
-                  **kw: int) -> AsyncIterator[str]:
+                  **kw: Any) -> AsyncIterator[str]:
     """A server on a free loopback port while the block runs; its address."""
     async with trio.open_nursery() as nursery:
         addresses = await nursery.start(functools.partial(serve, handle, "127.0.0.1:0", **kw))
@@ -293,6 +293,28 @@ def test_a_body_read_whole_before_the_handler_arrives_whole_in_any_pieces() -> N
             await still_serves(address)
     run(test)
     assert handler.seen == ["PUT /big", "POST /next", "POST /ok"]
+
+
+def test_only_admitted_requests_have_their_body_read_before_the_handler() -> None:
+    """The nodes admit only requests carrying the secret to the eager read:
+    anyone else's body waits for the handler (which refuses it first)."""
+    handler = Recorder()
+
+    async def test() -> None:
+        async with serving(handler, body_max=LIMIT,
+                           admit=lambda fields: fields.get("x-ok") == "1") as address:
+            for admitted in (b"x-ok: 1\r\n", b""):
+                handler.reading = trio.Event()
+                stream = await connect(address)
+                await stream.send_all(b"PUT /cut HTTP/1.1\r\nhost: x\r\n%scontent-length: 500"
+                                      b"\r\n\r\n01" % admitted)
+                if not admitted:
+                    with trio.fail_after(10):
+                        await handler.reading.wait()     # the handler runs at once
+                await stream.aclose()
+                await still_serves(address)
+    run(test)
+    assert handler.seen == ["POST /ok", "400 client disconnected", "POST /ok"]
 
 
 def test_many_concurrent_connections() -> None:
