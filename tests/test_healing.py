@@ -194,7 +194,7 @@ def test_adding_a_node_moves_a_fair_share_and_draining_empties_one(healing: Clus
     mnt = tmp_path / "mnt"
     c.mount(mnt)
     for i in range(600):
-        (mnt / f"f{i}").write_bytes(os.urandom(6000))
+        (mnt / f"f{i}").write_bytes(os.urandom(20_000))    # past INLINE_MAX: stored
     subprocess.run(["sync", "-f", str(mnt)], check=True)
     before = {n: stored_objects(c, n) for n in ("data1", "data2", "data3", "data4")}
     copies = sum(len(objs) for objs in before.values())
@@ -223,7 +223,7 @@ def test_adding_a_node_moves_a_fair_share_and_draining_empties_one(healing: Clus
     assert [n["node_id"] for n in c.call("cluster_map")["nodes"]] == \
         ["data1", "data2", "data4", "data5"]
     for i in range(0, 600, 37):
-        assert len((mnt / f"f{i}").read_bytes()) == 6000
+        assert len((mnt / f"f{i}").read_bytes()) == 20_000
 
 
 def admin(c: Cluster, *args: str) -> subprocess.CompletedProcess[str]:

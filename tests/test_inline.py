@@ -70,7 +70,7 @@ def test_truncate_clips_inline_bytes(fs: FS) -> None:
 @pytest.mark.parametrize("entry", [
     [0, None, 3, [], b"ab"],                       # length is not len(data)
     [0, None, 0, [], b""],                         # empty
-    [0, None, 4097, [], b"x" * 4097],              # too long
+    [0, None, INLINE_MAX + 1, [], b"x" * (INLINE_MAX + 1)],   # too long
     [0, OID[0], 3, [], b"abc"],                    # both an object and data
     [0, None, 3, ["n1"], b"abc"],                  # holders
     [0, None, 3, [], "abc"],                       # not bytes
@@ -192,17 +192,31 @@ def test_overwrite_small_file_in_place(mnt: Path, cluster: Cluster) -> None:
     assert stored_objects(cluster) == 0
 
 
-def test_small_files_with_block_size_4k(cluster: Cluster, tmp_path: Path) -> None:
+def test_small_files_with_blocks_of_inline_max(cluster: Cluster, tmp_path: Path) -> None:
     """Block 0 ends exactly at INLINE_MAX: no background upload of it."""
-    cluster.create_volume("small", block_size=4096)
+    cluster.create_volume("small", block_size=INLINE_MAX)
     mnt = tmp_path / "m4k"
     cluster.mount(mnt, volume="small")
-    data = os.urandom(4096)
+    data = os.urandom(INLINE_MAX)
     (mnt / "f").write_bytes(data)
     assert stored_objects(cluster) == 0
-    two = os.urandom(3 * 4096 + 5)
+    two = os.urandom(3 * INLINE_MAX + 5)
     (mnt / "g").write_bytes(two)
     assert stored_objects(cluster) == 12
     cluster.umount(mnt)
     cluster.mount(mnt, volume="small")
     assert (mnt / "f").read_bytes() == data and (mnt / "g").read_bytes() == two
+
+
+def test_a_small_file_over_several_small_blocks(cluster: Cluster, tmp_path: Path) -> None:
+    """With blocks smaller than INLINE_MAX, a small file keeps block 0
+    inline and stores the others as objects."""
+    cluster.create_volume("tiny", block_size=4096)
+    mnt = tmp_path / "tiny"
+    cluster.mount(mnt, volume="tiny")
+    data = os.urandom(2 * 4096 + 5)
+    (mnt / "f").write_bytes(data)
+    assert stored_objects(cluster) == 2 * 3          # blocks 1 and 2, 3 copies each
+    cluster.umount(mnt)
+    cluster.mount(mnt, volume="tiny")
+    assert (mnt / "f").read_bytes() == data

@@ -40,7 +40,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
 # ---------------------------------------------------------------- open files
 
 def test_unlinked_open_file_lives_until_last_close(cluster: Cluster, mnt: Path) -> None:
-    (mnt / "keep").write_bytes(b"k" * 10_000)   # past the inline limit: 3 objects
+    (mnt / "keep").write_bytes(b"k" * 20_000)   # past the inline limit: 3 objects
     wait_for(lambda: stored_objects(cluster) == 3)
     data = os.urandom(9 * MiB)                 # three blocks, three copies each
     (mnt / "ghost").write_bytes(data)
@@ -58,7 +58,7 @@ def test_unlinked_open_file_lives_until_last_close(cluster: Cluster, mnt: Path) 
     assert os.pread(second, len(data) + 10, 0) == data + b"tail"
     os.close(second)
     wait_for(lambda: stored_objects(cluster) == 3)
-    assert (mnt / "keep").read_bytes() == b"k" * 10_000
+    assert (mnt / "keep").read_bytes() == b"k" * 20_000
     assert os.listdir(mnt) == ["keep"]
 
 
