@@ -139,6 +139,10 @@ def raise_kernel_readahead(mountpoint: str) -> None:
     after it: the stat waits for it.  Best effort (root only)."""
     try:
         dev = os.stat(mountpoint).st_dev
+        if os.major(dev) != 0:      # not a FUSE connection's device: leave it be
+            log.info("kernel read-ahead left at its default: %s is on device %d:%d",
+                     mountpoint, os.major(dev), os.minor(dev))
+            return
         Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").write_text(
             f"{KERNEL_READAHEAD_KB}\n")
     except OSError as exc:
@@ -213,6 +217,7 @@ def mount(cfg: MountConfig) -> None:
         pyfuse3.init(ops, cfg.mountpoint.as_posix(), options)
     except RuntimeError as exc:
         raise MountError(f"cannot mount on {cfg.mountpoint}: {exc}") from None
+    mountpoint = os.path.abspath(cfg.mountpoint)     # daemonize() changes to /
     if not cfg.foreground:
         daemonize()
     setup_logging(cfg, cache)
@@ -222,7 +227,7 @@ def mount(cfg: MountConfig) -> None:
                                         f"{cfg.meta}/{cfg.volume}#{volume['vol']}")
     log.info("mounted %s on %s", cfg.source, cfg.mountpoint)
     try:
-        trio.run(serve, ops, cfg.mountpoint.as_posix())
+        trio.run(serve, ops, mountpoint)
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", cfg.mountpoint)

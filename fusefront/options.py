@@ -12,6 +12,7 @@ on to ``pyfuse3.init``; options that only ``mount``/fstab use (``_netdev``,
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,8 +109,8 @@ def apply_option(cfg: MountConfig, item: str) -> None:
         return
     if name in PASS_OPTIONS:
         cfg.fuse_options.append(name)
-    elif name in ("secret_file", "cache_dir"):
-        setattr(cfg, name, Path(value))
+    elif name in ("secret_file", "cache_dir"):      # absolute: the daemon changes to /
+        setattr(cfg, name, Path(value).absolute())
     elif name in ("attr_timeout", "entry_timeout", "timeout"):
         setattr(cfg, name, _number(name, value, float))
     elif name in ("cache_size", "dirty_limit", "readahead"):
@@ -117,7 +118,7 @@ def apply_option(cfg: MountConfig, item: str) -> None:
     elif name in ("foreground", "debug", "nonempty", "noleases"):
         setattr(cfg, name, True)
     elif name == "log":
-        cfg.log = value
+        cfg.log = os.path.abspath(value) if value else value
     else:
         raise UsageError(f"unknown option {name!r} (see objfs --help)")
     if eq and not value and name in ("secret_file", "cache_dir", "log"):

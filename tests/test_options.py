@@ -27,6 +27,16 @@ def test_mount_helper_options() -> None:
     assert set(cfg.fuse_options) == {"rw", "dev", "suid", "allow_other"}
 
 
+def test_relative_paths_are_taken_from_where_the_mount_was_asked(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The daemon changes to / once mounted: a relative path given at mount
+    time must still name the same file then."""
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_args(["h:1/v", "mnt", "-o", "secret_file=s,cache_dir=c,log=l"])
+    assert cfg.secret_file == tmp_path / "s" and cfg.cache_path() == tmp_path / "c"
+    assert cfg.log == str(tmp_path / "l")
+
+
 def test_unknown_option_is_an_error() -> None:
     with pytest.raises(UsageError, match="unknown option"):
         parse_args(["h:1/v", "/mnt/x", "-o", "frobnicate=1"])
