@@ -87,27 +87,41 @@ LINGER_SECONDS = 1.0         # draining an unread body before closing
 LINGER_BYTES = 16 * 1024 * 1024
 RECEIVE_BYTES = 64 * 1024
 EAGER_RECEIVE_BYTES = 1024 * 1024
+EAGER_SLOTS = 32              # bodies read before their handler, held at once per server
 SIMPLE_BODY_MAX = 64 * 1024       # a simple request's body, if all here with its head
 
 # what a client can cause on the wire; ends its connection quietly
 _NETWORK_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
+class Eager:
+    """Which plain requests have their body read whole before the handler
+    runs: bodies of at most ``body_max`` bytes (make it the handler's own
+    limit) whose head's fields ``admit`` accepts (None: every request; give
+    it the handler's authentication, so that nobody without it makes the
+    server hold ``body_max`` bytes), at most ``slots`` of them at once (each
+    held until its handler returns)."""
+
+    def __init__(self, body_max: int = SIMPLE_BODY_MAX, admit: Admit | None = None,
+                 slots: int = EAGER_SLOTS) -> None:
+        self.body_max = body_max
+        self.admit = admit
+        self.slots = trio.CapacityLimiter(slots)
+
+
 async def serve(handle: Handler, bind: str, *, max_connections: int = MAX_CONNECTIONS,
                 body_max: int = SIMPLE_BODY_MAX, admit: Admit | None = None,
+                slots: int = EAGER_SLOTS,
                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``handle`` on ``bind`` ("host:port", port 0 for any) until cancelled.
-    A plain request's body of at most ``body_max`` bytes is read whole
-    before the handler runs (so make it the handler's own limit) if
-    ``admit`` says yes to its head's fields (None: to every request); give
-    it the handler's authentication, so that nobody without it makes the
-    server hold ``body_max`` bytes per connection.
+    ``body_max``, ``admit`` and ``slots``: which bodies are read before the
+    handler runs, and how many at once (``Eager``).
 
     ``task_status.started`` gets the bound addresses as "host:port" strings.
     """
     host, port = split_bind(bind)
     listeners = await trio.open_tcp_listeners(port, host=host)
-    server = _Server(handle, max_connections, body_max, admit)
+    server = _Server(handle, max_connections, Eager(body_max, admit, slots))
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, server.connection, listeners)
         task_status.started([_address(listener) for listener in listeners])
@@ -129,12 +143,10 @@ def _address(listener: trio.SocketListener) -> str:
 class _Server:
     """Counts connections and runs each one; errors end only their connection."""
 
-    def __init__(self, handle: Handler, max_connections: int, body_max: int,
-                 admit: Admit | None) -> None:
+    def __init__(self, handle: Handler, max_connections: int, eager: Eager) -> None:
         self.handle = handle
         self.max_connections = max_connections
-        self.body_max = body_max
-        self.admit = admit
+        self.eager = eager
         self.open = 0
         self.refused = 0            # since the last warning (one per burst, not each)
 
@@ -147,19 +159,19 @@ class _Server:
             return
         self.open += 1
         try:
-            await serve_stream(self.handle, stream, self.body_max, self.admit)
+            await serve_stream(self.handle, stream, self.eager)
         finally:
             self.open -= 1
             self.refused = 0
 
 
 async def serve_stream(handle: Handler, stream: trio.abc.HalfCloseableStream,
-                       body_max: int = SIMPLE_BODY_MAX, admit: Admit | None = None) -> None:
+                       eager: Eager | None = None) -> None:
     """Serve HTTP/1.1 requests arriving on ``stream`` until either side ends it,
     then close it.  Never raises but for cancellation."""
     try:
         async with stream:
-            await _Connection(stream, handle, body_max, admit).run()
+            await _Connection(stream, handle, eager or Eager()).run()
     except _NETWORK_ERRORS as exc:
         log.debug("connection ended: %r", exc)
     except Exception:
@@ -176,11 +188,10 @@ class _Connection:
     """
 
     def __init__(self, stream: trio.abc.HalfCloseableStream, handle: Handler,
-                 body_max: int = SIMPLE_BODY_MAX, admit: Admit | None = None) -> None:
+                 eager: Eager) -> None:
         self.stream = stream
         self.handle = handle
-        self.body_max = body_max
-        self.admit = admit
+        self.eager = eager
         self.watchdog = trio.CancelScope(deadline=trio.current_time() + IDLE_SECONDS)
         self.received = b""         # bytes not yet part of a request served, from ...
         self.start = 0              # ... this offset on
@@ -200,12 +211,17 @@ class _Connection:
             await self._receive()
         simple = parse_simple(self.received, self.start)
         if simple is None:
-            head = parse_simple_head(self.received, self.start, self.body_max)
-            if head is None or (self.admit is not None and not self.admit(head.headers)):
+            eager = self.eager
+            head = parse_simple_head(self.received, self.start, eager.body_max)
+            if head is None or (eager.admit is not None and not eager.admit(head.headers)):
                 return await self._general()
-            simple = await self._read_body(head)
-            if simple is None:
-                return False            # the client went away mid-body
+            self.watchdog.deadline = math.inf      # waiting for a slot is not the client's
+            async with eager.slots:                # bodies held at once are bounded
+                simple = await self._read_body(head)
+                if simple is None:
+                    return False            # the client went away mid-body
+                self.start = simple.end
+                return await self._answer_simple(simple)
         self.start = simple.end
         return await self._answer_simple(simple)
 

@@ -317,6 +317,42 @@ def test_only_admitted_requests_have_their_body_read_before_the_handler() -> Non
     assert handler.seen == ["POST /ok", "400 client disconnected", "POST /ok"]
 
 
+def test_bodies_read_before_their_handler_are_bounded_in_number() -> None:
+    """At most ``slots`` such bodies are held at once: the next one is read
+    once a handler holding one returns."""
+    running, most = 0, 0
+    release = trio.Event()
+
+    async def handler(request: Request) -> Response:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await release.wait()
+        running -= 1
+        return Response(200, await request.body(LIMIT))
+
+    async def put(address: str, body: bytes, results: list[bytes]) -> None:
+        stream = await connect(address)
+        async with stream:
+            await stream.send_all(b"PUT /b HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n"
+                                  % len(body))
+            await trio.sleep(0.05)
+            await stream.send_all(body)
+            results.extend(await answer_bodies(stream, 1))
+
+    async def test() -> None:
+        results: list[bytes] = []
+        async with serving(handler, body_max=LIMIT, slots=2) as address:
+            async with trio.open_nursery() as nursery:
+                for i in range(5):
+                    nursery.start_soon(put, address, bytes([i]) * 500, results)
+                await trio.sleep(0.5)
+                assert (running, most) == (2, 2)
+                release.set()
+        assert sorted(results) == [bytes([i]) * 500 for i in range(5)]
+    run(test)
+
+
 def test_many_concurrent_connections() -> None:
     handler = Recorder()
 
