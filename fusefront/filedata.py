@@ -43,7 +43,8 @@ import stat
 import time
 from dataclasses import dataclass
 import logging
-from typing import Any, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
@@ -366,6 +367,18 @@ class FileData:
         self.fence = fence
         return True
 
+    @asynccontextmanager
+    async def _locked_under(self, lease: Callable[[], int | None]) -> AsyncIterator[bool]:
+        """Hold the file's lock with what is buffered going under the WRITE
+        lease ``lease()`` gives now (``_under``); yields False, and changes
+        nothing, if there is none or it changed meanwhile."""
+        fence = lease()
+        if fence is None:
+            yield False
+            return
+        async with self.lock:
+            yield await self._under(fence, lease)
+
     async def buffer_attrs(self, changes: dict[str, int],
                            lease: Callable[[], int | None]) -> bool:
         """Keep a setattr's ``changes`` (mode, uid, gid, atime, mtime; no size)
@@ -374,11 +387,8 @@ class FileData:
         nobody else sees the file's attributes before).  tar and cp -a set
         times, owner and mode before close: one commit, not one per call.
         False (nothing kept) without that lease."""
-        fence = lease()
-        if fence is None:
-            return False
-        async with self.lock:
-            if not await self._under(fence, lease):
+        async with self._locked_under(lease) as held:
+            if not held:
                 return False
             if "mtime_ns" in changes:
                 self.mtime_ns = changes["mtime_ns"]
@@ -633,12 +643,10 @@ class FileData:
         waits for this mount's recall flush, which waits for the lock).
         None (nothing changed) if that lease is not held, or was lost before
         the change reached the metadata node: take a new one and try again."""
-        fence = lease()
-        if fence is None:
-            return None
-        async with self.lock:
-            if not await self._under(fence, lease):
+        async with self._locked_under(lease) as held:
+            if not held:
                 return None
+            fence = self.fence
             if self.pending():
                 await self._flush_all()
             keep = self.v.keeper(self.ino)
