@@ -118,6 +118,7 @@ class DirHandle:
         self.complete = False
         self.whole = True           # rows start at the first entry, no gaps
         self.since = 0              # cache clock when the first rows were asked for
+        self.epoch: int | None = None   # the directory's lease held when they came
 
     def rewind(self) -> None:
         self.rows, self.cursors, self.complete, self.whole = [], [], False, True
@@ -145,7 +146,8 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.leases: Leases | None = Leases(
             volume.meta, flush=self.flush_inode, invalidate=self.kernel_forget,
-            vol=volume.vol, drop=self.cache_drop, busy=self.busy) if leases else None
+            vol=volume.vol, drop=self.cache_drop, busy=self.busy,
+            began=self.cache_began) if leases else None
         self.in_flight: collections.Counter[int] = collections.Counter()  # see DIR_LOCKING
         # what this mount holds leases for, answered without a round trip
         self.cache = MetaCache(self.lease_held)
@@ -181,6 +183,15 @@ class Operations(pyfuse3.Operations):
         else:
             self.cache.forget(ino)
 
+    def cache_began(self, ino: int) -> None:
+        self.cache.began(ino)
+
+    def with_grant(self, inos: Sequence[int], grants: Sequence[Any]) -> set[int]:
+        """The inodes whose lease held now came with these grants (an answer
+        that came with its lease may be kept, see MetaCache.fresh)."""
+        assert self.leases is not None
+        return {ino for ino, grant in zip(inos, grants) if self.leases.holds(ino, grant)}
+
     def cache_touched(self, method: str, inos: list[int] | None,
                       attrs: list[dict[str, Any]], since: int) -> None:
         if inos is None:
@@ -207,9 +218,10 @@ class Operations(pyfuse3.Operations):
                 answers, grants = await self.v.call_leased(
                     "revalidate", inos=[ino for ino, _ in part.attrs],
                     versions=[version_of(a) for _, a in part.attrs])
-                for (ino, _), grant in zip(part.attrs, grants):
+                inos = [ino for ino, _ in part.attrs]
+                for ino, grant in zip(inos, grants):
                     self.leases.note(ino, grant)
-                self.cache.load(part, answers, since)
+                self.cache.load(part, answers, since, self.with_grant(inos, grants).__contains__)
                 kept += answers.count(1)
         except (MetaError, MetaUnavailable, KeyError, TypeError) as exc:
             log.warning("revalidating the metadata cache failed: %s", exc)
@@ -278,7 +290,23 @@ class Operations(pyfuse3.Operations):
         except OSError:
             pass
 
-    def entry(self, a: dict[str, Any], parent: int | None = None) -> pyfuse3.EntryAttributes:
+    def covered(self, a: dict[str, Any]) -> bool:
+        """May the kernel cache the attributes ``a`` (an answer, not a copy)?
+        Only if they are what this mount's cache holds under its lease: an
+        answer the cache refused (read before the lease held now began, or
+        overtaken by a change) must not be cached by the kernel either."""
+        return self.leases is None or self.cache.holds_attr(a["ino"], a)
+
+    def name_covered(self, parent: int, name: bytes | None, ino: int) -> bool:
+        """May the kernel cache that ``name`` in ``parent`` is ``ino`` (0: absent)?"""
+        return self.leases is None or (name is not None and self.cache.entry(parent, name) == ino)
+
+    def entry(self, a: dict[str, Any], parent: int | None = None, name: bytes | None = None,
+              covered: bool | None = None) -> pyfuse3.EntryAttributes:
+        """The kernel's view of ``a`` (and of ``name`` in ``parent``), with the
+        times it may cache them: while a lease covers what it is told."""
+        if covered is None:
+            covered = self.covered(a)
         e = pyfuse3.EntryAttributes()
         e.st_ino = a["ino"]
         e.generation = a["generation"]
@@ -293,17 +321,20 @@ class Operations(pyfuse3.Operations):
         e.st_atime_ns = a["atime_ns"]
         e.st_mtime_ns = a["mtime_ns"]
         e.st_ctime_ns = a["ctime_ns"]
-        e.attr_timeout = self.attr_time(a["ino"])
-        e.entry_timeout = self.entry_time(parent)
+        e.attr_timeout = self.attr_time(a["ino"]) if covered else 0.0
+        e.entry_timeout = self.entry_time(parent) if parent is not None \
+            and self.name_covered(parent, name, a["ino"]) else 0.0
         return e
 
-    def merged(self, a: dict[str, Any], parent: int | None = None) -> pyfuse3.EntryAttributes:
+    def merged(self, a: dict[str, Any], parent: int | None = None,
+               name: bytes | None = None) -> pyfuse3.EntryAttributes:
         """Attributes with this mount's unflushed size, times and blocks applied
         (a write changes mtime and ctime together, as on a local filesystem)."""
+        covered = self.covered(a)
         f = self.files.get(a["ino"])
         if f is not None:
             a = f.overlay(a)
-        return self.entry(self.with_pending_atime(a), parent)
+        return self.entry(self.with_pending_atime(a), parent, name, covered)
 
     def with_pending_atime(self, a: dict[str, Any]) -> dict[str, Any]:
         """A read access still on its way, its file closed since."""
@@ -346,10 +377,11 @@ class Operations(pyfuse3.Operations):
         if self.leases is not None:
             self.leases.note_name(parent, name)
         if a is not None:
-            return self.merged(a, parent)
+            return self.merged(a, parent, name)
         negative = pyfuse3.EntryAttributes()     # st_ino 0: the kernel caches the absence
         negative.st_ino = 0
-        negative.entry_timeout = self.entry_time(parent)
+        negative.entry_timeout = self.entry_time(parent) \
+            if self.name_covered(parent, name, 0) else 0.0
         return negative
 
     async def change(self, method: str, **args: Any) -> Any:
@@ -365,9 +397,11 @@ class Operations(pyfuse3.Operations):
             if exc.errno == errno.EEXIST and "name" in args:    # it is there: learn it again
                 self.cache.drop_entry(args["parent"], args["name"])
             raise
-        self.leases.note(result["ino"], grants[0] if grants else None)
+        grant = grants[0] if grants else None
+        self.leases.note(result["ino"], grant)
         if "ino" in args:       # link, setattr: an inode that may be in flight elsewhere
-            self.cache.put_own(result["ino"], result, since, drops)
+            self.cache.put_own(result["ino"], result, since, drops,
+                               self.leases.holds(result["ino"], grant))
         else:                   # a new inode: nothing else knows it yet
             self.cache.put_attr(result["ino"], result, self.cache.stamp())
         if method in ("mknod", "mkdir", "symlink", "link"):
@@ -395,20 +429,24 @@ class Operations(pyfuse3.Operations):
             inos = [key]
         for leased_ino, grant in zip(inos, grants):
             self.leases.note(leased_ino, grant)
+        came = self.with_grant(inos, grants)
         if method == "readdir":
             for _, name, attrs in result:
-                self.cache.put_entry(key, name, attrs["ino"], since)
-                self.cache.put_attr(attrs["ino"], attrs, since)
+                child = attrs["ino"]
+                self.cache.put_entry(key, name, child, since, key in came)
+                self.cache.put_attr(child, attrs, since, child in came)
                 if stat.S_ISDIR(attrs["mode"]):
-                    self.cache.put_parent(attrs["ino"], key, since)
+                    self.cache.put_parent(child, key, since, child in came)
         elif method == "lookup":
-            self.cache.put_entry(key, args["name"], result["ino"] if result else 0, since)
+            self.cache.put_entry(key, args["name"], result["ino"] if result else 0, since,
+                                 key in came)
             if result:
-                self.cache.put_attr(result["ino"], result, since)
+                child = result["ino"]
+                self.cache.put_attr(child, result, since, child in came)
                 if stat.S_ISDIR(result["mode"]):
-                    self.cache.put_parent(result["ino"], key, since)
+                    self.cache.put_parent(child, key, since, child in came)
         else:
-            self.cache.put_attr(key, result, since)
+            self.cache.put_attr(key, result, since, key in came)
         return result
 
     @fuse_op
@@ -487,7 +525,7 @@ class Operations(pyfuse3.Operations):
         self.check_name(name)
         return self.entry(await self.change("mknod", parent=parent, name=name,
                                           mode=mode & ~ctx.umask, rdev=rdev,
-                                          uid=ctx.uid, gid=ctx.gid), parent)
+                                          uid=ctx.uid, gid=ctx.gid), parent, name)
 
     @fuse_op
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
@@ -496,21 +534,21 @@ class Operations(pyfuse3.Operations):
                               uid=ctx.uid, gid=ctx.gid)
         self.cache.put_new_directory(a["ino"])      # every name in it is known: none
         self.cache.put_parent(a["ino"], parent, self.cache.stamp())
-        return self.entry(a, parent)
+        return self.entry(a, parent, name)
 
     @fuse_op
     async def symlink(self, parent: int, name: bytes, target: bytes,
                       ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
         return self.entry(await self.change("symlink", parent=parent, name=name, target=target,
-                                          uid=ctx.uid, gid=ctx.gid), parent)
+                                          uid=ctx.uid, gid=ctx.gid), parent, name)
 
     @fuse_op
     async def link(self, ino: int, new_parent: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(new_name)
         return self.merged(await self.change("link", ino=ino, parent=new_parent, name=new_name),
-                           new_parent)
+                           new_parent, new_name)
 
     @fuse_op
     async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
@@ -620,6 +658,7 @@ class Operations(pyfuse3.Operations):
         d = self.dirs[fh]
         if start_id == 0:
             d.rewind()                  # rewinddir: see what was added since
+            # (the kernel takes no attributes from "." and ".." entries)
             a = self.with_pending_atime(await self.attrs_of(d.ino))
             now = time.time_ns()
             if self.relatime and atime_due(a, now):
@@ -627,12 +666,12 @@ class Operations(pyfuse3.Operations):
                 # background like a file's; the kernel drops the cached atime
                 self.note_read_access(d.ino, now)
                 a = dict(a, atime_ns=now)
-            me = self.entry(a)
+            me = self.entry(a, covered=False)
             if not pyfuse3.readdir_reply(token, b".", me, 1):
                 return
             start_id = 1
         if start_id == 1:
-            parent = self.entry(await self.parent_attrs(d.ino))
+            parent = self.entry(await self.parent_attrs(d.ino), covered=False)
             if not pyfuse3.readdir_reply(token, b"..", parent, 2):
                 return
             start_id = 2
@@ -643,20 +682,27 @@ class Operations(pyfuse3.Operations):
             for cursor, name, attrs in d.rows_after(after):
                 if self.leases is not None:
                     self.leases.note_name(d.ino, name)
-                if not pyfuse3.readdir_reply(token, name, self.merged(attrs, d.ino), cursor + 2):
+                if not pyfuse3.readdir_reply(token, name, self.merged(attrs, d.ino, name),
+                                             cursor + 2):
                     return
                 after = cursor
             if d.complete:
                 return
             if after > d.last():
                 d.whole = False         # seekdir past what was fetched
-            if not d.rows:
+            first = not d.rows
+            if first:
                 d.since = self.cache.stamp()
             rows = await self.leased("readdir", d.ino, ino=d.ino,
                                      after=max(after, d.last()), limit=DIR_BATCH)
+            epoch = self.leases.epoch(d.ino) if self.leases is not None else None
+            if first:
+                d.epoch = epoch
             d.add(rows, complete=len(rows) < DIR_BATCH)
             if d.complete and d.whole:
-                self.cache.put_listing(d.ino, [(c, n, a["ino"]) for c, n, a in d.rows], d.since)
+                # every batch was read with (or under) the lease held now
+                self.cache.put_listing(d.ino, [(c, n, a["ino"]) for c, n, a in d.rows], d.since,
+                                       epoch is not None and epoch == d.epoch)
 
     async def parent_attrs(self, ino: int) -> dict[str, Any]:
         """The attrs of directory ``ino``'s parent (for ".."), from the cache
@@ -744,7 +790,7 @@ class Operations(pyfuse3.Operations):
             # a new file has no xattrs, and nobody can add one without recalling us
             self.xattr_names[a["ino"]] = (trio.current_time() + self.attr_time(a["ino"]),
                                           frozenset())
-        return self.new_handle(self.file(a)), self.entry(a, parent)
+        return self.new_handle(self.file(a)), self.entry(a, parent, name)
 
     @fuse_op
     async def read(self, fh: int, offset: int, size: int) -> bytes:

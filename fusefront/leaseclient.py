@@ -69,8 +69,10 @@ Drop = Callable[[int | None], None]     # sync: forget an inode's cached views; 
 class Leases:
     def __init__(self, meta: MetaClient, *, flush: Flush, invalidate: Invalidate,
                  vol: int, drop: Drop | None = None,
-                 busy: Callable[[int], bool] | None = None) -> None:
+                 busy: Callable[[int], bool] | None = None,
+                 began: Callable[[int], None] | None = None) -> None:
         self.meta = meta
+        self._began = began or (lambda ino: None)
         self._busy = busy or (lambda ino: False)
         self.vol = vol
         self._flush = flush
@@ -164,13 +166,32 @@ class Leases:
         A READ grant never replaces a WRITE lease held here (or one being
         flushed for a recall): one session may hold both on an inode, and
         forgetting the WRITE one would make its recall release it without
-        committing the writes buffered under it (EIO at close, data lost)."""
+        committing the writes buffered under it (EIO at close, data lost).
+
+        A lease held from now is told to ``began``: an answer sent before
+        may predate another client's change that this mount was not told
+        of.  One that replaces a lease of the same mode means the old one
+        ended at the node: what was cached under it is dropped."""
         if grant is None or not grant.get("cache", True) or grant["epoch"] in self.recalled:
             return
         held = self.held.get(ino)
         if held is not None and held.mode != "read" and grant["mode"] == "read":
             return
         self.held[ino] = Held(grant["epoch"], grant["mode"])
+        if held is None or held.epoch != grant["epoch"]:
+            if held is not None and held.mode == grant["mode"]:
+                self._drop(ino)
+            self._began(ino)
+
+    def epoch(self, ino: int) -> int | None:
+        """The epoch of the lease held on ``ino`` (None: none)."""
+        held = self.held.get(ino)
+        return held.epoch if held is not None else None
+
+    def holds(self, ino: int, grant: dict[str, Any] | None) -> bool:
+        """Is ``grant`` (as an answer brought it) the lease held on ``ino`` now?"""
+        held = self.held.get(ino)
+        return grant is not None and held is not None and held.epoch == grant["epoch"]
 
     def note_name(self, parent: int, name: bytes) -> None:
         if parent in self.held:

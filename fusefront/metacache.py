@@ -36,7 +36,13 @@ truncate may be answered after it.  So every drop of an inode is stamped
 with a clock, and an answer is stored only if nothing of what it covers was
 dropped after it was sent (``since``, from ``stamp()`` at sending).  An op's
 own answer is stored only if its own drop is the only one since it was
-sent (``put_own``).
+sent (``put_own``).  Drops only happen under a lease, so an answer is also
+refused if the lease on its inode began after it was sent (``began``): it
+may have been read at the node before another client's change that this
+mount, holding no lease then, was never told of (a read access recorded
+without a lease, answered after a new open took one).  An answer that came
+with the very lease now held (``leased=True``) was read together with its
+grant and is stored whenever it began.
 
 Across mounts: at unmount the cache is written to a SQLite file in the
 mount's cache folder (``save``); the next mount reads it back (``load``) and
@@ -89,7 +95,8 @@ class MetaCache:
         self.hits = 0
         self.misses = 0
         self.clock = 0                                  # counts drops
-        self.marks: OrderedDict[int, tuple[int, int]] = OrderedDict()  # ino -> (last, count)
+        # ino -> (last drop, drops so far, when the lease held now began)
+        self.marks: OrderedDict[int, tuple[int, int, int]] = OrderedDict()
         self.floor = 0          # answers sent before this are never stored
 
     # ---- which answers may be stored
@@ -98,18 +105,33 @@ class MetaCache:
         return self.clock
 
     def drops(self, ino: int) -> int:
-        return self.marks.get(ino, (0, 0))[1]
+        return self.marks.get(ino, (0, 0, 0))[1]
 
-    def fresh(self, ino: int, since: int) -> bool:
-        return since >= self.floor and self.marks.get(ino, (0, 0))[0] <= since
+    def fresh(self, ino: int, since: int, leased: bool = False) -> bool:
+        """May an answer about ``ino`` sent at ``since`` be stored?  (With
+        ``leased``: it came with the lease held now.)"""
+        last, _, began = self.marks.get(ino, (0, 0, 0))
+        return since >= self.floor and last <= since and (leased or began <= since)
+
+    def lease_began(self, ino: int) -> int:
+        return self.marks.get(ino, (0, 0, 0))[2]
+
+    def began(self, ino: int) -> None:
+        """A new lease on ``ino`` is held from now (see ``fresh``)."""
+        last, count, _ = self.marks.get(ino, (0, 0, 0))
+        self._set_mark(ino, (last, count, self.clock + 1))
 
     def _mark(self, ino: int) -> None:
+        _, count, began = self.marks.get(ino, (0, 0, 0))
+        self._set_mark(ino, (self.clock + 1, count + 1, began))
+
+    def _set_mark(self, ino: int, mark: tuple[int, int, int]) -> None:
         self.clock += 1
-        self.marks[ino] = (self.clock, self.drops(ino) + 1)
+        self.marks[ino] = mark
         self.marks.move_to_end(ino)
         while len(self.marks) > MAX_MARKS:
-            _, (last, _) = self.marks.popitem(last=False)
-            self.floor = max(self.floor, last)
+            _, (last, _, began) = self.marks.popitem(last=False)
+            self.floor = max(self.floor, last, began)
 
     # ---- reading
     def attr(self, ino: int) -> dict[str, Any] | None:
@@ -119,6 +141,10 @@ class MetaCache:
             return None
         self.hits += 1
         return a
+
+    def holds_attr(self, ino: int, a: dict[str, Any]) -> bool:
+        """Is ``a`` (this very answer) what is kept for ``ino``, and served?"""
+        return self.attrs.get(ino) is a and self.valid(ino)
 
     def entry(self, parent: int, name: bytes) -> int | None:
         """The inode ``name`` in ``parent`` points to, 0 if it is known to be
@@ -172,15 +198,19 @@ class MetaCache:
             self.map_bytes -= kept[2]
         return kept
 
-    def put_attr(self, ino: int, a: dict[str, Any], since: int) -> None:
-        if not self.fresh(ino, since) or not self.valid(ino):
+    def put_attr(self, ino: int, a: dict[str, Any], since: int, leased: bool = False) -> None:
+        if not self.fresh(ino, since, leased) or not self.valid(ino):
             return
         self._store(ino, a)
 
-    def put_own(self, ino: int, a: dict[str, Any], since: int, drops_before: int) -> None:
+    def put_own(self, ino: int, a: dict[str, Any], since: int, drops_before: int,
+                leased: bool = False) -> None:
         """An op's answer about the inode it changed: stored when the op's own
-        drop (see ``touched``) is the only one since it was sent."""
+        drop (see ``touched``) is the only one since it was sent (and the
+        lease began before, unless the answer came with it)."""
         if since < self.floor or self.drops(ino) != drops_before + 1 or not self.valid(ino):
+            return
+        if not leased and self.lease_began(ino) > since:
             return
         self._store(ino, a)
 
@@ -190,8 +220,9 @@ class MetaCache:
         while len(self.attrs) > self.max_inodes:
             self.attrs.popitem(last=False)
 
-    def put_entry(self, parent: int, name: bytes, ino: int, since: int) -> None:
-        if not self.fresh(parent, since) or not self.valid(parent):
+    def put_entry(self, parent: int, name: bytes, ino: int, since: int,
+                  leased: bool = False) -> None:
+        if not self.fresh(parent, since, leased) or not self.valid(parent):
             return
         names = self.entries.setdefault(parent, {})
         if name not in names:
@@ -202,19 +233,20 @@ class MetaCache:
             self.whole.clear()
             self.names = 0
 
-    def put_parent(self, ino: int, parent: int, since: int) -> None:
-        if not self.fresh(ino, since) or not self.valid(ino):
+    def put_parent(self, ino: int, parent: int, since: int, leased: bool = False) -> None:
+        if not self.fresh(ino, since, leased) or not self.valid(ino):
             return
         if len(self.parents) >= self.max_inodes:
             self.parents.clear()
         self.parents[ino] = parent
 
-    def put_listing(self, ino: int, rows: list[Row], since: int) -> None:
-        if not self.fresh(ino, since) or not self.valid(ino) or len(rows) > self.max_names // 4:
+    def put_listing(self, ino: int, rows: list[Row], since: int, leased: bool = False) -> None:
+        if not self.fresh(ino, since, leased) or not self.valid(ino) \
+                or len(rows) > self.max_names // 4:
             return
         self.listings[ino] = rows
         for _, name, child in rows:
-            self.put_entry(ino, name, child, since)
+            self.put_entry(ino, name, child, since, leased)
         names = self.entries.get(ino, {})
         if all(name in names for _, name, _ in rows):    # none dropped over the bound
             self.whole.add(ino)
@@ -243,6 +275,7 @@ class MetaCache:
         def removed() -> None:
             self.put_entry(parent, name, 0, self.stamp())
             if (was_whole and since >= self.floor and self.drops(parent) == drops + 1
+                    and self.lease_began(parent) <= since
                     and parent in self.entries and self.valid(parent)):
                 self.whole.add(parent)
         return removed
@@ -303,16 +336,18 @@ class MetaCache:
         store.write(attrs, listings)
         return len(attrs)
 
-    def load(self, saved: "Saved", answers: list[Any], since: int) -> None:
+    def load(self, saved: "Saved", answers: list[Any], since: int,
+             leased: Callable[[int], bool] = lambda ino: False) -> None:
         """Take back what the node said is unchanged (1) or sent fresh (a
-        map); the leases that came with the answers must be noted first."""
+        map); the leases that came with the answers must be noted first
+        (``leased(ino)``: the one held now came with its answer)."""
         for (ino, a), answer in zip(saved.attrs, answers):
             if answer == 1:
-                self.put_attr(ino, a, since)
+                self.put_attr(ino, a, since, leased(ino))
             elif isinstance(answer, dict):
-                self.put_attr(ino, answer, since)
+                self.put_attr(ino, answer, since, leased(ino))
             if answer == 1 and ino in saved.listings:
-                self.put_listing(ino, saved.listings[ino], since)
+                self.put_listing(ino, saved.listings[ino], since, leased(ino))
 
 
 class Saved:

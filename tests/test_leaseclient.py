@@ -103,3 +103,26 @@ def test_a_read_grant_never_hides_the_write_lease_held() -> None:
         assert flushed == [5]
         assert meta.calls == [("release", {"epochs": [7]})]
     trio.run(main)
+
+
+def test_a_new_lease_is_told_to_the_cache_and_a_replaced_one_drops_its_views() -> None:
+    """Answers sent before a lease began are not kept under it (see
+    MetaCache.fresh): the cache hears of every lease held anew.  A READ
+    lease replaced by another READ lease means the first ended at the node
+    (expired): what was cached under it is dropped."""
+    began: list[int] = []
+    dropped: list[int | None] = []
+    leases = Leases(FakeMeta(), flush=lambda ino: trio.sleep(0),  # type: ignore[arg-type]
+                    invalidate=lambda ino, names: None, vol=1, drop=dropped.append,
+                    began=began.append)
+    leases.note(5, {"epoch": 7, "mode": "read", "cache": True})
+    leases.note(5, {"epoch": 7, "mode": "read", "cache": True})      # the same lease again
+    assert began == [5] and dropped == []
+    assert leases.holds(5, {"epoch": 7}) and not leases.holds(5, {"epoch": 8})
+    leases.note(5, {"epoch": 9, "mode": "write", "cache": True})     # an upgrade: views stay
+    assert began == [5, 5] and dropped == []
+    leases.note(6, {"epoch": 10, "mode": "read", "cache": True})
+    leases.note(6, {"epoch": 11, "mode": "read", "cache": True})
+    assert began == [5, 5, 6, 6] and dropped == [6]
+    leases.note(6, None)                                             # nothing granted
+    assert began == [5, 5, 6, 6] and leases.epoch(6) == 11

@@ -10,7 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import trio
 
+from fusefront.blockcache import BlockCache
+from fusefront.filedata import Volume
+from fusefront.fs import Operations
 from fusefront.metacache import CacheFile, MetaCache, Saved
 
 from .cluster import Cluster
@@ -179,6 +183,65 @@ def test_an_answer_overtaken_by_a_change_is_not_stored() -> None:
     cache.clear()                                # a lost session: nothing older is stored
     cache.put_attr(5, attrs(5, 8), late_op)
     assert cache.attr(5) is None
+
+
+def test_an_answer_sent_before_the_lease_on_its_inode_began_is_not_kept() -> None:
+    """Found by tools/mcx.py: a read access recorded with no lease held (an
+    older handle read on after the lease was recalled) was answered with
+    the attributes of that moment, after another mount's chmod had landed
+    and a new open here had taken a new lease.  No drop separated the two
+    (this mount held no lease in between, so nobody told it of the chmod):
+    the old mode was kept and served for as long as the new lease held."""
+    held = Held()
+    cache = MetaCache(held)
+    sent, drops = cache.stamp(), cache.drops(5)   # touch_atime sent, no lease held
+    held.leased.add(5)                           # a new open takes a new lease
+    cache.began(5)
+    cache.touched([5], [attrs(5, 1)], sent, entries=False)   # the late answer
+    cache.put_own(5, attrs(5, 1), sent, drops)
+    cache.put_attr(5, attrs(5, 1), sent)
+    cache.put_entry(5, b"x", 9, sent)
+    assert cache.attr(5) is None and cache.entry(5, b"x") is None
+    cache.put_attr(5, attrs(5, 3), cache.stamp())   # sent while the lease held
+    assert cache.attr(5) == attrs(5, 3)
+    op_sent, drops = cache.stamp(), cache.drops(5)
+    cache.touched([5])
+    cache.put_own(5, attrs(5, 4), op_sent, drops)   # an op of this mount under it
+    assert cache.attr(5) == attrs(5, 4)
+    sent = cache.stamp()                         # a getattr that brings a new lease
+    held.leased.add(6)
+    cache.began(6)
+    cache.put_attr(6, attrs(6, 2), sent)
+    assert cache.attr(6) is None
+    cache.put_attr(6, attrs(6, 2), sent, leased=True)   # read with its grant: kept
+    assert cache.attr(6) == attrs(6, 2)
+
+
+def test_the_kernel_caches_only_what_the_mounts_cache_keeps() -> None:
+    """An answer the mount's cache refused (sent before the lease held now
+    began, or overtaken by a change) reaches the kernel with timeouts of 0:
+    else the kernel would keep it as long as the lease holds."""
+    async def main() -> None:
+        ops = Operations(Volume(1, 4096, None, None, BlockCache(1 << 20)),  # type: ignore[arg-type]
+                         attr_timeout=30, entry_timeout=30, replicas=3)
+        assert ops.leases is not None
+        ops.leases.valid_until = trio.current_time() + 60
+        full = dict(attrs(5), generation=0, uid=0, gid=0, rdev=0, blocks=0, atime_ns=1)
+        sent = ops.cache.stamp()
+        ops.leases.note(1, {"epoch": 1, "mode": "read"})        # the directory
+        ops.leases.note(5, {"epoch": 2, "mode": "read"})        # begins after ``sent``
+        late = dict(full)
+        ops.cache.put_attr(5, late, sent)
+        ops.cache.put_entry(1, b"f", 5, sent)
+        e = ops.entry(late, 1, b"f")
+        assert e.attr_timeout == 0 and e.entry_timeout == 0
+        kept = dict(full)
+        ops.cache.put_attr(5, kept, ops.cache.stamp())
+        ops.cache.put_entry(1, b"f", 5, ops.cache.stamp())
+        e = ops.entry(kept, 1, b"f")
+        assert e.attr_timeout > 20 and e.entry_timeout > 20
+        assert ops.entry(late).attr_timeout == 0      # not the answer kept
+    trio.run(main)
 
 
 def test_the_cache_is_bounded() -> None:

@@ -107,9 +107,11 @@ class Run:
         if self.third is not None:
             others.append(("third mount", self.third))
         seen += "; ".join(f"{name} reads it {'right' if p.read_bytes() == self.ref else 'wrong'}"
-                         for name, p in others)
+                          f" (mode {oct(stat.S_IMODE(os.stat(p).st_mode))})"
+                          for name, p in others)
         time.sleep(3)
         later = path.read_bytes() == self.ref
+        seen += f"; mode there 3 s later {oct(stat.S_IMODE(os.stat(path).st_mode))}"
         self.problems.append(
             f"turn {self.turns}: mount {other} read {len(got)} bytes (size {st.st_size}, "
             f"mode {oct(stat.S_IMODE(st.st_mode))}), expected {len(self.ref)} bytes, mode "
