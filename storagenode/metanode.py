@@ -52,8 +52,8 @@ from .leases import LeaseConfig, LeaseKey, Mode, NoSession
 from .leaseserver import LeaseServer, grant_map
 from .metaclient import MetaClient
 from .retry import retrying
-from .metastate import (HEARTBEAT_SPEC, LEASE_SPECS, OPS, QUERIES, BadRequest, Liveness,
-                        MetaError, MetaState, Outcome, op_keys, validate)
+from .metastate import (HEARTBEAT_SPEC, LEASE_SPECS, LIVENESS_QUERIES, OPS, QUERIES,
+                        BadRequest, Liveness, MetaError, MetaState, Outcome, op_keys, validate)
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,8 @@ class MetaNode:
         if method in OPS:
             return await self.op(method, args, session)
         if method in QUERIES:
-            return self._reader.query(method, args, self.liveness())
+            return self._reader.query(
+                method, args, self.liveness() if method in LIVENESS_QUERIES else None)
         if method in LEASE_RPCS:
             return await self.lease_rpc(method, args, session)
         if method == "heartbeat":
@@ -280,7 +281,7 @@ class MetaNode:
         if first is None and method == "getattr":
             first = await self._after_writer(session, vol, key)
         try:
-            result = self._reader.query(method, args, self.liveness())
+            result = self._reader.query(method, args)
         except MetaError as exc:
             if method == "lookup" and exc.errno == errno.ENOENT:
                 return None, [first, None]     # the absence may be cached too
@@ -301,7 +302,7 @@ class MetaNode:
         or a rename over the name queued before that lease ran meanwhile:
         then the lease says nothing of the answer and is given back."""
         try:
-            result = self._reader.query("lookup", args, self.liveness())
+            result = self._reader.query("lookup", args)
         except MetaError as exc:
             if exc.errno != errno.ENOENT:
                 raise

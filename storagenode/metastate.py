@@ -1297,6 +1297,10 @@ OPS: dict[str, Method] = {
     "forget_deleted": Method(_op_forget_deleted, {"oids": (_list(_oid, LIST_MAX), REQUIRED)}),
 }
 
+# The queries that report the data nodes' liveness: only these are handed
+# it (computing it reads the node table, a third of a getattr's cost).
+LIVENESS_QUERIES = frozenset({"cluster_map", "statfs"})
+
 QUERIES: dict[str, Method] = {
     "volume": Method(_q_volume, {"name": (_typed(str, 256), REQUIRED)}),
     "volumes": Method(_q_volumes, {}),
