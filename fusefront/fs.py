@@ -603,6 +603,7 @@ class Operations(pyfuse3.Operations):
         self.check_not_acl(name)
         self.xattr_names.pop(ino, None)
         await self.call("setxattr", ino=ino, name=name, value=value, flags=0)
+        self.xattr_names.pop(ino, None)     # a listing stored meanwhile is older
 
     @fuse_op
     async def getxattr(self, ino: int, name: bytes, ctx: Any) -> bytes:
@@ -625,7 +626,10 @@ class Operations(pyfuse3.Operations):
         cached = self.xattr_names.get(ino)
         if cached is not None and cached[0] > now:
             return cached[1]
+        since = self.cache.stamp()
         names = frozenset(await self.call("listxattr", ino=ino))
+        if self.leases is not None and not (self.lease_held(ino) and self.cache.fresh(ino, since)):
+            return names        # not known to hold under the lease held now (MetaCache.fresh)
         if len(self.xattr_names) > 100_000:
             self.xattr_names.clear()
         self.xattr_names[ino] = (now + self.attr_time(ino), names)
@@ -641,6 +645,7 @@ class Operations(pyfuse3.Operations):
         self.check_not_acl(name)
         self.xattr_names.pop(ino, None)
         await self.call("removexattr", ino=ino, name=name)
+        self.xattr_names.pop(ino, None)     # a listing stored meanwhile is older
 
     # ----- directories
     @fuse_op

@@ -244,6 +244,29 @@ def test_the_kernel_caches_only_what_the_mounts_cache_keeps() -> None:
     trio.run(main)
 
 
+def test_xattr_names_listed_before_the_lease_began_are_not_kept() -> None:
+    """The same race for the short-lived copy of a file's xattr names (the
+    kernel asks for security.capability before every write): a listing
+    sent with no lease held, answered after another mount's setxattr and a
+    new lease here, must not answer "no such xattr" later."""
+    async def main() -> None:
+        ops = Operations(Volume(1, 4096, None, None, BlockCache(1 << 20)),  # type: ignore[arg-type]
+                         attr_timeout=30, entry_timeout=30, replicas=3)
+        assert ops.leases is not None
+        ops.leases.valid_until = trio.current_time() + 60
+        answers = [[], [b"user.new"]]
+
+        async def listxattr(method: str, **args: Any) -> Any:
+            if len(answers) == 2:          # meanwhile: an open here takes a lease
+                ops.leases.note(5, {"epoch": 3, "mode": "read"})  # type: ignore[union-attr]
+            return answers.pop(0)
+        ops.call = listxattr    # type: ignore[method-assign]
+        assert await ops.names_of(5) == frozenset()
+        assert await ops.names_of(5) == {b"user.new"}       # asked again, not kept
+        assert await ops.names_of(5) == {b"user.new"}       # sent under the lease: kept
+    trio.run(main)
+
+
 def test_the_cache_is_bounded() -> None:
     held = Held()
     held.leased.update(range(1, 1000))
