@@ -125,6 +125,9 @@ class Volume:
         # (the inode's new attrs) if nothing else changed it meanwhile
         self.keeper: Callable[[int], Callable[[dict[str, Any]], None]] = \
             lambda ino: lambda attrs: None
+        # set by the mount: sends the namespace ops it answered already
+        # (nsqueue), so that the node sees every change in the mount's order
+        self.before_rpc: Callable[[], Awaitable[None]] | None = None
 
     def over_dirty_limit(self) -> bool:
         """Do buffered writes of all files exceed the mount's budget?"""
@@ -136,6 +139,8 @@ class Volume:
         request surely never arrived, so that no outcome is guessed."""
         def temporary(exc: BaseException) -> bool:
             return isinstance(exc, MetaUnavailable) and (not exc.sent or method in QUERIES)
+        if self.before_rpc is not None and method != "batch":
+            await self.before_rpc()
         answer = await self._session_call(method, lambda: retrying(
             lambda: self.meta.exchange(method, dict(args, vol=self.vol)),
             deadline=trio.current_time() + self.retry_window, temporary=temporary))
@@ -157,7 +162,7 @@ class Volume:
                 await self.lost_session()
                 answer = await send()
         except MetaUnavailable:
-            if method not in QUERIES:
+            if method not in QUERIES and method != "batch":   # a batch is sent again
                 self.touched(method, None, [], since)
             raise
         if "touched" in answer:
@@ -166,6 +171,8 @@ class Volume:
 
     async def call_leased(self, method: str, **args: Any) -> tuple[Any, list[Any]]:
         """A query with the READ leases that come with it (retried like ``call``)."""
+        if self.before_rpc is not None:
+            await self.before_rpc()
         answer = await self._session_call(method, lambda: retrying(
             lambda: self.meta.exchange(method, dict(args, vol=self.vol), lease=True),
             deadline=trio.current_time() + self.retry_window,

@@ -41,6 +41,7 @@ from storagenode.metastate import MAX_FILE_SIZE, RENAME_EXCHANGE, REVALIDATE_MAX
 from .datapath import DataUnavailable, NoSpace
 from .leaseclient import Leases
 from .metacache import CacheFile, MetaCache
+from .nsqueue import NamespaceQueue, QueuedOp
 from .filedata import FileData, Volume, atime_due
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,11 @@ class Operations(pyfuse3.Operations):
         self.atime_pending: dict[int, tuple[int, trio.Event]] = {}
         self.next_fh = 1
         self.nursery: trio.Nursery | None = None
+        # unlinks answered here, on their way to the node (see unlink_here)
+        self.queue = NamespaceQueue(volume, failed=self.queued_op_failed, spawn=self.spawn,
+                                    open_inos=self.open_inos)
+        volume.before_rpc = self.queue.drain
+        self.queue_failed = False       # reported by the next fsyncdir
 
     # ----- helpers
     async def call(self, method: str, **args: Any) -> Any:
@@ -362,6 +368,10 @@ class Operations(pyfuse3.Operations):
             self.nursery.start_soon(run)
 
     async def flush_inode(self, ino: int) -> None:
+        """Commit what this mount buffers under its WRITE lease on ``ino``:
+        a file's writes, a directory's queued changes (all of them, in
+        order: nothing queued may land after what follows)."""
+        await self.queue.drain()
         f = self.files.get(ino)
         if f is not None:
             await f.flush()
@@ -553,10 +563,68 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
         self.check_name(name)
+        if await self.unlink_here(parent, name):
+            return
         removed = self.cache.removing(parent, name)
         result = await self.call("unlink", parent=parent, name=name, open_inos=self.open_inos())
         removed()
         self.note_maybe_orphan(result["ino"])
+
+    async def unlink_here(self, parent: int, name: bytes) -> bool:
+        """Unlink ``name`` in this mount's cache and queue it for the node
+        (nsqueue), when its outcome is surely known here: this mount holds
+        WRITE cache leases on the directory and on the file (so nobody else
+        sees or changes either before the queue has landed), knows the name
+        and the attributes of both, and does not have the file open.  The
+        directory's WRITE lease is taken then if not held.  False: unlink it
+        the usual way."""
+        leases = self.leases
+        if leases is None:
+            return False
+        if leases.write_epoch(parent) is None:
+            child = self.known_here(parent, name)
+            if not child or leases.write_epoch(child) is None:
+                return False
+            # one round trip, as the unlink itself would take; the next
+            # unlinks in the directory then take none
+            await leases.acquire(parent, "write")
+        child = self.known_here(parent, name)
+        dir_epoch, file_epoch = leases.write_epoch(parent), leases.write_epoch(child or 0)
+        if not child or dir_epoch is None or file_epoch is None:
+            return False
+        d, a = self.cache.attr(parent), self.cache.attr(child)
+        assert d is not None and a is not None       # known_here
+        since = self.cache.stamp()
+        removed = self.cache.removing(parent, name)
+        self.queue.add(QueuedOp("unlink", parent, name, child,
+                                [[parent, dir_epoch], [child, file_epoch]]))
+        now_ns = time.time_ns()
+        changed = [dict(d, mtime_ns=now_ns, ctime_ns=now_ns)]
+        if a["nlink"] > 1:
+            changed.append(dict(a, nlink=a["nlink"] - 1, ctime_ns=now_ns))
+        self.cache.touched([parent, child], changed, since)   # as the node's answer would
+        removed()
+        return True
+
+    def known_here(self, parent: int, name: bytes) -> int:
+        """The file ``name`` in ``parent`` is if this mount's cache knows it
+        and both inodes' attributes and the file is not open here (else 0)."""
+        child = self.cache.entry(parent, name)
+        if not child or child in self.files or self.cache.attr(parent) is None:
+            return 0
+        a = self.cache.attr(child)
+        return child if a is not None and not stat.S_ISDIR(a["mode"]) else 0
+
+    def queued_op_failed(self, op: QueuedOp, why: str) -> None:
+        """An op answered here already was refused by the node: the name is
+        back.  Said in the log and at the next fsyncdir; this mount's and
+        the kernel's views of the directory are dropped."""
+        log.error("%s of %r in directory %d, answered here already, failed at the metadata "
+                  "node: %s", op.method, op.name, op.parent, why)
+        self.queue_failed = True
+        self.cache.forget(op.parent)
+        self.spawn(functools.partial(trio.to_thread.run_sync, self.kernel_forget, op.parent,
+                                     [op.name], abandon_on_cancel=True))
 
     def note_maybe_orphan(self, ino: int) -> None:
         """An open inode lost a name: its last release checks whether to purge it."""
@@ -739,7 +807,12 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None    # every namespace operation is durable when acknowledged
+        """Every namespace op is durable once the node answered it; those
+        answered here first (nsqueue) once sent: send them."""
+        await self.queue.drain()
+        if self.queue_failed:
+            self.queue_failed = False
+            raise pyfuse3.FUSEError(errno.EIO)
 
     # ----- files
     def file(self, a: dict[str, Any]) -> FileData:

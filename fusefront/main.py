@@ -186,6 +186,10 @@ async def _stop_on_signal() -> None:
 
 
 async def _flush_all(ops: Operations) -> None:
+    try:
+        await ops.queue.drain()
+    except Exception:
+        log.exception("could not send %d queued namespace ops at unmount", len(ops.queue))
     for f in list(ops.files.values()):
         try:
             await f.flush()

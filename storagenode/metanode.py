@@ -52,7 +52,7 @@ from .leases import LeaseConfig, LeaseKey, Mode, NoSession
 from .leaseserver import LeaseServer, grant_map
 from .metaclient import MetaClient
 from .retry import retrying
-from .metastate import (HEARTBEAT_SPEC, LEASE_SPECS, LIVENESS_QUERIES, OPS, QUERIES,
+from .metastate import (HEARTBEAT_SPEC, LEASE_SPECS, LIVENESS_QUERIES, OPS, QUERIES, VOL,
                         BadRequest, Liveness, MetaError, MetaState, Outcome, op_keys, validate)
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,11 @@ NODE_DOWN_SECONDS = 15.0    # ... suspect until then, down after
 DB_NAME = "meta.db"
 LEASE_RPCS = ("open_session", "renew", "close_session", "events", "acquire", "release")
 SOFT = ("heartbeat", "repair_status", "fsck") + LEASE_RPCS   # answered from memory, not logged
+# Ops a mount may apply in its own cache first and send later in a ``batch``
+# (fusefront/nsqueue.py), each admitted under the mount's WRITE cache
+# leases on every inode it changes, never waiting for a lease.
+BATCHABLE = frozenset({"unlink"})
+BATCH_MAX = 256
 LEASED_QUERIES = ("lookup", "getattr", "readdir", "revalidate")
 LEASED_OPS = ("mknod", "mkdir", "symlink", "link", "setattr")
 WRITER_WAIT = 5.0           # most a stat waits for another mount's buffered changes
@@ -161,7 +166,8 @@ class MetaNode:
         if not authorized(request.header("authorization"), self.secret):
             raise HTTPError(401, "missing or wrong bearer secret")
         method, args, session, lease = _decode(await request.body(RPC_BODY_MAX))
-        label = method if method in OPS or method in QUERIES or method in SOFT else "unknown"
+        label = method if method in OPS or method in QUERIES or method in SOFT \
+            or method == "batch" else "unknown"
         outcome = "failed"
         try:
             answer = await self._answer(method, args, session, lease)
@@ -183,6 +189,8 @@ class MetaNode:
                 result, grant, touched = await self.leased_op(method, args, session)
                 return {"result": result, "leases": [grant], "touched": touched,
                         **self._touched_attrs(args, touched, result)}
+            if method == "batch" and session:
+                return await self.batch(args, session)
             if method in OPS:
                 result, touched = await self.op_touching(method, args, session)
                 if not session:
@@ -278,7 +286,9 @@ class MetaNode:
                             for ino, answer in zip(args["inos"], result)]
         key = args.get("parent") if method == "lookup" else args.get("ino")
         first = grab(key)
-        if first is None and method == "getattr":
+        if first is None:
+            # another mount may hold it under a WRITE lease: buffered writes
+            # to a file, a directory's changes made there and still queued
             first = await self._after_writer(session, vol, key)
         try:
             result = self._reader.query(method, args)
@@ -378,9 +388,63 @@ class MetaNode:
             touched.append(args["ino"])
         return result, touched
 
+    async def batch(self, args: Any, session: str) -> dict[str, Any]:
+        """Ops one mount applied in its own cache under its WRITE cache
+        leases and answered already, in the order it made them: each is
+        admitted under the leases it names for every inode it changes
+        (``fences``: [ino, epoch] pairs), never waiting for one (a recall of
+        another mount could be waiting for this very batch), and applied in
+        that order, all in one group commit.  An op not so covered fails
+        with EIO, as a commit whose WRITE lease was lost does.  The answer
+        names no touched inodes: the mount changed its own views of them
+        when it applied the ops, and nothing it asks after them is answered
+        before this batch (it sends the batch first)."""
+        if not isinstance(args, dict) or type(args.get("ops")) is not list \
+                or len(args["ops"]) > BATCH_MAX:
+            raise BadRequest(f"batch needs a list of at most {BATCH_MAX} ops")
+        vol = validate({"vol": VOL}, {"vol": args.get("vol")})["vol"]
+        admitted: list[tuple[_Pending | MetaError, list[Any]]] = []
+        try:
+            for op in args["ops"]:
+                method, op_args, fences = _batched(op)
+                op_args = dict(op_args, vol=vol)
+                grants: list[Any] = []
+                try:
+                    self._reader.check(method, op_args)
+                    keys = op_keys(self._reader, method, op_args)
+                    for _, ino in keys:
+                        grant = self.leases.admit_write(session, vol, ino, fences.get(ino, 0))
+                        if grant is None:
+                            raise MetaError(errno.EIO, f"{method} of inode {ino}: no WRITE lease "
+                                                       "of this mount covers it (lost or recalled)")
+                        grants.append(grant)
+                except MetaError as exc:
+                    self.leases.unhold(grants)
+                    admitted.append((exc, []))
+                    continue
+                pending = _Pending({"method": method, "args": op_args, "time_ns": 0})
+                admitted.append((pending, grants))
+                await self._send.send(pending)
+            results: list[dict[str, Any]] = []
+            for item, _ in admitted:
+                try:
+                    if isinstance(item, MetaError):
+                        raise item
+                    results.append({"result": await self._outcome(item)})
+                except MetaError as exc:
+                    results.append({"errno": exc.errno, "error": exc.message})
+        finally:
+            for _, grants in admitted:
+                self.leases.unhold(grants)
+        return {"result": results}
+
     async def _apply(self, method: str, args: Any) -> Any:
         pending = _Pending({"method": method, "args": args, "time_ns": 0})
         await self._send.send(pending)
+        return await self._outcome(pending)
+
+    async def _outcome(self, pending: _Pending) -> Any:
+        """The result of an op sent to the writer, once committed."""
         await pending.done.wait()
         if pending.outcome is None:
             raise HTTPError(500, f"op failed to commit: {pending.failure!r:.200}")
@@ -460,6 +524,20 @@ class MetaNode:
                      "suspect" if silent <= self._down_after else "down")
             live[node_id] = Liveness(state, h.capacity if h else 0, h.free if h else 0, silent)
         return live
+
+
+def _batched(op: Any) -> tuple[str, dict[str, Any], dict[int, int]]:
+    """One op of a ``batch``: method, args, fences by inode (BadRequest)."""
+    if not isinstance(op, dict) or op.get("method") not in BATCHABLE \
+            or not isinstance(op.get("args"), dict) or type(op.get("fences")) is not list \
+            or len(op["fences"]) > 8:
+        raise BadRequest(f"a batch holds only {sorted(BATCHABLE)} ops, with their fences")
+    fences = {}
+    for pair in op["fences"]:
+        if type(pair) is not list or len(pair) != 2 or not all(type(x) is int for x in pair):
+            raise BadRequest("a fence is an [ino, epoch] pair")
+        fences[pair[0]] = pair[1]
+    return op["method"], op["args"], fences
 
 
 def _decode(body: bytes) -> tuple[str, Any, str | None, bool]:

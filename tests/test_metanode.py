@@ -172,3 +172,80 @@ def test_client_reports_unreachable_node(secret_file: Path) -> None:
                 await client.call("volumes")
             assert info.value.temporary
     trio.run(main)
+
+
+def test_a_batch_applies_only_what_the_sessions_write_leases_cover(
+        meta: NodeProcess, secret_file: Path) -> None:
+    """Unlinks a mount answered itself (fusefront/nsqueue.py) arrive in a
+    batch; each is admitted only under that session's WRITE cache leases on
+    the directory and the file, never waiting for one."""
+    async def body(client: MetaClient) -> None:
+        vol = (await client.call("create_volume", name="v", block_size=1 << 20,
+                                 replicas=1))["vol"]
+        client.session = (await client.call("open_session"))["session"]
+        d = (await client.call("mkdir", vol=vol, parent=1, name=b"d", mode=0o755,
+                               uid=0, gid=0))["ino"]
+        ino = {}
+        for name in (b"a", b"b", b"c"):
+            ino[name] = (await client.call("mknod", vol=vol, parent=d, name=name,
+                                           mode=0o100644, rdev=0, uid=0, gid=0))["ino"]
+
+        async def write_lease(i: int) -> int:
+            grant = await client.call("acquire", vol=vol, ino=i, mode="write", wait=1)
+            return int(grant["epoch"])
+        dl, al, bl = await write_lease(d), await write_lease(ino[b"a"]), await write_lease(ino[b"b"])
+
+        def unlink(name: bytes, fences: list[list[int]]) -> dict[str, Any]:
+            return {"method": "unlink", "args": {"parent": d, "name": name, "open_inos": []},
+                    "fences": fences}
+        answers = await client.call("batch", vol=vol, ops=[
+            unlink(b"a", [[d, dl], [ino[b"a"], al]]),
+            unlink(b"b", [[d, dl], [ino[b"b"], bl + 1000]]),     # not this lease
+            unlink(b"c", [[d, dl]]),                              # no lease on the file
+            unlink(b"zz", [[d, dl]])])                            # no such name
+        assert answers[0] == {"result": {"ino": ino[b"a"], "nlink": 0}}
+        assert [a.get("errno") for a in answers[1:]] == [errno.EIO, errno.EIO, errno.ENOENT]
+        entries = await client.call("readdir", vol=vol, ino=d, after=0, limit=10)
+        assert sorted(e[1] for e in entries) == [b"b", b"c"]
+        with pytest.raises(BadRequest):
+            await client.call("batch", vol=vol, ops=[{"method": "mkdir", "args": {},
+                                                      "fences": []}])
+    with_client(meta, secret_file, body)
+
+
+def test_a_lookup_waits_until_another_mount_with_the_directory_leased_has_sent_its_changes(
+        meta: NodeProcess, secret_file: Path) -> None:
+    """While session A holds a WRITE cache lease on a directory (changes
+    answered there may still be queued), session B's lookup in it recalls
+    that lease and is answered only after A's batch and release."""
+    async def main() -> None:
+        secret = secret_file.read_text().strip()
+        async with MetaClient(meta.address, secret) as a, MetaClient(meta.address, secret) as b:
+            vol = (await a.call("create_volume", name="v", block_size=1 << 20,
+                                replicas=1))["vol"]
+            a.session = (await a.call("open_session"))["session"]
+            b.session = (await b.call("open_session"))["session"]
+            d = (await a.call("mkdir", vol=vol, parent=1, name=b"d", mode=0o755,
+                              uid=0, gid=0))["ino"]
+            f = (await a.call("mknod", vol=vol, parent=d, name=b"f", mode=0o100644,
+                              rdev=0, uid=0, gid=0))["ino"]
+            dl = (await a.call("acquire", vol=vol, ino=d, mode="write", wait=1))["epoch"]
+            fl = (await a.call("acquire", vol=vol, ino=f, mode="write", wait=1))["epoch"]
+            seen: list[Any] = []
+
+            async def look() -> None:
+                answer = await b.exchange("lookup", {"vol": vol, "parent": d, "name": b"f"},
+                                          lease=True)
+                seen.append(answer)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(look)
+                recalls = await a.call("events", wait=5)
+                assert [r["ino"] for r in recalls] == [d]
+                await trio.sleep(0.3)
+                assert not seen                      # waits for A's queued unlink
+                await a.call("batch", vol=vol, ops=[{
+                    "method": "unlink", "args": {"parent": d, "name": b"f", "open_inos": []},
+                    "fences": [[d, dl], [f, fl]]}])
+                await a.call("release", epochs=[dl])
+            assert seen[0]["result"] is None         # the name is gone
+    trio.run(main)

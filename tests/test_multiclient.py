@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import pytest
 
 from .cluster import Cluster, checked_cluster, daemon_pids
@@ -377,3 +378,43 @@ def test_two_mounts_taking_turns_at_writing_and_truncating_see_each_others_turns
     _, a, b = two
     assert mcx.main([str(a / "f"), str(b / "f"), "--seconds", "20", "--seed", "4",
                      "--noise", "read"]) == 0
+
+
+def meta_rpcs(c: Cluster, method: str) -> float:
+    text = httpx.get(f"http://{c.meta.address}/metrics").text
+    prefix = f'objfs_meta_rpc_total{{method="{method}",outcome="ok"}} '
+    return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_unlinks_one_mount_answered_itself_are_seen_at_once_by_the_other(
+        two: tuple[Cluster, Path, Path]) -> None:
+    """A removes 200 files from one directory: it takes the directory's
+    WRITE lease, answers the unlinks itself and sends them in batches
+    (fusefront/nsqueue.py).  B looks in between, while some are still
+    queued: its lookups recall A's lease and wait for the batch, so B
+    never sees a removed name; a name A removed and B made again is B's
+    new file on both."""
+    c, a, b = two
+    (a / "d").mkdir()
+    assert os.listdir(b / "d") == []          # B caches the directory
+    for i in range(200):
+        (a / "d" / f"f{i}").write_bytes(b"x" * i)
+    unlinks, batches = meta_rpcs(c, "unlink"), meta_rpcs(c, "batch")
+    for i in range(200):
+        os.unlink(a / "d" / f"f{i}")
+        if i % 20 == 0 or i == 199:
+            assert not (b / "d" / f"f{i}").exists()
+    assert os.listdir(b / "d") == [] and os.listdir(a / "d") == []
+    assert meta_rpcs(c, "unlink") - unlinks < 30          # most went in batches
+    assert meta_rpcs(c, "batch") > batches
+    for i in range(10):
+        (a / "d" / f"g{i}").write_bytes(b"a")
+        os.unlink(a / "d" / f"g{i}")
+        (b / "d" / f"g{i}").write_bytes(b"b")
+        assert (a / "d" / f"g{i}").read_bytes() == b"b"
+    fd = os.open(a / "d", os.O_RDONLY)
+    try:
+        os.fsync(fd)                                     # nothing refused
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(b / "d")) == [f"g{i}" for i in range(10)]
