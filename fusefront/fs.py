@@ -606,6 +606,38 @@ class Operations(pyfuse3.Operations):
         removed()
         return True
 
+    async def rmdir_here(self, parent: int, name: bytes) -> bool:
+        """As ``unlink_here``, for a directory this mount holds a WRITE lease
+        on (one it made, see metanode.leased_op) and knows to be empty."""
+        leases = self.leases
+        if leases is None:
+            return False
+        child = self.cache.entry(parent, name)
+        if not child or leases.write_epoch(child) is None or not self.cache.known_empty(child) \
+                or self.cache.attr(parent) is None:
+            return False
+        if leases.write_epoch(parent) is None:
+            await leases.acquire(parent, "write")
+            child = self.cache.entry(parent, name)
+            if not child or leases.write_epoch(child) is None \
+                    or not self.cache.known_empty(child) or self.cache.attr(parent) is None:
+                return False
+        dir_epoch, child_epoch = leases.write_epoch(parent), leases.write_epoch(child)
+        d, a = self.cache.attr(parent), self.cache.attr(child)
+        if dir_epoch is None or child_epoch is None or d is None or a is None \
+                or not stat.S_ISDIR(a["mode"]):
+            return False
+        since = self.cache.stamp()
+        removed = self.cache.removing(parent, name)
+        self.queue.add(QueuedOp("rmdir", parent, name, child,
+                                [[parent, dir_epoch], [child, child_epoch]]))
+        now_ns = time.time_ns()
+        self.cache.touched([parent, child], [dict(d, nlink=d["nlink"] - 1, mtime_ns=now_ns,
+                                                  ctime_ns=now_ns)], since)
+        self.cache.forget(child)
+        removed()
+        return True
+
     def known_here(self, parent: int, name: bytes) -> int:
         """The file ``name`` in ``parent`` is if this mount's cache knows it
         and both inodes' attributes and the file is not open here (else 0)."""
@@ -635,6 +667,8 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def rmdir(self, parent: int, name: bytes, ctx: Any) -> None:
         self.check_name(name)
+        if await self.rmdir_here(parent, name):
+            return
         removed = self.cache.removing(parent, name)
         await self.call("rmdir", parent=parent, name=name)
         removed()

@@ -157,6 +157,11 @@ class MetaCache:
             return 0
         return found
 
+    def known_empty(self, ino: int) -> bool:
+        """Is directory ``ino`` known to have no entries (every name known)?"""
+        return self.valid(ino) and ino in self.whole \
+            and not any(self.entries.get(ino, {}).values())
+
     def parent_of(self, ino: int) -> int | None:
         """The parent of directory ``ino``, if known (it changes only by a
         rename of ``ino``, which recalls the lease on it)."""

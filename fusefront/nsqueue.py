@@ -7,7 +7,8 @@ How this works
 Under a WRITE cache lease on a directory (nobody else can read or change
 it without recalling the lease first) and one on a file in it, this mount
 knows what unlinking the file does: ``Operations.unlink`` applies it to the
-mount's cache, answers at once and queues it here.  ``drain`` sends what
+mount's cache, answers at once and queues it here; so does ``rmdir`` for
+an empty directory it holds a WRITE lease on too (one it made).  ``drain`` sends what
 is queued, in order, as one ``batch`` RPC: the node admits each op under
 the leases it names (``fences``), never waiting for a lease, and commits
 them together.
@@ -22,8 +23,8 @@ cancellation: an op leaves the queue only with its answer.
 An op the node refuses although this mount answered it already (its
 lease was lost: a partition, an expired session) is reported to
 ``failed`` (logged as an error, the directory's cached view dropped, the
-next fsyncdir fails).  An unlink answered "no such entry" is done: the
-name is gone either way (a batch sent again after its answer was lost).
+next fsyncdir fails).  An op answered "no such entry" is done: the name
+is gone either way (a batch sent again after its answer was lost).
 """
 
 from __future__ import annotations
@@ -113,14 +114,16 @@ class NamespaceQueue:
                     if not isinstance(answer, dict):
                         answer = {"errno": errno.EIO, "error": f"answered {answer!r:.80}"}
                     code = answer.get("errno")
-                    if code is not None and not (op.method == "unlink" and code == errno.ENOENT):
+                    if code is not None and code != errno.ENOENT:
                         self._failed(op, str(answer.get("error", code)))
 
     async def _send(self, ops: list[QueuedOp]) -> list[Any]:
         open_now = set(self._open_inos())
         batch = [{"method": op.method, "fences": op.fences,
-                  "args": {"parent": op.parent, "name": op.name,
-                           "open_inos": [op.child] if op.child in open_now else []}}
+                  "args": {"parent": op.parent, "name": op.name}
+                  if op.method == "rmdir" else
+                  {"parent": op.parent, "name": op.name,
+                   "open_inos": [op.child] if op.child in open_now else []}}
                  for op in ops]
         answers: list[Any] = await self.v.call("batch", ops=batch)
         return answers

@@ -69,7 +69,7 @@ SOFT = ("heartbeat", "repair_status", "fsck") + LEASE_RPCS   # answered from mem
 # Ops a mount may apply in its own cache first and send later in a ``batch``
 # (fusefront/nsqueue.py), each admitted under the mount's WRITE cache
 # leases on every inode it changes, never waiting for a lease.
-BATCHABLE = frozenset({"unlink"})
+BATCHABLE = frozenset({"unlink", "rmdir"})
 BATCH_MAX = 256
 LEASED_QUERIES = ("lookup", "getattr", "readdir", "revalidate")
 LEASED_OPS = ("mknod", "mkdir", "symlink", "link", "setattr")
@@ -336,12 +336,15 @@ class MetaNode:
                         session: str) -> tuple[Any, Any, list[int]]:
         """An op whose resulting attributes the client may cache: a lease on
         the inode it made or changed (WRITE for a new regular file, so its
-        creator can buffer writes; READ otherwise), taken after the op (now
-        or never), then the attributes read again, so that any change made
-        between the op and the grant is in the answer."""
+        creator can buffer writes, and for a new directory, so that it can
+        remove what it makes there, and the directory, on its own: see
+        ``batch``; READ otherwise), taken after the op (now or never), then
+        the attributes read again, so that any change made between the op
+        and the grant is in the answer."""
         result, touched = await self.op_touching(method, args, session)
         key = LeaseKey(VolumeId(args["vol"]), InodeId(result["ino"]))
-        mode = Mode.WRITE if method == "mknod" and stat.S_ISREG(result["mode"]) else Mode.READ
+        mode = Mode.WRITE if method == "mkdir" or (
+            method == "mknod" and stat.S_ISREG(result["mode"])) else Mode.READ
         grant = await self.leases.acquire(session, key, mode, cache=True, wait=False)
         if grant is None:
             return result, None, touched

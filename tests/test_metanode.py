@@ -207,6 +207,17 @@ def test_a_batch_applies_only_what_the_sessions_write_leases_cover(
         assert [a.get("errno") for a in answers[1:]] == [errno.EIO, errno.EIO, errno.ENOENT]
         entries = await client.call("readdir", vol=vol, ino=d, after=0, limit=10)
         assert sorted(e[1] for e in entries) == [b"b", b"c"]
+        for name in (b"e1", b"e2"):
+            ino[name] = (await client.call("mkdir", vol=vol, parent=d, name=name, mode=0o755,
+                                           uid=0, gid=0))["ino"]
+        e1l = await write_lease(ino[b"e1"])
+        answers = await client.call("batch", vol=vol, ops=[
+            {"method": "rmdir", "args": {"parent": d, "name": b"e1"},
+             "fences": [[d, dl], [ino[b"e1"], e1l]]},
+            {"method": "rmdir", "args": {"parent": d, "name": b"e2"}, "fences": [[d, dl]]}])
+        assert answers[0] == {"result": {}} and answers[1]["errno"] == errno.EIO
+        entries = await client.call("readdir", vol=vol, ino=d, after=0, limit=10)
+        assert sorted(e[1] for e in entries) == [b"b", b"c", b"e2"]
         with pytest.raises(BadRequest):
             await client.call("batch", vol=vol, ops=[{"method": "mkdir", "args": {},
                                                       "fences": []}])

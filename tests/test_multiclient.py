@@ -418,3 +418,26 @@ def test_unlinks_one_mount_answered_itself_are_seen_at_once_by_the_other(
     finally:
         os.close(fd)
     assert sorted(os.listdir(b / "d")) == [f"g{i}" for i in range(10)]
+
+
+def test_a_tree_one_mount_made_and_removes_is_gone_for_the_other_at_once(
+        two: tuple[Cluster, Path, Path]) -> None:
+    """`rm -r` of a tree the mount made: its unlinks and rmdirs (of
+    directories it made, known empty) are answered there and batched; B,
+    looking at any point, never sees what was removed, and can make the
+    same names again at once."""
+    import shutil
+    c, a, b = two
+    for d in range(5):
+        (a / "t" / f"d{d}" / "sub").mkdir(parents=True)
+        for i in range(20):
+            (a / "t" / f"d{d}" / f"f{i}").write_bytes(b"x" * i)
+    rmdirs, batches = meta_rpcs(c, "rmdir"), meta_rpcs(c, "batch")
+    for d in range(5):
+        shutil.rmtree(a / "t" / f"d{d}")
+        assert not (b / "t" / f"d{d}").exists()
+        assert sorted(os.listdir(b / "t")) == [f"d{j}" for j in range(d + 1, 5)]
+    (b / "t" / "d0" / "sub").mkdir(parents=True)         # the names are free again
+    assert os.listdir(a / "t") == ["d0"] and os.listdir(a / "t" / "d0") == ["sub"]
+    assert meta_rpcs(c, "rmdir") - rmdirs < 5             # most went in batches
+    assert meta_rpcs(c, "batch") > batches
