@@ -145,13 +145,13 @@ class Operations(pyfuse3.Operations):
     def __init__(self, volume: Volume, *, attr_timeout: float, entry_timeout: float,
                  replicas: int, relatime: bool = True, leases: bool = True) -> None:
         super().__init__()
+        # what this mount holds leases for, answered without a round trip
+        self.cache = MetaCache(self.lease_held)
         self.leases: Leases | None = Leases(
             volume.meta, flush=self.flush_inode, invalidate=self.kernel_forget,
             vol=volume.vol, drop=self.cache_drop, busy=self.busy,
-            began=self.cache_began) if leases else None
+            began=self.cache.began) if leases else None
         self.in_flight: collections.Counter[int] = collections.Counter()  # see DIR_LOCKING
-        # what this mount holds leases for, answered without a round trip
-        self.cache = MetaCache(self.lease_held)
         self.cache_file: CacheFile | None = None       # kept across mounts
         volume.touched = self.cache_touched
         volume.stamp = self.cache.stamp
@@ -170,7 +170,7 @@ class Operations(pyfuse3.Operations):
         self.atime_pending: dict[int, tuple[int, trio.Event]] = {}
         self.next_fh = 1
         self.nursery: trio.Nursery | None = None
-        # unlinks answered here, on their way to the node (see unlink_here)
+        # unlinks and rmdirs answered here, on their way to the node (see remove_here)
         self.queue = NamespaceQueue(volume, failed=self.queued_op_failed, spawn=self.spawn,
                                     open_inos=self.open_inos)
         volume.before_rpc = self.queue.drain
@@ -188,9 +188,6 @@ class Operations(pyfuse3.Operations):
             self.cache.clear()
         else:
             self.cache.forget(ino)
-
-    def cache_began(self, ino: int) -> None:
-        self.cache.began(ino)
 
     def with_grant(self, inos: Sequence[int], grants: Sequence[Any]) -> set[int]:
         """The inodes whose lease held now came with these grants (an answer
@@ -563,89 +560,65 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
         self.check_name(name)
-        if await self.unlink_here(parent, name):
+        if await self.remove_here("unlink", parent, name):
             return
         removed = self.cache.removing(parent, name)
         result = await self.call("unlink", parent=parent, name=name, open_inos=self.open_inos())
         removed()
         self.note_maybe_orphan(result["ino"])
 
-    async def unlink_here(self, parent: int, name: bytes) -> bool:
-        """Unlink ``name`` in this mount's cache and queue it for the node
-        (nsqueue), when its outcome is surely known here: this mount holds
-        WRITE cache leases on the directory and on the file (so nobody else
-        sees or changes either before the queue has landed), knows the name
-        and the attributes of both, and does not have the file open.  The
-        directory's WRITE lease is taken then if not held.  False: unlink it
-        the usual way."""
+    async def remove_here(self, method: str, parent: int, name: bytes) -> bool:
+        """Apply an unlink or rmdir of ``name`` to this mount's cache and
+        queue it for the node (nsqueue), when its outcome is surely known
+        here (``removable_here``) and this mount holds a WRITE cache lease on
+        the directory too, taken now if not held (one round trip, as the op
+        itself would take; the next ones in the directory take none): then
+        nobody else sees or changes either before the queue has landed.
+        False: do it the usual way."""
         leases = self.leases
-        if leases is None:
-            return False
-        if leases.write_epoch(parent) is None:
-            child = self.known_here(parent, name)
-            if not child or leases.write_epoch(child) is None:
-                return False
-            # one round trip, as the unlink itself would take; the next
-            # unlinks in the directory then take none
-            await leases.acquire(parent, "write")
-        child = self.known_here(parent, name)
-        dir_epoch, file_epoch = leases.write_epoch(parent), leases.write_epoch(child or 0)
-        if not child or dir_epoch is None or file_epoch is None:
-            return False
-        d, a = self.cache.attr(parent), self.cache.attr(child)
-        assert d is not None and a is not None       # known_here
-        since = self.cache.stamp()
-        removed = self.cache.removing(parent, name)
-        self.queue.add(QueuedOp("unlink", parent, name, child,
-                                [[parent, dir_epoch], [child, file_epoch]]))
-        now_ns = time.time_ns()
-        changed = [dict(d, mtime_ns=now_ns, ctime_ns=now_ns)]
-        if a["nlink"] > 1:
-            changed.append(dict(a, nlink=a["nlink"] - 1, ctime_ns=now_ns))
-        self.cache.touched([parent, child], changed, since)   # as the node's answer would
-        removed()
-        return True
-
-    async def rmdir_here(self, parent: int, name: bytes) -> bool:
-        """As ``unlink_here``, for a directory this mount holds a WRITE lease
-        on (one it made, see metanode.leased_op) and knows to be empty."""
-        leases = self.leases
-        if leases is None:
-            return False
-        child = self.cache.entry(parent, name)
-        if not child or leases.write_epoch(child) is None or not self.cache.known_empty(child) \
-                or self.cache.attr(parent) is None:
+        if leases is None or not self.removable_here(method, parent, name):
             return False
         if leases.write_epoch(parent) is None:
             await leases.acquire(parent, "write")
-            child = self.cache.entry(parent, name)
-            if not child or leases.write_epoch(child) is None \
-                    or not self.cache.known_empty(child) or self.cache.attr(parent) is None:
-                return False
+        child = self.removable_here(method, parent, name)      # again, after the wait
         dir_epoch, child_epoch = leases.write_epoch(parent), leases.write_epoch(child)
         d, a = self.cache.attr(parent), self.cache.attr(child)
-        if dir_epoch is None or child_epoch is None or d is None or a is None \
-                or not stat.S_ISDIR(a["mode"]):
+        if not child or dir_epoch is None or child_epoch is None or d is None or a is None:
             return False
         since = self.cache.stamp()
         removed = self.cache.removing(parent, name)
-        self.queue.add(QueuedOp("rmdir", parent, name, child,
+        self.queue.add(QueuedOp(method, parent, name, child,
                                 [[parent, dir_epoch], [child, child_epoch]]))
-        now_ns = time.time_ns()
-        self.cache.touched([parent, child], [dict(d, nlink=d["nlink"] - 1, mtime_ns=now_ns,
-                                                  ctime_ns=now_ns)], since)
-        self.cache.forget(child)
+        now_ns = time.time_ns()         # what the node's answer would bring:
+        if method == "rmdir":
+            changed = [dict(d, nlink=d["nlink"] - 1, mtime_ns=now_ns, ctime_ns=now_ns)]
+        else:
+            changed = [dict(d, mtime_ns=now_ns, ctime_ns=now_ns)]
+            if a["nlink"] > 1:
+                changed.append(dict(a, nlink=a["nlink"] - 1, ctime_ns=now_ns))
+        self.cache.touched([parent, child], changed, since)
+        if method == "rmdir":
+            self.cache.forget(child)
         removed()
         return True
 
-    def known_here(self, parent: int, name: bytes) -> int:
-        """The file ``name`` in ``parent`` is if this mount's cache knows it
-        and both inodes' attributes and the file is not open here (else 0)."""
+    def removable_here(self, method: str, parent: int, name: bytes) -> int:
+        """The inode ``name`` in ``parent`` is, if this mount can tell alone
+        what removing it does (else 0): it knows the name and both inodes'
+        attributes and holds a WRITE lease on the child, which is a file not
+        open here (unlink) or a directory known to be empty (rmdir: one this
+        mount made, see metanode.leased_op)."""
+        assert self.leases is not None
         child = self.cache.entry(parent, name)
-        if not child or child in self.files or self.cache.attr(parent) is None:
+        if not child or self.leases.write_epoch(child) is None \
+                or self.cache.attr(parent) is None:
             return 0
         a = self.cache.attr(child)
-        return child if a is not None and not stat.S_ISDIR(a["mode"]) else 0
+        if a is None or stat.S_ISDIR(a["mode"]) != (method == "rmdir"):
+            return 0
+        if method == "rmdir":
+            return child if self.cache.known_empty(child) else 0
+        return child if child not in self.files else 0
 
     def queued_op_failed(self, op: QueuedOp, why: str) -> None:
         """An op answered here already was refused by the node: the name is
@@ -667,7 +640,7 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def rmdir(self, parent: int, name: bytes, ctx: Any) -> None:
         self.check_name(name)
-        if await self.rmdir_here(parent, name):
+        if await self.remove_here("rmdir", parent, name):
             return
         removed = self.cache.removing(parent, name)
         await self.call("rmdir", parent=parent, name=name)

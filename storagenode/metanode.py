@@ -406,14 +406,17 @@ class MetaNode:
                 or len(args["ops"]) > BATCH_MAX:
             raise BadRequest(f"batch needs a list of at most {BATCH_MAX} ops")
         vol = validate({"vol": VOL}, {"vol": args.get("vol")})["vol"]
+        ops = []            # every op is checked (BadRequest) before any is applied
+        for op in args["ops"]:
+            method, op_args, fences = _batched(op)
+            op_args = dict(op_args, vol=vol)
+            self._reader.check(method, op_args)
+            ops.append((method, op_args, fences))
         admitted: list[tuple[_Pending | MetaError, list[Any]]] = []
         try:
-            for op in args["ops"]:
-                method, op_args, fences = _batched(op)
-                op_args = dict(op_args, vol=vol)
+            for method, op_args, fences in ops:
                 grants: list[Any] = []
                 try:
-                    self._reader.check(method, op_args)
                     keys = op_keys(self._reader, method, op_args)
                     for _, ino in keys:
                         grant = self.leases.admit_write(session, vol, ino, fences.get(ino, 0))

@@ -221,6 +221,14 @@ def test_a_batch_applies_only_what_the_sessions_write_leases_cover(
         with pytest.raises(BadRequest):
             await client.call("batch", vol=vol, ops=[{"method": "mkdir", "args": {},
                                                       "fences": []}])
+        with pytest.raises(BadRequest):          # a malformed op: none of the batch applied
+            await client.call("batch", vol=vol, ops=[
+                unlink(b"b", [[d, dl], [ino[b"b"], bl]]),
+                {"method": "unlink", "args": {"parent": d}, "fences": []}])
+        await client.call("mkdir", vol=vol, parent=d, name=b"e3", mode=0o755, uid=0,
+                          gid=0)                 # after anything queued before it
+        entries = await client.call("readdir", vol=vol, ino=d, after=0, limit=10)
+        assert sorted(e[1] for e in entries) == [b"b", b"c", b"e2", b"e3"]
     with_client(meta, secret_file, body)
 
 
