@@ -128,6 +128,12 @@ class Volume:
         # set by the mount: sends the namespace ops it answered already
         # (nsqueue), so that the node sees every change in the mount's order
         self.before_rpc: Callable[[], Awaitable[None]] | None = None
+        # set by the mount: sends a commit with the queued ops, at the end
+        # of their batch (None: nothing queued), and the epoch to send for a
+        # WRITE lease held provisionally (a file whose create is queued)
+        self.ride: Callable[[str, dict[str, Any], list[list[int]]],
+                            Awaitable[dict[str, Any] | None]] | None = None
+        self.fence_of: Callable[[int, int], int] = lambda ino, epoch: epoch
 
     def over_dirty_limit(self) -> bool:
         """Do buffered writes of all files exceed the mount's budget?"""
@@ -139,8 +145,19 @@ class Volume:
         request surely never arrived, so that no outcome is guessed."""
         def temporary(exc: BaseException) -> bool:
             return isinstance(exc, MetaUnavailable) and (not exc.sent or method in QUERIES)
+        if method == "commit_blocks" and self.ride is not None:
+            since = self.stamp()
+            answer = await self.ride(method, args, [[args["ino"], args.get("fence") or 0]])
+            if answer is not None:
+                if "errno" in answer:
+                    raise MetaError(answer["errno"], str(answer.get("error", "")))
+                self.touched(method, [args["ino"]], [], since)
+                return answer["result"]
         if self.before_rpc is not None and method != "batch":
             await self.before_rpc()
+        fence = args.get("fence")
+        if fence is not None and fence < 0:
+            args = dict(args, fence=self.fence_of(args["ino"], fence))
         answer = await self._session_call(method, lambda: retrying(
             lambda: self.meta.exchange(method, dict(args, vol=self.vol)),
             deadline=trio.current_time() + self.retry_window, temporary=temporary))

@@ -36,7 +36,8 @@ import trio
 from storagenode.dataclient import NodeError
 
 from storagenode.metaclient import MetaClient, MetaError, MetaUnavailable
-from storagenode.metastate import MAX_FILE_SIZE, RENAME_EXCHANGE, REVALIDATE_MAX, version_of
+from storagenode.metastate import (LINK_MAX, MAX_FILE_SIZE, RENAME_EXCHANGE, RENAME_NOREPLACE,
+                                   REVALIDATE_MAX, version_of)
 
 from .datapath import DataUnavailable, NoSpace
 from .leaseclient import Leases
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 NAME_MAX = 255
+SPARE_INOS = 1024       # inode numbers reserved at a time for creates made here
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 
 
@@ -171,9 +173,17 @@ class Operations(pyfuse3.Operations):
         self.next_fh = 1
         self.nursery: trio.Nursery | None = None
         # unlinks and rmdirs answered here, on their way to the node (see remove_here)
-        self.queue = NamespaceQueue(volume, failed=self.queued_op_failed, spawn=self.spawn,
-                                    open_inos=self.open_inos)
+        self.queue = NamespaceQueue(volume, answered=self.queued_op_answered, spawn=self.spawn,
+                                    open_inos=self.open_inos,
+                                    fence_of=self.leases.fence_of if self.leases else
+                                    lambda ino, epoch: epoch)
         volume.before_rpc = self.queue.drain
+        volume.ride = self.queue.ride
+        volume.fence_of = self.queue_fence_of
+        # inode numbers reserved for this mount's creates (see make_here),
+        # and the lease session they were reserved under
+        self.spare: collections.deque[int] = collections.deque()
+        self.spare_session: str | None = None
         self.queue_failed = False       # reported by the next fsyncdir
 
     # ----- helpers
@@ -183,9 +193,13 @@ class Operations(pyfuse3.Operations):
     def lease_held(self, ino: int) -> bool:
         return self.leases is not None and self.leases.cache_time(ino) > 0
 
+    def queue_fence_of(self, ino: int, epoch: int) -> int:
+        return self.leases.fence_of(ino, epoch) if self.leases is not None else epoch
+
     def cache_drop(self, ino: int | None) -> None:
         if ino is None:
             self.cache.clear()
+            self.spare.clear()
         else:
             self.cache.forget(ino)
 
@@ -537,8 +551,11 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
-        a = await self.change("mkdir", parent=parent, name=name, mode=mode & ~ctx.umask,
-                              uid=ctx.uid, gid=ctx.gid)
+        args = dict(parent=parent, name=name, mode=mode & ~ctx.umask, uid=ctx.uid, gid=ctx.gid)
+        made = await self.make_here("mkdir", args)
+        if made is not None:
+            return self.entry(made, parent, name)
+        a = await self.change("mkdir", **args)
         self.cache.put_new_directory(a["ino"])      # every name in it is known: none
         self.cache.put_parent(a["ino"], parent, self.cache.stamp())
         return self.entry(a, parent, name)
@@ -587,9 +604,11 @@ class Operations(pyfuse3.Operations):
             return False
         since = self.cache.stamp()
         removed = self.cache.removing(parent, name)
-        self.queue.add(QueuedOp(method, parent, name, child,
-                                [[parent, dir_epoch], [child, child_epoch]]))
-        now_ns = time.time_ns()         # what the node's answer would bring:
+        now_ns = time.time_ns()
+        self.queue.add(QueuedOp(method, {"parent": parent, "name": name},
+                                [[parent, dir_epoch], [child, child_epoch]],
+                                parent=parent, name=name, child=child, at_ns=now_ns))
+        # what the node's answer would bring (the node takes this time for it):
         if method == "rmdir":
             changed = [dict(d, nlink=d["nlink"] - 1, mtime_ns=now_ns, ctime_ns=now_ns)]
         else:
@@ -601,6 +620,73 @@ class Operations(pyfuse3.Operations):
             self.cache.forget(child)
         removed()
         return True
+
+    async def make_here(self, method: str, args: dict[str, Any]) -> dict[str, Any] | None:
+        """Apply a mkdir, or a create of a regular file, to this mount's cache
+        and queue it for the node (nsqueue), when this mount holds a WRITE
+        cache lease on the directory (taken now if not held, as in
+        ``remove_here``) and knows the name is absent: the new inode's
+        attributes, as the node will make them (with this mount's clock,
+        which the node takes for the op), under an inode number reserved for
+        this mount and a provisional WRITE lease on it.  None: do it the
+        usual way."""
+        leases = self.leases
+        parent, name = args["parent"], args["name"]
+        if leases is None or self.cache.entry(parent, name) != 0 \
+                or self.cache.attr(parent) is None:
+            return None
+        if leases.write_epoch(parent) is None:
+            await leases.acquire(parent, "write")
+        ino = await self.spare_ino()
+        dir_epoch, d = leases.write_epoch(parent), self.cache.attr(parent)
+        if ino is None or dir_epoch is None or d is None \
+                or self.cache.entry(parent, name) != 0 \
+                or (method == "mkdir" and d["nlink"] >= LINK_MAX):
+            if ino is not None:
+                self.spare.appendleft(ino)      # still the lowest: handed out in order
+            return None
+        now = time.time_ns()
+        if method == "mkdir":
+            mode = stat.S_IFDIR | (args["mode"] & 0o1777) | (d["mode"] & stat.S_ISGID)
+            changed = dict(d, nlink=d["nlink"] + 1, mtime_ns=now, ctime_ns=now)
+        else:
+            mode = stat.S_IFREG | (args["mode"] & 0o7777)
+            changed = dict(d, mtime_ns=now, ctime_ns=now)
+        a = {"ino": ino, "mode": mode, "nlink": 2 if method == "mkdir" else 1,
+             "uid": args["uid"], "gid": d["gid"] if d["mode"] & stat.S_ISGID else args["gid"],
+             "rdev": 0, "size": 0, "blocks": 0, "atime_ns": now, "mtime_ns": now,
+             "ctime_ns": now, "generation": 0}
+        since = self.cache.stamp()
+        self.queue.add(QueuedOp(method, dict(args, ino=ino), [[parent, dir_epoch]],
+                                parent=parent, name=name, made=ino, at_ns=now))
+        leases.provisional(ino)
+        self.cache.touched([parent], [changed], since)
+        stamp = self.cache.stamp()
+        self.cache.put_attr(ino, a, stamp, True)
+        self.cache.put_entry(parent, name, ino, stamp)
+        if method == "mkdir":
+            self.cache.put_new_directory(ino)
+            self.cache.put_parent(ino, parent, stamp)
+        return a
+
+    async def spare_ino(self) -> int | None:
+        """An inode number reserved for this mount's session (a batch of
+        ``SPARE_INOS`` is reserved when none is left); None if the node
+        would not reserve any."""
+        session = self.meta.session
+        if session != self.spare_session:
+            self.spare.clear()
+        if not self.spare:
+            try:
+                got = await self.call("reserve_inodes", count=SPARE_INOS)
+            except MetaError as exc:
+                log.warning("reserving inode numbers failed: %s", exc)
+                return None
+            if self.meta.session != session:
+                return None         # the session changed meanwhile: they are not ours
+            self.spare_session = session
+            self.spare.extend(range(got["first"], got["first"] + got["count"]))
+        return self.spare.popleft() if self.spare else None
 
     def removable_here(self, method: str, parent: int, name: bytes) -> int:
         """The inode ``name`` in ``parent`` is, if this mount can tell alone
@@ -619,6 +705,23 @@ class Operations(pyfuse3.Operations):
         if method == "rmdir":
             return child if self.cache.known_empty(child) else 0
         return child if child not in self.files else 0
+
+    def queued_op_answered(self, op: QueuedOp, answer: dict[str, Any]) -> None:
+        """The node's answer to an op answered here already: a create's
+        lease is confirmed; an unlink or rmdir of a name already gone is done
+        (sent again after the answer was lost); other refusals are failures."""
+        code = answer.get("errno")
+        if op.made and self.leases is not None:
+            self.leases.confirm(op.made, answer.get("lease") if code is None else None)
+            f = self.files.get(op.made)
+            epoch = self.leases.write_epoch(op.made)
+            if f is not None and f.fence == -op.made and epoch is not None and epoch > 0:
+                f.fence = epoch         # the same lease: what is buffered stays so
+            if code is not None:
+                self.cache.forget(op.made)
+        if code is None or (code == errno.ENOENT and not op.made):
+            return
+        self.queued_op_failed(op, str(answer.get("error", code)))
 
     def queued_op_failed(self, op: QueuedOp, why: str) -> None:
         """An op answered here already was refused by the node: the name is
@@ -651,6 +754,9 @@ class Operations(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: Any) -> None:
         self.check_name(name_old)
         self.check_name(name_new)
+        if parent_old == parent_new and await self.rename_here(parent_old, name_old, name_new,
+                                                               flags):
+            return
         moved = self.cache.entry(parent_old, name_old)
         removed = self.cache.removing(parent_old, name_old)
         self.cache.drop_entry(parent_new, name_new)
@@ -664,6 +770,65 @@ class Operations(pyfuse3.Operations):
                 self.cache.put_entry(parent_new, name_new, moved, self.cache.stamp())
         if result.get("replaced"):
             self.note_maybe_orphan(result["replaced"])
+
+    async def rename_here(self, parent: int, name: bytes, new_name: bytes, flags: int) -> bool:
+        """Apply a rename within one directory to this mount's cache and
+        queue it for the node, like ``remove_here``, when its outcome is
+        surely known here (``renamable_here``); False: do it the usual way."""
+        leases = self.leases
+        if leases is None or not self.renamable_here(parent, name, new_name, flags):
+            return False
+        if leases.write_epoch(parent) is None:
+            await leases.acquire(parent, "write")
+        found = self.renamable_here(parent, name, new_name, flags)     # again, after the wait
+        dir_epoch, d = leases.write_epoch(parent), self.cache.attr(parent)
+        if found is None or dir_epoch is None or d is None:
+            return False
+        moved, target = found
+        a, t = self.cache.attr(moved), self.cache.attr(target) if target else None
+        fences = [[parent, dir_epoch]] + [[ino, leases.write_epoch(ino) or 0]
+                                          for ino in (moved, target) if ino]
+        if a is None or (target and t is None) or any(not epoch for _, epoch in fences):
+            return False
+        since = self.cache.stamp()
+        now_ns = time.time_ns()
+        self.queue.add(QueuedOp("rename", {"parent": parent, "name": name, "new_parent": parent,
+                                           "new_name": new_name, "flags": flags},
+                                fences, parent=parent, name=name, child=target, at_ns=now_ns))
+        removed = self.cache.removing(parent, name)
+        self.cache.touched([parent], [dict(d, mtime_ns=now_ns, ctime_ns=now_ns)], since)
+        changed = [dict(a, ctime_ns=now_ns)]
+        if t is not None and t["nlink"] > 1:
+            changed.append(dict(t, nlink=t["nlink"] - 1, ctime_ns=now_ns))
+        self.cache.touched([moved, target] if target else [moved], changed, since,
+                           entries=False, blocks=False)
+        removed()
+        self.cache.put_entry(parent, new_name, moved, self.cache.stamp())
+        return True
+
+    def renamable_here(self, parent: int, name: bytes, new_name: bytes,
+                       flags: int) -> tuple[int, int] | None:
+        """(moved inode, replaced inode or 0) if this mount can tell alone
+        what renaming ``name`` to ``new_name`` in ``parent`` does (else None):
+        it knows both names and holds WRITE leases on what moves and on what
+        is replaced, which is a file not open here replaced by a file (no
+        directory is replaced here, nothing is exchanged)."""
+        assert self.leases is not None
+        write = self.leases.write_epoch
+        moved = self.cache.entry(parent, name)
+        if not moved or name == new_name or flags & RENAME_EXCHANGE \
+                or write(moved) is None or self.cache.attr(parent) is None:
+            return None
+        a, target = self.cache.attr(moved), self.cache.entry(parent, new_name)
+        if a is None or target is None:
+            return None
+        if target == 0:
+            return moved, 0
+        t = self.cache.attr(target)
+        if flags & RENAME_NOREPLACE or target == moved or t is None or write(target) is None \
+                or stat.S_ISDIR(a["mode"]) or stat.S_ISDIR(t["mode"]) or target in self.files:
+            return None
+        return moved, target
 
     # ----- extended attributes
     @staticmethod
@@ -870,7 +1035,8 @@ class Operations(pyfuse3.Operations):
         self.check_name(name)
         args = dict(parent=parent, name=name, mode=(mode & ~ctx.umask & 0o7777) | stat.S_IFREG,
                     rdev=0, uid=ctx.uid, gid=ctx.gid)
-        a = await self.change("mknod", **args)     # with the new file's WRITE lease
+        a = await self.make_here("mknod", args) or \
+            await self.change("mknod", **args)     # with the new file's WRITE lease
         if self.leases is not None and self.leases.write_epoch(a["ino"]) is not None:
             # a new file has no xattrs, and nobody can add one without recalling us
             self.xattr_names[a["ino"]] = (trio.current_time() + self.attr_time(a["ino"]),
@@ -945,6 +1111,7 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self.handles[fh].flush()
+        await self.queue.drain()        # its create too, if still queued
 
     @fuse_op
     async def release(self, fh: int) -> None:

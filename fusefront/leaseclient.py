@@ -87,6 +87,10 @@ class Leases:
         self.margin = 0.0
         self.valid_until = -1.0
         self.recalls = 0
+        # inodes made here in a queued create (nsqueue) -> the epoch of the
+        # WRITE lease its create was granted (absent until it is answered);
+        # until then the lease is held under the provisional epoch -ino
+        self.created: dict[int, int] = {}
         self._recalling: set[int] = set()      # epochs whose recall is running
         self._session_lock = trio.Lock()
 
@@ -151,6 +155,7 @@ class Leases:
             log.warning("lease session lost; dropping %d leases", len(self.held))
             self.held.clear()
             self.names.clear()
+            self.created.clear()
             self._drop(None)
             await self.open()
 
@@ -192,6 +197,35 @@ class Leases:
         """Is ``grant`` (as an answer brought it) the lease held on ``ino`` now?"""
         held = self.held.get(ino)
         return grant is not None and held is not None and held.epoch == grant["epoch"]
+
+    def provisional(self, ino: int) -> int:
+        """Hold a WRITE lease on ``ino``, which a create queued here names
+        (nsqueue): the node grants it when it applies the create (the number
+        is reserved for this mount: nobody else can ask for it first).  Its
+        epoch until then, -ino, is what fences this mount's writes to the
+        new file; ``fence_of`` turns it into the granted one."""
+        self.held[ino] = Held(-ino, "write")
+        self._began(ino)
+        return -ino
+
+    def confirm(self, ino: int, grant: dict[str, Any] | None) -> None:
+        """The queued create of ``ino`` was applied with ``grant`` (None:
+        refused; the provisional lease is dropped)."""
+        held = self.held.get(ino)
+        if grant is None or not grant.get("cache", True):
+            if held is not None and held.epoch == -ino:
+                del self.held[ino]
+            return
+        self.created[ino] = grant["epoch"]
+        if held is not None and held.epoch == -ino:
+            held.epoch = grant["epoch"]
+
+    def fence_of(self, ino: int, epoch: int) -> int:
+        """The epoch to send for a lease seen as ``epoch``: a provisional one
+        (negative) is the one the create was granted, 0 if not known yet
+        (in a batch: "the lease this batch's create is granted"; anywhere
+        else refused, as a lost lease is)."""
+        return epoch if epoch >= 0 else self.created.get(ino, 0)
 
     def note_name(self, parent: int, name: bytes) -> None:
         if parent in self.held:
@@ -237,6 +271,9 @@ class Leases:
         for old in [e for e, t in self.recalled.items() if t < now - 2 * self.lease_time - 5]:
             del self.recalled[old]
         held = self.held.get(ino)
+        if held is not None and held.epoch < 0:     # recalled before its create's answer
+            await self._flush(ino)                  # came: sending the queue brings it
+            held = self.held.get(ino)
         if held is not None and held.epoch == epoch:
             self.recalls += 1
             self._drop(ino)
@@ -250,6 +287,8 @@ class Leases:
                     log.warning("flush for a recall of inode %d failed: %s", ino, exc)
             if self.held.get(ino) is held:
                 del self.held[ino]
+            if self.created.get(ino) == epoch:
+                del self.created[ino]
             self._drop(ino)
             await self._kernel_forget(ino, sorted(self.names.pop(ino, ())))
         await self.release([epoch])

@@ -20,11 +20,16 @@ mount that looks sees them; a timer drains ``DRAIN_DELAY`` after an op is
 queued; fsyncdir and unmount drain.  A drain's RPC is shielded from
 cancellation: an op leaves the queue only with its answer.
 
-An op the node refuses although this mount answered it already (its
-lease was lost: a partition, an expired session) is reported to
-``failed`` (logged as an error, the directory's cached view dropped, the
-next fsyncdir fails).  An op answered "no such entry" is done: the name
-is gone either way (a batch sent again after its answer was lost).
+Creates (mkdir, and a new regular file) are queued too: they name an
+inode number reserved ahead for this mount, and this mount holds a
+provisional WRITE lease on it until the node's answer brings the real one
+(``Leases.provisional``).  A new file's data commit rides at the end of
+the batch that carries its create (``ride``): one round trip for both.
+
+Every answer goes to ``answered`` (the mount confirms a create's lease; an
+op the node refused although this mount answered it already, its lease
+lost in a partition or an expired session, is logged as an error, the
+directory's cached view dropped, and the next fsyncdir fails).
 """
 
 from __future__ import annotations
@@ -50,19 +55,26 @@ BATCH_MAX = 256             # ops per batch RPC (the node's limit)
 @dataclass
 class QueuedOp:
     method: str
-    parent: int
-    name: bytes
-    child: int
+    args: dict[str, Any]            # as the node takes them, without the volume
     fences: list[list[int]]         # [ino, epoch of this mount's WRITE cache lease]
+    parent: int = 0                 # the directory whose entry it changes (0: none)
+    name: bytes = b""
+    child: int = 0                  # an unlink's file (named open_inos if open at send)
+    made: int = 0                   # a create's new inode
+    at_ns: int = 0                  # when it was answered here (the node stamps it so)
+    rider: bool = False             # its caller waits for ``answer`` (see ``ride``)
+    answer: dict[str, Any] | None = None
 
 
 class NamespaceQueue:
-    def __init__(self, volume: Volume, *, failed: Callable[[QueuedOp, str], None],
-                 spawn: Spawn, open_inos: Callable[[], list[int]]) -> None:
+    def __init__(self, volume: Volume, *, answered: Callable[[QueuedOp, dict[str, Any]], None],
+                 spawn: Spawn, open_inos: Callable[[], list[int]],
+                 fence_of: Callable[[int, int], int]) -> None:
         self.v = volume
-        self._failed = failed
+        self._answered = answered
         self._spawn = spawn
         self._open_inos = open_inos
+        self._fence_of = fence_of
         self._ops: list[QueuedOp] = []
         self._lock = trio.Lock()
         self._timer = False
@@ -75,6 +87,24 @@ class NamespaceQueue:
         if not self._timer:
             self._timer = True
             self._spawn(self._later)
+
+    async def ride(self, method: str, args: dict[str, Any],
+                   fences: list[list[int]]) -> dict[str, Any] | None:
+        """Send the op ``method`` at the end of the queue's next batch and
+        wait for its answer (one round trip for the queued ops and this one:
+        a new file's create and the commit of its data); None when nothing is
+        queued (send it the usual way).  MetaUnavailable: its outcome is not
+        known (it no longer waits in the queue)."""
+        if not self._ops:
+            return None
+        op = QueuedOp(method, args, fences, rider=True)
+        self._ops.append(op)
+        try:
+            await self.drain()
+        finally:
+            if op in self._ops:
+                self._ops.remove(op)
+        return op.answer or {"errno": errno.EIO, "error": "no answer"}
 
     async def _later(self) -> None:
         try:
@@ -113,17 +143,22 @@ class NamespaceQueue:
                 for op, answer in zip(ops, answers):
                     if not isinstance(answer, dict):
                         answer = {"errno": errno.EIO, "error": f"answered {answer!r:.80}"}
-                    code = answer.get("errno")
-                    if code is not None and code != errno.ENOENT:
-                        self._failed(op, str(answer.get("error", code)))
+                    if op.rider:
+                        op.answer = answer
+                    else:
+                        self._answered(op, answer)
 
     async def _send(self, ops: list[QueuedOp]) -> list[Any]:
         open_now = set(self._open_inos())
-        batch = [{"method": op.method, "fences": op.fences,
-                  "args": {"parent": op.parent, "name": op.name}
-                  if op.method == "rmdir" else
-                  {"parent": op.parent, "name": op.name,
-                   "open_inos": [op.child] if op.child in open_now else []}}
-                 for op in ops]
+        batch = []
+        for op in ops:
+            args = op.args
+            if op.method in ("unlink", "rename"):       # what it removes may be open here
+                args = dict(args, open_inos=[op.child] if op.child in open_now else [])
+            if (args.get("fence") or 0) < 0:
+                args = dict(args, fence=self._fence_of(args["ino"], args["fence"]))
+            batch.append({"method": op.method, "args": args, "time_ns": op.at_ns,
+                          "fences": [[ino, self._fence_of(ino, epoch)]
+                                     for ino, epoch in op.fences]})
         answers: list[Any] = await self.v.call("batch", ops=batch)
         return answers

@@ -48,7 +48,7 @@ from .dataclient import DataClient
 from .h11serve import serve
 from .httpserve import HTTPError, Request, Response
 from .ids import InodeId, VolumeId
-from .leases import LeaseConfig, LeaseKey, Mode, NoSession
+from .leases import LeaseConfig, LeaseKey, Mode, NoSession, SessionId
 from .leaseserver import LeaseServer, grant_map
 from .metaclient import MetaClient
 from .retry import retrying
@@ -69,8 +69,13 @@ SOFT = ("heartbeat", "repair_status", "fsck") + LEASE_RPCS   # answered from mem
 # Ops a mount may apply in its own cache first and send later in a ``batch``
 # (fusefront/nsqueue.py), each admitted under the mount's WRITE cache
 # leases on every inode it changes, never waiting for a lease.
-BATCHABLE = frozenset({"unlink", "rmdir"})
+# A create names its inode (reserved ahead by ``reserve_inodes``) and gets a
+# WRITE cache lease on it; a ``commit_blocks`` of a file the same batch made
+# rides along (fence 0: the lease that create granted).
+BATCHABLE = frozenset({"unlink", "rmdir", "rename", "mkdir", "mknod", "commit_blocks"})
+CREATES = ("mkdir", "mknod")
 BATCH_MAX = 256
+RESERVED_SESSIONS_MAX = 10_000  # sessions with inode numbers kept (ended ones pruned)
 LEASED_QUERIES = ("lookup", "getattr", "readdir", "revalidate")
 LEASED_OPS = ("mknod", "mkdir", "symlink", "link", "setattr")
 WRITER_WAIT = 5.0           # most a stat waits for another mount's buffered changes
@@ -80,6 +85,7 @@ WRITER_WAIT = 5.0           # most a stat waits for another mount's buffered cha
 class _Pending:
     """One op waiting for its commit."""
     op: dict[str, Any]
+    at_ns: int = 0          # the op's time as its mount stamped it (0: the node's clock)
     done: trio.Event = field(default_factory=trio.Event)
     outcome: Outcome | None = None
     failure: BaseException | None = None
@@ -141,6 +147,8 @@ class MetaNode:
         self._heard: dict[str, _Heard] = {}
         self._started = self._monotonic()
         self.leases = LeaseServer(lease_config, clock=monotonic, quiet=lease_quiet)
+        # session -> [next unused, end) ranges of inode numbers it reserved
+        self._reserved: dict[str, list[list[int]]] = {}
         self.repair = repair.RepairStatus()
         self.orphans = collector.OrphanReport()
         self.metrics = _Metrics(self)
@@ -191,6 +199,8 @@ class MetaNode:
                         **self._touched_attrs(args, touched, result)}
             if method == "batch" and session:
                 return await self.batch(args, session)
+            if method == "reserve_inodes":
+                return {"result": await self.reserve_inodes(args, session)}
             if method in OPS:
                 result, touched = await self.op_touching(method, args, session)
                 if not session:
@@ -372,6 +382,8 @@ class MetaNode:
         on those inodes, which recalls other clients' cached views of them
         (see leaseserver)."""
         self._reader.check(method, args)
+        if method in CREATES and args.get("ino") is not None:
+            raise BadRequest("a create names its inode only in a batch")
         keys = op_keys(self._reader, method, args)
         fence = args.get("fence") if method == "commit_blocks" else None
         if fence is not None and session:
@@ -391,6 +403,33 @@ class MetaNode:
             touched.append(args["ino"])
         return result, touched
 
+    async def reserve_inodes(self, args: Any, session: str | None) -> dict[str, Any]:
+        """Inode numbers this session may give the files and directories it
+        makes in ``batch``es (kept in memory with the session; numbers a
+        session never used are skipped, never handed out again)."""
+        if not session or self.leases.table.session_expires(SessionId(session)) is None:
+            raise NoSession()
+        result = await self.op("reserve_inodes", args, session)
+        if len(self._reserved) >= RESERVED_SESSIONS_MAX:
+            for old in [s for s in self._reserved
+                        if self.leases.table.session_expires(SessionId(s)) is None]:
+                del self._reserved[old]
+        ranges = self._reserved.setdefault(session, [])
+        ranges.append([result["first"], result["first"] + result["count"]])
+        return dict(result)
+
+    def _take_reserved(self, session: str, ino: Any) -> bool:
+        """Use ``ino`` from this session's reserved numbers: each at most once,
+        in increasing order (a mount hands them out in the order it queues)."""
+        ranges = self._reserved.get(session, [])
+        while ranges and ranges[0][0] >= ranges[0][1]:
+            ranges.pop(0)
+        for r in ranges:
+            if type(ino) is int and r[0] <= ino < r[1]:
+                r[0] = ino + 1
+                return True
+        return False
+
     async def batch(self, args: Any, session: str) -> dict[str, Any]:
         """Ops one mount applied in its own cache under its WRITE cache
         leases and answered already, in the order it made them: each is
@@ -398,51 +437,88 @@ class MetaNode:
         (``fences``: [ino, epoch] pairs), never waiting for one (a recall of
         another mount could be waiting for this very batch), and applied in
         that order, all in one group commit.  An op not so covered fails
-        with EIO, as a commit whose WRITE lease was lost does.  The answer
-        names no touched inodes: the mount changed its own views of them
-        when it applied the ops, and nothing it asks after them is answered
-        before this batch (it sends the batch first)."""
+        with EIO, as a commit whose WRITE lease was lost does.
+
+        A create (mkdir, mknod) names its inode, one reserved for this
+        session (``reserve_inodes``), and is granted a WRITE cache lease on
+        it at once, so that later ops of the batch on the new inode (a
+        commit of its data, a create in the new directory) are admitted
+        under that lease: their fence for it is 0.  The create's answer
+        brings the grant ("lease").  Its time (``time_ns``) is the mount's,
+        so that what the mount answered matches what is stored.
+
+        The answer names no touched inodes: the mount changed its own views
+        of them when it applied the ops, and nothing it asks after them is
+        answered before this batch (it sends the batch first)."""
         if not isinstance(args, dict) or type(args.get("ops")) is not list \
                 or len(args["ops"]) > BATCH_MAX:
             raise BadRequest(f"batch needs a list of at most {BATCH_MAX} ops")
         vol = validate({"vol": VOL}, {"vol": args.get("vol")})["vol"]
         ops = []            # every op is checked (BadRequest) before any is applied
         for op in args["ops"]:
-            method, op_args, fences = _batched(op)
+            method, op_args, fences, at_ns = _batched(op)
             op_args = dict(op_args, vol=vol)
             self._reader.check(method, op_args)
-            ops.append((method, op_args, fences))
+            if method in CREATES and op_args.get("ino") is None:
+                raise BadRequest("a batched create names its reserved inode")
+            ops.append((method, op_args, fences, at_ns))
         admitted: list[tuple[_Pending | MetaError, list[Any]]] = []
+        made: dict[int, Any] = {}       # new inode -> the WRITE cache lease its create got
         try:
-            for method, op_args, fences in ops:
+            for method, op_args, fences, at_ns in ops:
                 grants: list[Any] = []
                 try:
-                    keys = op_keys(self._reader, method, op_args)
-                    for _, ino in keys:
-                        grant = self.leases.admit_write(session, vol, ino, fences.get(ino, 0))
+                    for _, ino in op_keys(self._reader, method, op_args):
+                        fence = fences.get(ino, 0)
+                        if fence == 0 and ino in made:
+                            fence = made[ino].epoch
+                        grant = self.leases.admit_write(session, vol, ino, fence)
                         if grant is None:
                             raise MetaError(errno.EIO, f"{method} of inode {ino}: no WRITE lease "
                                                        "of this mount covers it (lost or recalled)")
                         grants.append(grant)
+                    if method == "commit_blocks":
+                        op_args["fence"] = grants[0].epoch
+                    if method in CREATES:
+                        made[op_args["ino"]] = self._lease_new(session, vol, op_args["ino"])
                 except MetaError as exc:
                     self.leases.unhold(grants)
                     admitted.append((exc, []))
                     continue
-                pending = _Pending({"method": method, "args": op_args, "time_ns": 0})
+                pending = _Pending({"method": method, "args": op_args, "time_ns": 0},
+                                   at_ns if method != "commit_blocks" else 0)
                 admitted.append((pending, grants))
                 await self._send.send(pending)
             results: list[dict[str, Any]] = []
-            for item, _ in admitted:
+            for (item, _), (method, op_args, _, _) in zip(admitted, ops):
+                new = made.get(op_args["ino"]) if method in CREATES else None
                 try:
                     if isinstance(item, MetaError):
                         raise item
-                    results.append({"result": await self._outcome(item)})
+                    answer = {"result": await self._outcome(item)}
+                    if new is not None:
+                        answer["lease"] = grant_map(new, self._monotonic())
+                    results.append(answer)
                 except MetaError as exc:
+                    if new is not None:
+                        self.leases.release(session, [new.epoch])
                     results.append({"errno": exc.errno, "error": exc.message})
         finally:
             for _, grants in admitted:
                 self.leases.unhold(grants)
         return {"result": results}
+
+    def _lease_new(self, session: str, vol: int, ino: int) -> Any:
+        """The WRITE cache lease on an inode a batched create will make with
+        a number reserved for this session (nobody else can know it yet)."""
+        if not self._take_reserved(session, ino):
+            raise MetaError(errno.EINVAL, f"inode number {ino} is not one reserved for "
+                                          "this mount, or was used already")
+        grant = self.leases.try_acquire(session, LeaseKey(VolumeId(vol), InodeId(ino)),
+                                        Mode.WRITE, cache=True)
+        if grant is None:
+            raise MetaError(errno.EIO, f"no WRITE lease for new inode {ino}")
+        return grant
 
     async def _apply(self, method: str, args: Any) -> Any:
         pending = _Pending({"method": method, "args": args, "time_ns": 0})
@@ -472,7 +548,7 @@ class MetaNode:
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         self._last_ns = max(self._last_ns, self._clock())
         for pending in batch:
-            pending.op["time_ns"] = self._last_ns
+            pending.op["time_ns"] = pending.at_ns or self._last_ns
         started = time.monotonic()
         try:
             await trio.to_thread.run_sync(self._commit, batch)
@@ -532,18 +608,22 @@ class MetaNode:
         return live
 
 
-def _batched(op: Any) -> tuple[str, dict[str, Any], dict[int, int]]:
-    """One op of a ``batch``: method, args, fences by inode (BadRequest)."""
+def _batched(op: Any) -> tuple[str, dict[str, Any], dict[int, int], int]:
+    """One op of a ``batch``: method, args, fences by inode, the mount's
+    time for it (0: none; BadRequest)."""
     if not isinstance(op, dict) or op.get("method") not in BATCHABLE \
             or not isinstance(op.get("args"), dict) or type(op.get("fences")) is not list \
             or len(op["fences"]) > 8:
         raise BadRequest(f"a batch holds only {sorted(BATCHABLE)} ops, with their fences")
+    at_ns = op.get("time_ns", 0)
+    if type(at_ns) is not int or not 0 <= at_ns < 1 << 63:
+        raise BadRequest("a batched op's time_ns is an integer of nanoseconds")
     fences = {}
     for pair in op["fences"]:
         if type(pair) is not list or len(pair) != 2 or not all(type(x) is int for x in pair):
             raise BadRequest("a fence is an [ino, epoch] pair")
         fences[pair[0]] = pair[1]
-    return op["method"], op["args"], fences
+    return op["method"], op["args"], fences, at_ns
 
 
 def _decode(body: bytes) -> tuple[str, Any, str | None, bool]:

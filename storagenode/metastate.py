@@ -206,6 +206,8 @@ MODE = (_int(0, 0o177777), REQUIRED)
 TIME = (_optional(_int()), None)
 OPEN_INOS: tuple[Validator, Any] = (_list(_int(1), OPEN_INOS_MAX), [])
 LIMIT = (_int(1, LIST_MAX), REQUIRED)
+RESERVED = (_optional(_int(1)), None)     # an inode number from reserve_inodes
+RESERVE_MAX = 65536
 
 HEARTBEAT_SPEC: Spec = {
     "node_id": (_node_id, REQUIRED), "capacity": (_int(0), REQUIRED),
@@ -451,13 +453,30 @@ class MetaState:
         directory.mtime_ns = directory.ctime_ns = now
         self.save(directory)
 
-    def new_inode(self, vol: int, now: int, **values: Any) -> Inode:
+    def new_inode(self, vol: int, now: int, reserved: int | None = None,
+                  **values: Any) -> Inode:
+        """A new inode: the next number, or ``reserved`` (one handed out
+        earlier by ``reserve_inodes``, so below ``next_ino``, and not used yet)."""
         (ino,) = self._one("SELECT next_ino FROM volumes WHERE vol = ?", vol)
-        self._exec("UPDATE volumes SET next_ino = next_ino + 1 WHERE vol = ?", vol)
+        if reserved is None:
+            self._exec("UPDATE volumes SET next_ino = next_ino + 1 WHERE vol = ?", vol)
+        elif reserved >= ino:
+            raise MetaError(errno.EINVAL, f"inode number {reserved} was never reserved")
+        elif self._one("SELECT 1 FROM inodes WHERE vol = ? AND ino = ?", vol,
+                       reserved) is not None:
+            raise MetaError(errno.EEXIST, f"inode number {reserved} is taken")
+        else:
+            ino = reserved
         return self.insert_inode(Inode(**{
             "vol": vol, "ino": ino, "size": 0, "stored": 0, "atime_ns": now,
             "mtime_ns": now, "ctime_ns": now, "rdev": 0, "generation": 0,
             "target": None, **values}))
+
+    def take_inodes(self, vol: int, count: int) -> int:
+        """The first of ``count`` inode numbers taken from the volume's counter."""
+        (first,) = self._one("SELECT next_ino FROM volumes WHERE vol = ?", vol)
+        self._exec("UPDATE volumes SET next_ino = next_ino + ? WHERE vol = ?", count, vol)
+        return int(first)
 
     def insert_inode(self, inode: Inode) -> Inode:
         self._exec(f"INSERT INTO inodes ({INODE_COLS}) VALUES ({INODE_MARKS})", *inode.row())
@@ -597,7 +616,8 @@ def _make(st: MetaState, a: Args, parent: Inode, now: int, mode: int,
           **values: Any) -> Inode:
     """A new inode named ``a["name"]`` in ``parent`` (setgid dirs pass their group)."""
     gid = parent.gid if parent.mode & stat.S_ISGID else a["gid"]
-    inode = st.new_inode(a["vol"], now, mode=mode, uid=a["uid"], gid=gid, **values)
+    inode = st.new_inode(a["vol"], now, a.get("ino"), mode=mode, uid=a["uid"], gid=gid,
+                         **values)
     st.add_entry(a["vol"], parent.ino, a["name"], inode.ino)
     st.touch_dir(parent, now)
     return inode
@@ -1018,6 +1038,14 @@ def _op_set_holders(st: MetaState, a: Args, now: int) -> Any:
     return True
 
 
+def _op_reserve_inodes(st: MetaState, a: Args, now: int) -> Any:
+    """Inode numbers for one mount to name the files it makes before the
+    node has seen them (its ``batch``ed creates): ``count`` numbers from
+    ``first``, never handed out again."""
+    st.volume(a["vol"])
+    return {"first": st.take_inodes(a["vol"], a["count"]), "count": a["count"]}
+
+
 def _op_purge(st: MetaState, a: Args, now: int) -> Any:
     inode = st.inode(a["vol"], a["ino"])
     if inode.nlink == 0:
@@ -1270,8 +1298,10 @@ OPS: dict[str, Method] = {
     "configure": Method(_op_configure, {"commit_max_age_ns": (_int(0), REQUIRED)}),
     "set_node_admin": Method(_op_set_node_admin, {
         "node_id": (_node_id, REQUIRED), "admin": (_typed(str, 16), REQUIRED)}),
-    "mknod": Method(_op_mknod, {**_NEW, "mode": MODE, "rdev": (_int(0), 0)}),
-    "mkdir": Method(_op_mkdir, {**_NEW, "mode": MODE}),
+    "mknod": Method(_op_mknod, {**_NEW, "mode": MODE, "rdev": (_int(0), 0), "ino": RESERVED}),
+    "mkdir": Method(_op_mkdir, {**_NEW, "mode": MODE, "ino": RESERVED}),
+    "reserve_inodes": Method(_op_reserve_inodes, {"vol": VOL,
+                                                  "count": (_int(1, RESERVE_MAX), REQUIRED)}),
     "symlink": Method(_op_symlink, {**_NEW, "target": (_typed(bytes, 65536), REQUIRED)}),
     "link": Method(_op_link, {"vol": VOL, "ino": INO, "parent": INO, "name": NAME}),
     "unlink": Method(_op_unlink, {"vol": VOL, "parent": INO, "name": NAME,

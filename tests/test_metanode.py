@@ -232,11 +232,9 @@ def test_a_batch_applies_only_what_the_sessions_write_leases_cover(
     with_client(meta, secret_file, body)
 
 
-def test_a_lookup_waits_until_another_mount_with_the_directory_leased_has_sent_its_changes(
-        meta: NodeProcess, secret_file: Path) -> None:
-    """While session A holds a WRITE cache lease on a directory (changes
-    answered there may still be queued), session B's lookup in it recalls
-    that lease and is answered only after A's batch and release."""
+def two_sessions(meta: NodeProcess, secret_file: Path,
+                 body: Callable[[MetaClient, MetaClient, int], Awaitable[None]]) -> None:
+    """``body(a, b, vol)``: two clients, each with its own lease session, and a volume."""
     async def main() -> None:
         secret = secret_file.read_text().strip()
         async with MetaClient(meta.address, secret) as a, MetaClient(meta.address, secret) as b:
@@ -244,27 +242,91 @@ def test_a_lookup_waits_until_another_mount_with_the_directory_leased_has_sent_i
                                 replicas=1))["vol"]
             a.session = (await a.call("open_session"))["session"]
             b.session = (await b.call("open_session"))["session"]
-            d = (await a.call("mkdir", vol=vol, parent=1, name=b"d", mode=0o755,
-                              uid=0, gid=0))["ino"]
-            f = (await a.call("mknod", vol=vol, parent=d, name=b"f", mode=0o100644,
-                              rdev=0, uid=0, gid=0))["ino"]
-            dl = (await a.call("acquire", vol=vol, ino=d, mode="write", wait=1))["epoch"]
-            fl = (await a.call("acquire", vol=vol, ino=f, mode="write", wait=1))["epoch"]
-            seen: list[Any] = []
-
-            async def look() -> None:
-                answer = await b.exchange("lookup", {"vol": vol, "parent": d, "name": b"f"},
-                                          lease=True)
-                seen.append(answer)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(look)
-                recalls = await a.call("events", wait=5)
-                assert [r["ino"] for r in recalls] == [d]
-                await trio.sleep(0.3)
-                assert not seen                      # waits for A's queued unlink
-                await a.call("batch", vol=vol, ops=[{
-                    "method": "unlink", "args": {"parent": d, "name": b"f", "open_inos": []},
-                    "fences": [[d, dl], [f, fl]]}])
-                await a.call("release", epochs=[dl])
-            assert seen[0]["result"] is None         # the name is gone
+            await body(a, b, vol)
     trio.run(main)
+
+
+def test_batched_creates_name_reserved_inodes_and_bring_their_write_leases(
+        meta: NodeProcess, secret_file: Path) -> None:
+    """A mount's queued mkdir and create name inode numbers reserved for its
+    session; each is granted a WRITE cache lease on the new inode, under
+    which later ops of the same batch (a create in the new directory, the
+    new file's data commit: fence 0) are admitted.  Numbers not reserved
+    for the session, or used already, are refused; the mount's time is the
+    op's time."""
+    async def main(a: MetaClient, b: MetaClient, vol: int) -> None:
+        root = (await a.call("acquire", vol=vol, ino=1, mode="write", wait=1))["epoch"]
+        got = await a.call("reserve_inodes", vol=vol, count=4)
+        theirs = await b.call("reserve_inodes", vol=vol, count=4)
+        assert got["count"] == 4 and theirs["first"] == got["first"] + 4
+        d, f = got["first"], got["first"] + 1
+        at = 1_700_000_000_123_456_789
+        new = {"uid": 5, "gid": 6, "mode": 0o755}
+        answers = await a.call("batch", vol=vol, ops=[
+            {"method": "mkdir", "args": {"parent": 1, "name": b"d", "ino": d, **new},
+             "fences": [[1, root]], "time_ns": at},
+            {"method": "mknod", "args": {"parent": d, "name": b"f", "ino": f, "rdev": 0,
+                                         **new, "mode": 0o100600},
+             "fences": [[d, 0]], "time_ns": at + 1},
+            {"method": "commit_blocks", "args": {
+                "ino": f, "size": 3, "fence": 0, "mtime_ns": None,
+                "blocks": [[0, None, 3, [], b"abc"]]}, "fences": [[f, 0]]},
+            {"method": "mknod", "args": {"parent": d, "name": b"g", "rdev": 0, **new,
+                                         "ino": theirs["first"]},     # B's number
+             "fences": [[d, 0]]},
+            {"method": "mkdir", "args": {"parent": 1, "name": b"e", "ino": d, **new},
+             "fences": [[1, root]]}])                               # used already
+        assert answers[0]["result"]["ino"] == d and answers[0]["lease"]["mode"] == "write"
+        assert answers[0]["result"]["mtime_ns"] == at
+        assert answers[1]["result"]["ino"] == f and answers[1]["result"]["ctime_ns"] == at + 1
+        assert answers[2]["result"]["size"] == 3
+        assert [x.get("errno") for x in answers[3:]] == [errno.EINVAL, errno.EINVAL]
+        # the create's lease is this session's, as any WRITE lease is: it fences
+        fl = answers[1]["lease"]["epoch"]
+        again = await a.call("commit_blocks", vol=vol, ino=f, size=3, fence=fl, blocks=[])
+        assert again["size"] == 3
+        assert (await b.call("lookup", vol=vol, parent=1, name=b"d"))["ino"] == d
+        assert sorted(e[1] for e in await b.call("readdir", vol=vol, ino=d, after=0,
+                                                 limit=10)) == [b"f"]
+        d_attrs = await b.call("getattr", vol=vol, ino=1)
+        assert d_attrs["nlink"] == 3 and d_attrs["mtime_ns"] == at
+        with pytest.raises(BadRequest):          # a number is given only in a batch
+            await a.call("mkdir", vol=vol, parent=1, name=b"x", ino=got["first"] + 2,
+                         **new)
+        b.session = None
+        with pytest.raises(MetaError) as info:   # no session: no numbers
+            await b.call("reserve_inodes", vol=vol, count=4)
+        assert info.value.errno == errno.ENOTCONN
+    two_sessions(meta, secret_file, main)
+
+
+def test_a_lookup_waits_until_another_mount_with_the_directory_leased_has_sent_its_changes(
+        meta: NodeProcess, secret_file: Path) -> None:
+    """While session A holds a WRITE cache lease on a directory (changes
+    answered there may still be queued), session B's lookup in it recalls
+    that lease and is answered only after A's batch and release."""
+    async def main(a: MetaClient, b: MetaClient, vol: int) -> None:
+        d = (await a.call("mkdir", vol=vol, parent=1, name=b"d", mode=0o755,
+                          uid=0, gid=0))["ino"]
+        f = (await a.call("mknod", vol=vol, parent=d, name=b"f", mode=0o100644,
+                          rdev=0, uid=0, gid=0))["ino"]
+        dl = (await a.call("acquire", vol=vol, ino=d, mode="write", wait=1))["epoch"]
+        fl = (await a.call("acquire", vol=vol, ino=f, mode="write", wait=1))["epoch"]
+        seen: list[Any] = []
+
+        async def look() -> None:
+            answer = await b.exchange("lookup", {"vol": vol, "parent": d, "name": b"f"},
+                                      lease=True)
+            seen.append(answer)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(look)
+            recalls = await a.call("events", wait=5)
+            assert [r["ino"] for r in recalls] == [d]
+            await trio.sleep(0.3)
+            assert not seen                      # waits for A's queued unlink
+            await a.call("batch", vol=vol, ops=[{
+                "method": "unlink", "args": {"parent": d, "name": b"f", "open_inos": []},
+                "fences": [[d, dl], [f, fl]]}])
+            await a.call("release", epochs=[dl])
+        assert seen[0]["result"] is None         # the name is gone
+    two_sessions(meta, secret_file, main)

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -441,3 +442,90 @@ def test_a_tree_one_mount_made_and_removes_is_gone_for_the_other_at_once(
     assert os.listdir(a / "t") == ["d0"] and os.listdir(a / "t" / "d0") == ["sub"]
     assert meta_rpcs(c, "rmdir") - rmdirs < 5             # most went in batches
     assert meta_rpcs(c, "batch") > batches
+
+
+def test_what_one_mount_made_itself_the_other_sees_at_once_as_made(
+        two: tuple[Cluster, Path, Path]) -> None:
+    """A makes a tree (mkdir, files written and closed): it answers the
+    mkdirs and creates itself under its directory's WRITE lease, with inode
+    numbers reserved ahead, and a new file's data commit rides with its
+    create in one batch.  B, looking at any point, sees every name A made,
+    with the attributes A showed (owner, mode, times, size) and the data;
+    a file A made and B then writes is B's on both."""
+    c, a, b = two
+    (a / "m").mkdir()
+    os.chmod(a / "m", 0o2775)                      # setgid: new entries take its group
+    os.chown(a / "m", 0, 7)
+    assert os.listdir(b / "m") == []
+    calls = {m: meta_rpcs(c, m) for m in ("mkdir", "mknod", "commit_blocks", "batch")}
+    shown = {}
+    for d in range(4):
+        (a / "m" / f"d{d}").mkdir()
+        for i in range(25):
+            p = a / "m" / f"d{d}" / f"f{i}"
+            p.write_bytes(bytes([i]) * (i * 100))
+            shown[p.relative_to(a)] = os.stat(p)
+        shown[(a / "m" / f"d{d}").relative_to(a)] = os.stat(a / "m" / f"d{d}")
+        if d % 2 == 0:
+            assert sorted(os.listdir(b / "m")) == [f"d{j}" for j in range(d + 1)]
+            assert len(os.listdir(b / "m" / f"d{d}")) == 25
+    for rel, before in shown.items():
+        after = os.stat(b / rel)
+        assert (after.st_ino, after.st_mode, after.st_uid, after.st_gid, after.st_size,
+                after.st_nlink, after.st_mtime_ns, after.st_ctime_ns) == (
+            before.st_ino, before.st_mode, before.st_uid, before.st_gid, before.st_size,
+            before.st_nlink, before.st_mtime_ns, before.st_ctime_ns), rel
+        assert after.st_gid == 7
+        if stat.S_ISREG(after.st_mode):
+            i = int(rel.name[1:])
+            assert (b / rel).read_bytes() == bytes([i]) * (i * 100)
+        else:
+            assert after.st_mode & stat.S_ISGID and after.st_nlink == 2
+    assert os.stat(b / "m").st_nlink == 6
+    # few made the synchronous way; one round trip per small file (create + commit)
+    assert meta_rpcs(c, "mkdir") - calls["mkdir"] < 2
+    assert meta_rpcs(c, "mknod") - calls["mknod"] < 5
+    assert meta_rpcs(c, "commit_blocks") - calls["commit_blocks"] < 20
+    assert meta_rpcs(c, "batch") - calls["batch"] >= 80
+    (a / "m" / "new").write_bytes(b"from a")
+    (b / "m" / "new").write_bytes(b"from b")
+    assert (a / "m" / "new").read_bytes() == b"from b"
+    fd = os.open(a / "m", os.O_RDONLY)
+    try:
+        os.fsync(fd)                                     # nothing refused
+    finally:
+        os.close(fd)
+
+
+def test_renames_one_mount_answered_itself_are_seen_at_once_by_the_other(
+        two: tuple[Cluster, Path, Path]) -> None:
+    """Renames within a directory A holds the WRITE lease on (of what it
+    made: directories, files, a file saved the editor's way over another)
+    are answered by A and batched; B sees each at once, and a file replaced
+    while open on A still reads its old data there."""
+    c, a, b = two
+    (a / "r").mkdir()
+    for i in range(20):
+        (a / "r" / f"d{i}").mkdir()
+    renames = meta_rpcs(c, "rename")
+    for i in range(20):
+        os.rename(a / "r" / f"d{i}", a / "r" / f"e{i}")
+        if i % 5 == 0:
+            assert (b / "r" / f"e{i}").is_dir() and not (b / "r" / f"d{i}").exists()
+    assert sorted(os.listdir(b / "r")) == sorted(f"e{i}" for i in range(20))
+    (a / "r" / "doc").write_bytes(b"v0")
+    os.link(a / "r" / "doc", a / "r" / "doc.bak")
+    for v in range(1, 4):                            # save: write a temporary, rename over
+        (a / "r" / ".doc.tmp").write_bytes(b"v%d" % v)
+        os.rename(a / "r" / ".doc.tmp", a / "r" / "doc")
+        assert (b / "r" / "doc").read_bytes() == b"v%d" % v
+    assert meta_rpcs(c, "rename") - renames < 5     # most went in batches
+    assert (b / "r" / "doc.bak").read_bytes() == b"v0"
+    assert os.stat(b / "r" / "doc.bak").st_nlink == 1 == os.stat(a / "r" / "doc.bak").st_nlink
+    assert not (b / "r" / ".doc.tmp").exists()
+    (a / "r" / "new").write_bytes(b"new")
+    with open(a / "r" / "doc", "rb") as old:          # open here: replaced the usual way
+        os.rename(a / "r" / "new", a / "r" / "doc")
+        assert old.read() == b"v3"
+    assert (b / "r" / "doc").read_bytes() == b"new"
+    assert sorted(os.listdir(a / "r")) == sorted(os.listdir(b / "r"))

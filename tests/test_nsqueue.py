@@ -1,6 +1,7 @@
-"""The queue of unlinks a mount answered itself (fusefront/nsqueue.py),
-against a fake metadata node: order, batching, what counts as refused,
-and that nothing leaves the queue without its answer."""
+"""The queue of namespace ops a mount answered itself (fusefront/nsqueue.py),
+against a fake metadata node: order, batching, every answer reported,
+provisional fences turned into granted ones, a commit riding at the end of
+a batch, and that nothing leaves the queue without its answer."""
 
 from __future__ import annotations
 
@@ -26,17 +27,24 @@ class FakeVolume:
 
 
 def op(name: bytes, child: int) -> QueuedOp:
-    return QueuedOp("unlink", 1, name, child, [[1, 7], [child, 8]])
+    return QueuedOp("unlink", {"parent": 1, "name": name}, [[1, 7], [child, 8]],
+                    parent=1, name=name, child=child, at_ns=5)
 
 
-def test_ops_go_in_order_in_one_batch_and_refusals_are_reported() -> None:
+def queue_of(volume: FakeVolume, answered: Callable[[QueuedOp, dict[str, Any]], None],
+             open_inos: list[int], fences: dict[int, int] | None = None) -> NamespaceQueue:
+    return NamespaceQueue(volume, answered=answered, spawn=lambda job: None,  # type: ignore[arg-type]
+                          open_inos=lambda: open_inos,
+                          fence_of=lambda ino, e: e if e >= 0 else (fences or {}).get(ino, 0))
+
+
+def test_ops_go_in_order_in_one_batch_and_every_answer_is_reported() -> None:
     async def main() -> None:
-        failed: list[tuple[bytes, str]] = []
+        answered: list[tuple[bytes, Any]] = []
         volume = FakeVolume(lambda ops: [
             {"result": {}}, {"errno": errno.ENOENT, "error": "gone"},
             {"errno": errno.EIO, "error": "no WRITE lease"}, "junk"])
-        queue = NamespaceQueue(volume, failed=lambda o, why: failed.append((o.name, why)),  # type: ignore[arg-type]
-                               spawn=lambda job: None, open_inos=lambda: [12])
+        queue = queue_of(volume, lambda o, answer: answered.append((o.name, answer)), [12])
         for name, child in ((b"a", 10), (b"b", 11), (b"c", 12), (b"d", 13)):
             queue.add(op(name, child))
         await queue.drain()
@@ -44,10 +52,38 @@ def test_ops_go_in_order_in_one_batch_and_refusals_are_reported() -> None:
         sent = volume.batches[0]
         assert [o["args"]["name"] for o in sent] == [b"a", b"b", b"c", b"d"]
         assert [o["args"]["open_inos"] for o in sent] == [[], [], [12], []]   # open now
-        assert sent[0]["fences"] == [[1, 7], [10, 8]]
-        # "no such entry": gone either way (a batch sent again); the rest failed
-        assert [name for name, _ in failed] == [b"c", b"d"]
-        assert "no WRITE lease" in failed[0][1]
+        assert sent[0]["fences"] == [[1, 7], [10, 8]] and sent[0]["time_ns"] == 5
+        assert [name for name, _ in answered] == [b"a", b"b", b"c", b"d"]
+        assert answered[2][1]["errno"] == errno.EIO
+        assert answered[3][1]["errno"] == errno.EIO       # an answer that is no answer
+    trio.run(main)
+
+
+def test_a_commit_rides_at_the_end_of_the_batch_with_its_create() -> None:
+    async def main() -> None:
+        answered: list[QueuedOp] = []
+        volume = FakeVolume(lambda ops: [{"result": {"ino": o["args"].get("ino")}}
+                                         for o in ops])
+        granted: dict[int, int] = {}
+        queue = queue_of(volume, lambda o, answer: answered.append(o), [], granted)
+        # nothing queued: the commit goes the usual way
+        assert await queue.ride("commit_blocks", {"ino": 9, "fence": 3}, [[9, 3]]) is None
+        queue.add(QueuedOp("mknod", {"parent": 1, "name": b"f", "ino": 20}, [[1, 7]],
+                           parent=1, name=b"f", made=20))
+        answer = await queue.ride("commit_blocks", {"ino": 20, "size": 1, "fence": -20},
+                                  [[20, -20]])
+        assert answer == {"result": {"ino": 20}}
+        assert len(volume.batches) == 1 and [o["method"] for o in volume.batches[0]] == [
+            "mknod", "commit_blocks"]
+        commit = volume.batches[0][1]
+        # the lease of a create in the same batch: 0, "granted by this batch"
+        assert commit["fences"] == [[20, 0]] and commit["args"]["fence"] == 0
+        assert [o.made for o in answered] == [20]       # the rider's answer is its own
+        granted[20] = 44                # once granted, the provisional fence is that lease
+        queue.add(QueuedOp("unlink", {"parent": 1, "name": b"f"}, [[1, 7], [20, -20]],
+                           parent=1, name=b"f", child=20))
+        await queue.drain()
+        assert volume.batches[1][0]["fences"] == [[1, 7], [20, 44]]
     trio.run(main)
 
 
@@ -61,8 +97,8 @@ def test_nothing_leaves_the_queue_without_its_answer() -> None:
             return [{"result": {}} for _ in ops]
         volume = FakeVolume(answer)
         failed: list[QueuedOp] = []
-        queue = NamespaceQueue(volume, failed=lambda o, why: failed.append(o),  # type: ignore[arg-type]
-                               spawn=lambda job: None, open_inos=lambda: [])
+        queue = queue_of(volume, lambda o, answer: failed.append(o) if "errno" in answer
+                         else None, [])
         queue.add(op(b"a", 10))
         try:
             await queue.drain()
