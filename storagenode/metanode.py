@@ -464,23 +464,31 @@ class MetaNode:
             ops.append((method, op_args, fences, at_ns))
         admitted: list[tuple[_Pending | MetaError, list[Any]]] = []
         made: dict[int, Any] = {}       # new inode -> the WRITE cache lease its create got
+        # inode -> the WRITE lease an earlier op of this batch was admitted
+        # under (pinned until the batch is done).  An op's inodes are found
+        # in the state before the batch: one an earlier op removed or moved
+        # away (an unlink, then a rename over that name) is covered by that
+        # op's lease; one it made or moved in is not found, and is covered
+        # by the lease that op was admitted under.
+        known: dict[int, int] = {}
         try:
             for method, op_args, fences, at_ns in ops:
                 grants: list[Any] = []
                 try:
                     for _, ino in op_keys(self._reader, method, op_args):
-                        fence = fences.get(ino, 0)
-                        if fence == 0 and ino in made:
-                            fence = made[ino].epoch
+                        fence = fences.get(ino, 0) or known.get(ino, 0)
                         grant = self.leases.admit_write(session, vol, ino, fence)
                         if grant is None:
                             raise MetaError(errno.EIO, f"{method} of inode {ino}: no WRITE lease "
-                                                       "of this mount covers it (lost or recalled)")
+                                                       f"of this mount covers it (lost or recalled; "
+                                                       f"fence {fence})")
                         grants.append(grant)
+                        known[ino] = fence
                     if method == "commit_blocks":
                         op_args["fence"] = grants[0].epoch
                     if method in CREATES:
-                        made[op_args["ino"]] = self._lease_new(session, vol, op_args["ino"])
+                        new = made[op_args["ino"]] = self._lease_new(session, vol, op_args["ino"])
+                        known[op_args["ino"]] = new.epoch
                 except MetaError as exc:
                     self.leases.unhold(grants)
                     admitted.append((exc, []))

@@ -293,6 +293,21 @@ def test_batched_creates_name_reserved_inodes_and_bring_their_write_leases(
         with pytest.raises(BadRequest):          # a number is given only in a batch
             await a.call("mkdir", vol=vol, parent=1, name=b"x", ino=got["first"] + 2,
                          **new)
+        # an op's inodes are found before the batch: the name an earlier op
+        # freed (f, unlinked) is covered by that op's lease, for a rename over it
+        dl, fl = [(await a.call("acquire", vol=vol, ino=i, mode="write", wait=1))["epoch"]
+                  for i in (d, f)]     # B looked at both: A's leases on them were recalled
+        g = got["first"] + 2
+        answers = await a.call("batch", vol=vol, ops=[
+            {"method": "mknod", "args": {"parent": d, "name": b"g", "ino": g, "rdev": 0, **new},
+             "fences": [[d, dl]]},
+            {"method": "unlink", "args": {"parent": d, "name": b"f", "open_inos": []},
+             "fences": [[d, dl], [f, fl]]},
+            {"method": "rename", "args": {"parent": d, "name": b"g", "new_parent": d,
+                                          "new_name": b"f"}, "fences": [[d, dl], [g, 0]]}])
+        assert [x.get("errno") for x in answers] == [None, None, None]
+        assert [(e[1], e[2]["ino"]) for e in await b.call("readdir", vol=vol, ino=d, after=0,
+                                                          limit=10)] == [(b"f", g)]
         b.session = None
         with pytest.raises(MetaError) as info:   # no session: no numbers
             await b.call("reserve_inodes", vol=vol, count=4)
