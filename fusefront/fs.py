@@ -593,7 +593,8 @@ class Operations(pyfuse3.Operations):
         nobody else sees or changes either before the queue has landed.
         False: do it the usual way."""
         leases = self.leases
-        if leases is None or not self.removable_here(method, parent, name):
+        if leases is None or self.queue.stalled \
+                or not self.removable_here(method, parent, name):
             return False
         if leases.write_epoch(parent) is None:
             await leases.acquire(parent, "write")
@@ -632,7 +633,7 @@ class Operations(pyfuse3.Operations):
         usual way."""
         leases = self.leases
         parent, name = args["parent"], args["name"]
-        if leases is None or self.cache.entry(parent, name) != 0 \
+        if leases is None or self.queue.stalled or self.cache.entry(parent, name) != 0 \
                 or self.cache.attr(parent) is None:
             return None
         if leases.write_epoch(parent) is None:
@@ -776,7 +777,8 @@ class Operations(pyfuse3.Operations):
         queue it for the node, like ``remove_here``, when its outcome is
         surely known here (``renamable_here``); False: do it the usual way."""
         leases = self.leases
-        if leases is None or not self.renamable_here(parent, name, new_name, flags):
+        if leases is None or self.queue.stalled \
+                or not self.renamable_here(parent, name, new_name, flags):
             return False
         if leases.write_epoch(parent) is None:
             await leases.acquire(parent, "write")

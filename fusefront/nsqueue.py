@@ -78,6 +78,10 @@ class NamespaceQueue:
         self._ops: list[QueuedOp] = []
         self._lock = trio.Lock()
         self._timer = False
+        # the last send found the node unreachable: ops are not answered
+        # here until one lands (a restarted node forgets the leases they are
+        # sent under, so the fewer wait in the queue, the fewer are refused)
+        self.stalled = False
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -136,9 +140,11 @@ class NamespaceQueue:
                     try:
                         answers = await self._send(ops)
                     except MetaUnavailable:
+                        self.stalled = True
                         raise
                     except Exception as exc:        # refused whole: none was applied
                         answers = [{"errno": errno.EIO, "error": repr(exc)}] * len(ops)
+                self.stalled = False
                 del self._ops[:len(ops)]
                 for op, answer in zip(ops, answers):
                     if not isinstance(answer, dict):

@@ -479,9 +479,9 @@ class MetaNode:
                         fence = fences.get(ino, 0) or known.get(ino, 0)
                         grant = self.leases.admit_write(session, vol, ino, fence)
                         if grant is None:
-                            raise MetaError(errno.EIO, f"{method} of inode {ino}: no WRITE lease "
-                                                       f"of this mount covers it (lost or recalled; "
-                                                       f"fence {fence})")
+                            raise MetaError(errno.EIO, (
+                                f"{method} of inode {ino}: no WRITE lease of this mount covers it "
+                                f"(lost or recalled; fence {fence})"))
                         grants.append(grant)
                         known[ino] = fence
                     if method == "commit_blocks":

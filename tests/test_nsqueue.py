@@ -106,11 +106,13 @@ def test_nothing_leaves_the_queue_without_its_answer() -> None:
         except MetaUnavailable:
             pass
         assert len(queue) == 1                       # still queued, sent again later
+        assert queue.stalled                         # the mount answers nothing more itself
         down = False
         async with trio.open_nursery() as nursery:   # a drain cancelled mid-way
             nursery.start_soon(queue.drain)
             await trio.sleep(0.005)                  # the batch is on its way
             nursery.cancel_scope.cancel()
         assert len(queue) == 0 and not failed        # it landed, and was answered
+        assert not queue.stalled
         assert [o["args"]["name"] for b in volume.batches for o in b] == [b"a", b"a"]
     trio.run(main)
