@@ -50,6 +50,11 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 NAME_MAX = 255
 SPARE_INOS = 1024       # inode numbers reserved at a time for creates made here
+# Creates are made here only while this mount holds fewer leases than this:
+# each one brings a WRITE lease, and past the node's limit per session
+# (LeaseConfig.max_leases_per_session, 100,000) a create's lease could not
+# fence the commit riding with it.
+HELD_MAX_HERE = 50_000
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 
 
@@ -633,7 +638,8 @@ class Operations(pyfuse3.Operations):
         usual way."""
         leases = self.leases
         parent, name = args["parent"], args["name"]
-        if leases is None or self.queue.stalled or self.cache.entry(parent, name) != 0 \
+        if leases is None or self.queue.stalled or len(leases.held) >= HELD_MAX_HERE \
+                or self.cache.entry(parent, name) != 0 \
                 or self.cache.attr(parent) is None:
             return None
         if leases.write_epoch(parent) is None:
