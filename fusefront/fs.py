@@ -177,11 +177,10 @@ class Operations(pyfuse3.Operations):
         self.atime_pending: dict[int, tuple[int, trio.Event]] = {}
         self.next_fh = 1
         self.nursery: trio.Nursery | None = None
-        # unlinks and rmdirs answered here, on their way to the node (see remove_here)
+        # namespace ops answered here, on their way to the node (see
+        # remove_here, make_here, rename_here)
         self.queue = NamespaceQueue(volume, answered=self.queued_op_answered, spawn=self.spawn,
-                                    open_inos=self.open_inos,
-                                    fence_of=self.leases.fence_of if self.leases else
-                                    lambda ino, epoch: epoch)
+                                    open_inos=self.open_inos, fence_of=self.queue_fence_of)
         volume.before_rpc = self.queue.drain
         volume.ride = self.queue.ride
         volume.fence_of = self.queue_fence_of
@@ -593,18 +592,14 @@ class Operations(pyfuse3.Operations):
         """Apply an unlink or rmdir of ``name`` to this mount's cache and
         queue it for the node (nsqueue), when its outcome is surely known
         here (``removable_here``) and this mount holds a WRITE cache lease on
-        the directory too, taken now if not held (one round trip, as the op
-        itself would take; the next ones in the directory take none): then
-        nobody else sees or changes either before the queue has landed.
-        False: do it the usual way."""
+        the directory too (``directory_leased``).  False: do it the usual way."""
         leases = self.leases
         if leases is None or self.queue.stalled \
                 or not self.removable_here(method, parent, name):
             return False
-        if leases.write_epoch(parent) is None:
-            await leases.acquire(parent, "write")
+        dir_epoch = await self.directory_leased(parent)
         child = self.removable_here(method, parent, name)      # again, after the wait
-        dir_epoch, child_epoch = leases.write_epoch(parent), leases.write_epoch(child)
+        child_epoch = leases.write_epoch(child)
         d, a = self.cache.attr(parent), self.cache.attr(child)
         if not child or dir_epoch is None or child_epoch is None or d is None or a is None:
             return False
@@ -627,11 +622,23 @@ class Operations(pyfuse3.Operations):
         removed()
         return True
 
+    async def directory_leased(self, parent: int) -> int | None:
+        """The epoch of this mount's WRITE cache lease on directory ``parent``,
+        taken now if not held (one round trip, as the op asking for it would
+        take; the next ones in the directory take none); None if not granted.
+        Under it nobody else sees or changes the directory before the queue
+        has landed.  What the caller checked before must be checked again:
+        the wait may have let anything happen."""
+        assert self.leases is not None
+        if self.leases.write_epoch(parent) is None:
+            await self.leases.acquire(parent, "write")
+        return self.leases.write_epoch(parent)
+
     async def make_here(self, method: str, args: dict[str, Any]) -> dict[str, Any] | None:
         """Apply a mkdir, or a create of a regular file, to this mount's cache
         and queue it for the node (nsqueue), when this mount holds a WRITE
-        cache lease on the directory (taken now if not held, as in
-        ``remove_here``) and knows the name is absent: the new inode's
+        cache lease on the directory (``directory_leased``) and knows the
+        name is absent: the new inode's
         attributes, as the node will make them (with this mount's clock,
         which the node takes for the op), under an inode number reserved for
         this mount and a provisional WRITE lease on it.  None: do it the
@@ -642,8 +649,7 @@ class Operations(pyfuse3.Operations):
                 or self.cache.entry(parent, name) != 0 \
                 or self.cache.attr(parent) is None:
             return None
-        if leases.write_epoch(parent) is None:
-            await leases.acquire(parent, "write")
+        await self.directory_leased(parent)
         ino = await self.spare_ino()
         dir_epoch, d = leases.write_epoch(parent), self.cache.attr(parent)
         if ino is None or dir_epoch is None or d is None \
@@ -786,10 +792,9 @@ class Operations(pyfuse3.Operations):
         if leases is None or self.queue.stalled \
                 or not self.renamable_here(parent, name, new_name, flags):
             return False
-        if leases.write_epoch(parent) is None:
-            await leases.acquire(parent, "write")
+        dir_epoch = await self.directory_leased(parent)
         found = self.renamable_here(parent, name, new_name, flags)     # again, after the wait
-        dir_epoch, d = leases.write_epoch(parent), self.cache.attr(parent)
+        d = self.cache.attr(parent)
         if found is None or dir_epoch is None or d is None:
             return False
         moved, target = found
