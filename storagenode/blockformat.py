@@ -17,7 +17,11 @@ A stored object is a fixed 56-byte header followed by the payload::
 The checksum covers the header fields too, so a flipped bit anywhere in the
 object is detected.  Blocks are compressed with zstd unless compression
 saves less than ``MIN_SAVING`` of the size, in which case they are stored
-raw (random data, already-compressed media).  Encoding and decoding are pure
+raw (random data, already-compressed media).  A large block is first probed:
+``PROBES`` samples spread over it are compressed, and if none of them
+shrinks the block is stored raw without compressing it whole (zstd's output
+buffer and pass over 4 MiB of incompressible data were a fifth of a mount's
+CPU writing such files).  Encoding and decoding are pure
 functions; callers run them in worker threads (zstd and BLAKE3 release the
 GIL).
 """
@@ -40,6 +44,9 @@ HEADER_SIZE = _HEAD.size + 32
 MIN_SAVING = 0.03          # store raw unless zstd saves at least 3 %
 ZSTD_LEVEL = 1
 MAX_RAW_LENGTH = 64 * 1024 * 1024
+PROBE_FROM = 256 * 1024    # blocks at least this long are probed before compressing
+PROBES = 8                 # samples tried, spread evenly over the block ...
+PROBE_BYTES = 8 * 1024     # ... of this many bytes each
 
 
 class CorruptedObject(Exception):
@@ -71,13 +78,28 @@ def encode(data: bytes | bytearray | memoryview, *, level: int = ZSTD_LEVEL,
     raw = memoryview(data)
     if len(raw) > MAX_RAW_LENGTH:
         raise ValueError("block larger than the format allows")
-    packed = zstandard.ZstdCompressor(level=level).compress(raw) if compress else b""
+    compressor = zstandard.ZstdCompressor(level=level)
+    compress = compress and _may_shrink(compressor, raw)
+    packed = compressor.compress(raw) if compress else b""
     if compress and len(packed) <= len(raw) * (1 - MIN_SAVING):
         codec, payload = CODEC_ZSTD, memoryview(packed)
     else:
         codec, payload = CODEC_RAW, raw
     head = _HEAD.pack(MAGIC, VERSION, codec, HASH_BLAKE3, 0, len(raw), len(payload))
     return b"".join((head, _checksum(head, payload), payload))
+
+
+def _may_shrink(compressor: zstandard.ZstdCompressor, raw: memoryview) -> bool:
+    """Is ``raw`` worth compressing whole: short, or one of ``PROBES``
+    samples spread over it shrinks by ``MIN_SAVING``?"""
+    if len(raw) < PROBE_FROM:
+        return True
+    step = len(raw) // PROBES
+    for start in range(0, step * PROBES, step):
+        sample = raw[start:start + PROBE_BYTES]
+        if len(compressor.compress(sample)) <= len(sample) * (1 - MIN_SAVING):
+            return True
+    return False
 
 
 def parse_header(obj: bytes | bytearray | memoryview) -> Header:

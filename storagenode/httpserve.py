@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs
 
 
 log = logging.getLogger(__name__)
+
+
+Body = bytes | bytearray | mmap.mmap      # a request body as received
 
 
 class HTTPError(Exception):
@@ -57,6 +61,13 @@ class Request:
 
     async def body(self, limit: int) -> bytes:
         """The whole request body; HTTPError 413 past ``limit`` bytes."""
+        whole = await self.body_buffer(limit)
+        return whole if isinstance(whole, bytes) else bytes(whole)
+
+    async def body_buffer(self, limit: int) -> Body:
+        """The whole request body as ``body`` gives it, but a body that
+        arrived in one buffer (one the server read whole before the handler
+        ran: ``h11serve.Eager``) is that buffer, not a copy."""
         declared = self.header("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise HTTPError(413, f"body larger than the limit of {limit} bytes")
@@ -72,7 +83,7 @@ class Request:
                 raise HTTPError(413, f"body larger than the limit of {limit} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 Handler = Callable[[Request], Awaitable[Response]]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import mmap
+import os
 import socket
 import struct
 from contextlib import asynccontextmanager
@@ -293,6 +295,38 @@ def test_a_body_read_whole_before_the_handler_arrives_whole_in_any_pieces() -> N
             await still_serves(address)
     run(test)
     assert handler.seen == ["PUT /big", "POST /next", "POST /ok"]
+
+
+def test_a_body_read_whole_is_received_into_the_buffer_the_server_makes() -> None:
+    """A data node has each PUT body received into a page-aligned buffer of
+    its own making (to write it with O_DIRECT): the handler gets that very
+    buffer, holding exactly the bytes sent, however they were cut."""
+    made: list[mmap.mmap] = []
+    got: list[object] = []
+    body = os.urandom(300_000)
+
+    def buffer(length: int) -> mmap.mmap:
+        made.append(mmap.mmap(-1, length))
+        return made[-1]
+
+    async def handle(request: Request) -> Response:
+        whole = await request.body_buffer(len(body))
+        got.append(whole)
+        return Response(200, bytes(whole[:5]) + bytes(whole[-5:]))
+
+    async def test() -> None:
+        async with serving(handle, body_max=len(body), buffer=buffer) as address:
+            stream = await connect(address)
+            async with stream:
+                await stream.send_all(b"PUT /o HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n"
+                                      % len(body) + body[:1000])
+                for i in range(1000, len(body), 77_777):
+                    await trio.sleep(0.01)
+                    await stream.send_all(body[i:i + 77_777])
+                assert await answer_bodies(stream, 1) == [body[:5] + body[-5:]]
+    run(test)
+    assert len(made) == 1 and got[0] is made[0]
+    assert bytes(made[0]) == body
 
 
 def test_only_admitted_requests_have_their_body_read_before_the_handler() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,29 @@ def test_put_get_head_delete(store: ObjectStore) -> None:
         store.get(oid)
     with pytest.raises(NoSuchObject):
         store.head(oid)
+
+
+@pytest.mark.parametrize("where", ["disk", "tmpfs"])
+def test_a_page_aligned_buffer_is_stored_whole(tmp_path: Path, where: str) -> None:
+    """A PUT body as a data node receives it (an mmap, written with O_DIRECT
+    where the filesystem allows, its unaligned tail through the page cache)
+    is stored byte for byte, on a disk and on tmpfs alike."""
+    root = tmp_path if where == "disk" else Path("/dev/shm")
+    if not root.is_dir():
+        pytest.skip("no /dev/shm")
+    state = root / f"objfs-test-{os.getpid()}"
+    try:
+        store = ObjectStore(state)
+        for size in (5_000, 1 << 20, (4 << 20) + 12_345):
+            obj = obj_of(os.urandom(size))
+            body = mmap.mmap(-1, len(obj))
+            body[:] = obj
+            oid = new_object_id()
+            assert store.put(oid, body) is True
+            assert stored_path(store.root, oid).read_bytes() == obj
+            assert store.get(oid) == obj
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_put_leaves_nothing_in_tmp(store: ObjectStore) -> None:
