@@ -5,7 +5,9 @@ How this works
 Objects are immutable, so clean data is cached by object id and never goes
 stale: a file whose block changes points at a new object id.  The cache is an
 LRU bounded in bytes.  Concurrent requests for one object share a single
-fetch (``inflight``), which is also how read-ahead and a reader meet.
+fetch (``inflight``), which is also how read-ahead and a reader meet.  A
+block just uploaded is cached as the very buffer it was written into (a
+``bytearray`` nobody changes from then on), not a copy.
 """
 
 from __future__ import annotations
@@ -17,17 +19,19 @@ import trio
 
 from storagenode.ids import ObjectId
 
+Block = bytes | bytearray      # never changed once cached
+
 
 class BlockCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.size = 0
-        self._lru: OrderedDict[ObjectId, bytes] = OrderedDict()
+        self._lru: OrderedDict[ObjectId, Block] = OrderedDict()
         self._inflight: dict[ObjectId, trio.Event] = {}
         self.hits = 0
         self.misses = 0
 
-    def put(self, oid: ObjectId, data: bytes) -> None:
+    def put(self, oid: ObjectId, data: Block) -> None:
         if oid in self._lru or len(data) > self.capacity:
             return
         self._lru[oid] = data
@@ -36,7 +40,7 @@ class BlockCache:
             _, old = self._lru.popitem(last=False)
             self.size -= len(old)
 
-    def peek(self, oid: ObjectId) -> bytes | None:
+    def peek(self, oid: ObjectId) -> Block | None:
         data = self._lru.get(oid)
         if data is not None:
             self._lru.move_to_end(oid)
@@ -45,7 +49,7 @@ class BlockCache:
     def fetching(self, oid: ObjectId) -> bool:
         return oid in self._inflight
 
-    async def get(self, oid: ObjectId, fetch: Callable[[], Awaitable[bytes]]) -> bytes:
+    async def get(self, oid: ObjectId, fetch: Callable[[], Awaitable[bytes]]) -> Block:
         """The data of ``oid``, from memory or by one shared call of ``fetch``."""
         while True:
             data = self.peek(oid)

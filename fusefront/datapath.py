@@ -55,7 +55,7 @@ from typing import AbstractSet, Any, Sequence
 import trio
 
 from storagenode import blockformat, erasure
-from storagenode.dataclient import DataClient, NodeError, NodeFull
+from storagenode.dataclient import DataClient, NodeError, NodeFull, Parts
 from storagenode.ids import NodeId, ObjectId, new_object_id, shard_id
 from storagenode.metaclient import MetaClient
 from storagenode.placement import NodeSlot, rank
@@ -227,24 +227,25 @@ class BlockStore:
             await self.view.refresh(force=True)
             return oid, await self._place(oid, objs)
 
-    def _encode(self, block: bytes | bytearray) -> list[bytes]:
-        """The object (replicated) or the k + m shard objects of ``block``."""
+    def _encode(self, block: bytes | bytearray) -> list[Parts]:
+        """The object (replicated; its header and payload, not joined) or
+        the k + m shard objects of ``block``."""
         if self.ec_k:
-            return erasure.encode_block(block, self.ec_k, self.ec_m)
-        return [blockformat.encode(block)]
+            return list(erasure.encode_block(block, self.ec_k, self.ec_m))
+        return [blockformat.encode_parts(block)]
 
     def _stored_id(self, oid: ObjectId, position: int) -> ObjectId:
         """The id under which holder ``position`` stores its piece of ``oid``."""
         return shard_id(oid, position) if self.ec_k else oid
 
-    def _pieces(self, objs: list[bytes]) -> list[bytes]:
+    def _pieces(self, objs: list[Parts]) -> list[Parts]:
         """What each holder stores: a shard each, or the same object on
         ``replicas`` nodes (fewer if fewer active nodes exist)."""
         if self.ec_k:
             return objs
         return objs * min(self.replicas, self.view.active_count())
 
-    async def _place(self, oid: ObjectId, objs: list[bytes]) -> list[NodeId]:
+    async def _place(self, oid: ObjectId, objs: list[Parts]) -> list[NodeId]:
         """Put each piece (copy or shard) on its own writable node (see
         ``Placing``); the holders, position by position."""
         pieces = self._pieces(objs)
@@ -277,7 +278,7 @@ class BlockStore:
             raise DataUnavailable(f"only {len(stored)} of {len(placed)} {what} could be stored")
         return stored
 
-    async def _put_pieces(self, oid: ObjectId, pieces: list[bytes], placing: Placing) -> None:
+    async def _put_pieces(self, oid: ObjectId, pieces: list[Parts], placing: Placing) -> None:
         """Run ``placing`` until it settles: PUT what it asks, report each
         answer, hedge every ``PUT_HEDGE_AFTER``; then cancel what is still out."""
         send, receive = trio.open_memory_channel[tuple[Ask, NodeError | None]](math.inf)
@@ -303,7 +304,7 @@ class BlockStore:
                     asks = placing.failed(position, isinstance(error, NodeFull))
             nursery.cancel_scope.cancel()
 
-    async def _put_piece(self, oid: ObjectId, pieces: list[bytes], ask: Ask,
+    async def _put_piece(self, oid: ObjectId, pieces: list[Parts], ask: Ask,
                          answers: trio.MemorySendChannel[tuple[Ask, NodeError | None]]
                          ) -> None:
         position, node = ask

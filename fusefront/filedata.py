@@ -328,7 +328,7 @@ class FileData:
         finally:
             self.v.prefetching -= 1
 
-    async def _fetch(self, ref: BlockRef) -> bytes:
+    async def _fetch(self, ref: BlockRef) -> bytes | bytearray:
         oid = ref.oid
         if oid is None:
             return ref.data or b""
@@ -440,7 +440,9 @@ class FileData:
 
     async def _dirty_block(self, idx: int, whole: bool) -> bytearray:
         buf = self.dirty.get(idx)
-        if buf is None:
+        if buf is not None and idx in self.inflight:
+            buf = self.dirty[idx] = bytearray(buf)    # the upload keeps the old one
+        elif buf is None:
             base = memoryview(b"") if whole else await self._stored(idx)
             if idx in self.uploaded:          # rewritten before its commit
                 self._drop_uploaded(idx)
@@ -469,10 +471,14 @@ class FileData:
             self.v.inflight.release()
             return
         done = self.inflight[idx] = trio.Event()
-        spawn(functools.partial(self._background_upload, idx, bytes(self.dirty[idx]),
+        spawn(functools.partial(self._background_upload, idx, self.dirty[idx],
                                 self.gen[idx], done))
 
-    async def _background_upload(self, idx: int, data: bytes, gen: int, done: trio.Event) -> None:
+    async def _background_upload(self, idx: int, data: bytearray, gen: int,
+                                 done: trio.Event) -> None:
+        """Upload the dirty buffer ``data`` of block ``idx`` as it is: no
+        write changes it meanwhile (``_dirty_block`` gives a write to a block
+        being uploaded a copy), and once uploaded it is the cached block."""
         try:
             ref = await self._upload(data)
             if self.gen.get(idx) == gen:
@@ -505,7 +511,7 @@ class FileData:
             return None
         async with self.v.upload_slots:
             oid, nodes = await self.v.store.upload(data)
-        self.v.cache.put(oid, bytes(data) if isinstance(data, bytearray) else data)
+        self.v.cache.put(oid, data)     # a buffer no write changes once uploaded
         return BlockRef(oid, len(data), tuple(nodes))
 
     async def _wait_uploads(self) -> None:

@@ -75,6 +75,13 @@ def encode(data: bytes | bytearray | memoryview, *, level: int = ZSTD_LEVEL,
            compress: bool = True) -> bytes:
     """Frame one block: compress when it pays (and ``compress``), checksum,
     prepend the header."""
+    return b"".join(encode_parts(data, level=level, compress=compress))
+
+
+def encode_parts(data: bytes | bytearray | memoryview, *, level: int = ZSTD_LEVEL,
+                 compress: bool = True) -> tuple[bytes, bytes | memoryview]:
+    """``encode``'s object as its header and its payload, not joined: a raw
+    payload is a view of ``data`` itself (sent as it is, not copied)."""
     raw = memoryview(data)
     if len(raw) > MAX_RAW_LENGTH:
         raise ValueError("block larger than the format allows")
@@ -86,7 +93,7 @@ def encode(data: bytes | bytearray | memoryview, *, level: int = ZSTD_LEVEL,
     else:
         codec, payload = CODEC_RAW, raw
     head = _HEAD.pack(MAGIC, VERSION, codec, HASH_BLAKE3, 0, len(raw), len(payload))
-    return b"".join((head, _checksum(head, payload), payload))
+    return head + _checksum(head, payload), payload
 
 
 def _may_shrink(compressor: zstandard.ZstdCompressor, raw: memoryview) -> bool:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import httpx
 import trio
@@ -44,6 +44,7 @@ from .ids import ObjectId
 WHOLE_MAX = 1 << 30         # an object answer larger than this is read the plain way
 HEAD_MAX = 16 * 1024        # an answer's head longer than this goes to httpx
 RECEIVE_BYTES = 64 * 1024
+Parts = bytes | Sequence[bytes | memoryview]     # a body, whole or in parts to send in turn
 IDLE_KEPT = 8               # idle connections kept per node
 _STATUS = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9]) [^\r\n]*\r\n")
 _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,12})[ \t]*\r\n", re.IGNORECASE)
@@ -161,12 +162,14 @@ class DataClient:
             raise NodeUnavailable(address, f"{type(exc).__name__}: {exc}") from None
         return _check(address, response)
 
-    async def put(self, address: str, oid: ObjectId, obj: bytes) -> None:
-        """Store ``obj`` durably (fine if the identical object is already there)."""
+    async def put(self, address: str, oid: ObjectId, obj: Parts) -> None:
+        """Store ``obj`` durably (fine if the identical object is already
+        there); ``obj`` may come in parts, sent one after the other."""
         if await self._fast(b"PUT", address, f"/v1/objects/{oid}", obj) is None:
-            await self._send("PUT", address, f"/v1/objects/{oid}", content=obj)
+            whole = obj if isinstance(obj, bytes) else b"".join(obj)
+            await self._send("PUT", address, f"/v1/objects/{oid}", content=whole)
 
-    async def _fast(self, method: bytes, address: str, path: str, body: bytes = b""
+    async def _fast(self, method: bytes, address: str, path: str, body: Parts = b""
                     ) -> bytearray | None:
         """The body of a success answer through ``_Plain``; a failure's
         NodeError; None if only httpx can do it (then ask again there)."""
@@ -284,7 +287,7 @@ class _Plain:
                 stream.socket.close()
         self.idle.clear()
 
-    async def exchange(self, method: bytes, address: str, path: str, body: bytes = b""
+    async def exchange(self, method: bytes, address: str, path: str, body: Parts = b""
                        ) -> tuple[int, bytearray] | None:
         """Status and body of the answer to a GET, or a PUT of ``body``, if
         the answer is plain (``content-length`` framing); None for any other
@@ -297,7 +300,8 @@ class _Plain:
             self.token = token
         host, _, port = address.rpartition(":")
         request = b"%s %s HTTP/1.1\r\nhost: %s\r\n%scontent-length: %d\r\n\r\n" % (
-            method, path.encode("ascii"), address.encode("ascii"), self.auth, len(body))
+            method, path.encode("ascii"), address.encode("ascii"), self.auth,
+            len(body) if isinstance(body, bytes) else sum(len(part) for part in body))
         with trio.fail_after(self.timeout):
             while True:
                 kept = self.idle.get(address)
@@ -326,13 +330,17 @@ class _Plain:
                 return answer
 
     @staticmethod
-    async def _exchange(stream: trio.SocketStream, request: bytes, body: bytes
+    async def _exchange(stream: trio.SocketStream, request: bytes, body: Parts
                         ) -> tuple[int, bytearray] | None:
         """Send ``request`` and ``body``, read the answer: (status, body), or
         None if the answer is not plain (then the connection is spent)."""
+        parts = [body] if isinstance(body, bytes) else list(body)
+        if parts and len(parts[0]) <= HEAD_MAX:
+            request += parts.pop(0)           # an object's own header: one send with ours
         await stream.send_all(request)
-        if body:
-            await stream.send_all(body)     # no copy of head and body joined
+        for part in parts:
+            if part:
+                await stream.send_all(part)   # a block: not copied to join it to the head
         head = b""
         while (end := head.find(b"\r\n\r\n")) < 0:
             if len(head) > HEAD_MAX:

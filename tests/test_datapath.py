@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 from storagenode import blockformat
+from storagenode.dataclient import Parts
 from storagenode.ids import ObjectId
 
 from .cluster import Cluster
@@ -209,7 +210,7 @@ def test_a_hung_node_costs_a_write_a_moment_not_a_timeout() -> None:
         hung = "a"
         asked: list[str] = []
 
-        async def put(self, address: str, oid: ObjectId, obj: bytes) -> None:
+        async def put(self, address: str, oid: ObjectId, obj: Parts) -> None:
             self.asked.append(address)
             if address == self.hung:
                 await trio.sleep_forever()

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from fusefront.datapath import (BlockStore, ClusterView, DataUnavailable, NoSpace,
                                 shard_fetch_plan)
 from storagenode import blockformat, erasure, metaschema
-from storagenode.dataclient import NodeFull, NodeUnavailable, ObjectNotFound
+from storagenode.dataclient import NodeFull, NodeUnavailable, ObjectNotFound, Parts
 from storagenode.erasure import CorruptShard, NotEnoughShards
 from storagenode.ids import (NodeId, ObjectId, is_block_id, is_object_id, new_object_id,
                              parse_object_id, shard_id, split_shard_id)
@@ -297,11 +297,11 @@ class FakeData:
             raise NodeUnavailable(address, "connection refused")
         return self.stores.setdefault(address, {})
 
-    async def put(self, address: str, oid: ObjectId, obj: bytes) -> None:
+    async def put(self, address: str, oid: ObjectId, obj: Parts) -> None:
         store = self._check(address)
         if address in self.full:
             raise NodeFull(address, "full")
-        store[oid] = obj
+        store[oid] = obj if isinstance(obj, bytes) else b"".join(obj)   # as sent
 
     async def get(self, address: str, oid: ObjectId,
                   byte_range: tuple[int, int] | None = None, *, verify: bool = True) -> bytes:

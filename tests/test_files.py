@@ -59,6 +59,35 @@ def test_writes_at_any_offset_sparse_and_past_eof(mnt: Path) -> None:
         assert f.read(100) == bytes(100)          # a hole reads as zeros
 
 
+def test_rewrites_of_blocks_being_uploaded_land_whole(cluster: Cluster, mnt: Path,
+                                                       tmp_path: Path) -> None:
+    """A full 4 MiB block starts uploading at once, from the very buffer
+    written into; writes into it right after (while the upload runs) must
+    neither change what that upload stores nor be lost: another mount reads
+    exactly the last bytes written, and so does this one."""
+    block = 4 << 20
+    blocks = 12
+    expected = bytearray(os.urandom(block * blocks))
+    path = mnt / "rewritten"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for i in range(blocks):
+            os.pwrite(fd, expected[i * block:(i + 1) * block], i * block)
+            patch = os.urandom(1000 + i)
+            at = i * block + (i * 7919) % (block - len(patch))
+            os.pwrite(fd, patch, at)             # the block's upload is under way
+            expected[at:at + len(patch)] = patch
+        os.fsync(fd)
+        os.pwrite(fd, b"tail", len(expected) - 4)
+        expected[-4:] = b"tail"
+    finally:
+        os.close(fd)
+    other = tmp_path / "other"
+    cluster.mount(other)
+    assert (other / "rewritten").read_bytes() == bytes(expected)
+    assert path.read_bytes() == bytes(expected)
+
+
 def test_truncate_up_and_down(mnt: Path) -> None:
     p = mnt / "t"
     data = os.urandom(9 * MiB + 77)
