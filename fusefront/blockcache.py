@@ -7,7 +7,8 @@ stale: a file whose block changes points at a new object id.  The cache is an
 LRU bounded in bytes.  Concurrent requests for one object share a single
 fetch (``inflight``), which is also how read-ahead and a reader meet.  A
 block just uploaded is cached as the very buffer it was written into (a
-``bytearray`` nobody changes from then on), not a copy.
+``bytearray`` nobody changes from then on), and a block fetched as a view of
+the buffer it was received into: not copies.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import trio
 
 from storagenode.ids import ObjectId
 
-Block = bytes | bytearray      # never changed once cached
+Block = bytes | bytearray | memoryview      # never changed once cached
 
 
 class BlockCache:
@@ -49,7 +50,7 @@ class BlockCache:
     def fetching(self, oid: ObjectId) -> bool:
         return oid in self._inflight
 
-    async def get(self, oid: ObjectId, fetch: Callable[[], Awaitable[bytes]]) -> Block:
+    async def get(self, oid: ObjectId, fetch: Callable[[], Awaitable[Block]]) -> Block:
         """The data of ``oid``, from memory or by one shared call of ``fetch``."""
         while True:
             data = self.peek(oid)

@@ -215,7 +215,7 @@ class BlockStore:
         """Objects per block: copies, or data + parity shards."""
         return self.ec_k + self.ec_m if self.ec_k else self.replicas
 
-    async def upload(self, block: bytes | bytearray) -> tuple[ObjectId, list[NodeId]]:
+    async def upload(self, block: bytes | bytearray | memoryview) -> tuple[ObjectId, list[NodeId]]:
         """Store one block; returns its object id and the nodes holding it
         (for an erasure-coded volume, the holder of each shard in order)."""
         objs = await trio.to_thread.run_sync(self._encode, block, limiter=self.limiter)
@@ -227,7 +227,7 @@ class BlockStore:
             await self.view.refresh(force=True)
             return oid, await self._place(oid, objs)
 
-    def _encode(self, block: bytes | bytearray) -> list[Parts]:
+    def _encode(self, block: bytes | bytearray | memoryview) -> list[Parts]:
         """The object (replicated; its header and payload, not joined) or
         the k + m shard objects of ``block``."""
         if self.ec_k:
@@ -317,10 +317,11 @@ class BlockStore:
         else:
             answers.send_nowait((ask, None))
 
-    async def download(self, oid: ObjectId, holders: Sequence[str]) -> bytes:
+    async def download(self, oid: ObjectId, holders: Sequence[str]) -> bytes | memoryview:
         """The verified, decoded block ``oid``, from any node that has it
         (or from any k of its shards)."""
         await self.view.refresh()
+        block: bytes | memoryview | None
         if self.ec_k:
             block = await self._download_shards(oid, holders)
         else:
@@ -330,12 +331,13 @@ class BlockStore:
             raise DataUnavailable(f"no data node returned a good copy of object {oid}")
         return block
 
-    async def _download_copy(self, oid: ObjectId, holders: Sequence[str]) -> bytes | None:
+    async def _download_copy(self, oid: ObjectId, holders: Sequence[str]
+                             ) -> bytes | memoryview | None:
         """Ask the nodes in fetch order; a failure moves on at once, a node
         silent for ``HEDGE_AFTER`` gets company (the next node is asked too:
         a hung node costs a moment, not a timeout); the first good copy wins."""
         order = self._fetch_order(oid, holders)
-        send, receive = trio.open_memory_channel[bytes | None](len(order))
+        send, receive = trio.open_memory_channel[bytes | memoryview | None](len(order))
         async with trio.open_nursery() as nursery:
             running = 0
             for i, node in enumerate(order):
@@ -355,11 +357,12 @@ class BlockStore:
         return None
 
     async def _fetch_copy(self, node: DataNode, oid: ObjectId,
-                          send: trio.MemorySendChannel[bytes | None]) -> None:
-        block: bytes | None = None
+                          send: trio.MemorySendChannel[bytes | memoryview | None]) -> None:
+        block: bytes | memoryview | None = None
         try:
             obj = await self.data.get_buffer(node.address, oid)    # decode verifies
-            block = await trio.to_thread.run_sync(blockformat.decode, obj, limiter=self.limiter)
+            block = await trio.to_thread.run_sync(blockformat.decode_view, obj,
+                                                  limiter=self.limiter)
         except (NodeError, blockformat.CorruptedObject) as exc:
             log.warning("reading %s from %s failed: %s", oid, node.node_id, exc)
         send.send_nowait(block)

@@ -54,7 +54,7 @@ from storagenode.metastate import INLINE_MAX, MetaError
 from storagenode.metastate import QUERIES
 from storagenode.retry import retrying
 
-from .blockcache import BlockCache
+from .blockcache import Block, BlockCache
 from .datapath import BlockStore
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ class Volume:
                 not exc.sent or method in QUERIES)))
         return answer["result"], list(answer.get("leases") or [])
 
-    def is_zero(self, data: bytes | bytearray) -> bool:
+    def is_zero(self, data: Block) -> bool:
         return data == self._zeros[:len(data)]
 
 
@@ -328,7 +328,7 @@ class FileData:
         finally:
             self.v.prefetching -= 1
 
-    async def _fetch(self, ref: BlockRef) -> bytes | bytearray:
+    async def _fetch(self, ref: BlockRef) -> Block:
         oid = ref.oid
         if oid is None:
             return ref.data or b""
@@ -504,7 +504,7 @@ class FileData:
             return BlockRef(None, len(data), (), bytes(data))
         return await self._upload(data)
 
-    async def _upload(self, data: bytes | bytearray) -> BlockRef | None:
+    async def _upload(self, data: Block) -> BlockRef | None:
         """Store one block as an object; None for an all-zero block (a hole,
         nothing stored)."""
         if self.v.is_zero(data):

@@ -28,6 +28,7 @@ GIL).
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 
@@ -138,10 +139,16 @@ def verify(obj: bytes | bytearray | memoryview) -> Header:
 
 def decode(obj: bytes | bytearray | memoryview) -> bytes:
     """The block data of a stored object, verified; CorruptedObject if not."""
-    header = verify(obj)
+    return bytes(decode_view(obj))
+
+
+def decode_view(obj: bytes | bytearray | memoryview | mmap.mmap) -> bytes | memoryview:
+    """``decode``'s block, but a raw one is a view of ``obj`` itself, not a
+    copy (the mount caches what it fetched that way)."""
+    header = verify(memoryview(obj))
     payload = memoryview(obj)[HEADER_SIZE:]
     if header.codec == CODEC_RAW:
-        return bytes(payload)
+        return payload
     try:
         data = zstandard.ZstdDecompressor().decompress(
             payload, max_output_size=header.raw_length)

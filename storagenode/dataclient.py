@@ -39,6 +39,7 @@ import trio
 
 from . import blockformat
 from .auth import auth_header
+from .buffers import Buffer, zeroed
 from .ids import ObjectId
 
 WHOLE_MAX = 1 << 30         # an object answer larger than this is read the plain way
@@ -170,7 +171,7 @@ class DataClient:
             await self._send("PUT", address, f"/v1/objects/{oid}", content=whole)
 
     async def _fast(self, method: bytes, address: str, path: str, body: Parts = b""
-                    ) -> bytearray | None:
+                    ) -> Buffer | None:
         """The body of a success answer through ``_Plain``; a failure's
         NodeError; None if only httpx can do it (then ask again there)."""
         if self._plain is None:
@@ -207,7 +208,7 @@ class DataClient:
             raise NodeRejected(address, f"expected 206 for a range, got {response.status_code}")
         return response.content
 
-    async def get_buffer(self, address: str, oid: ObjectId) -> bytes | bytearray:
+    async def get_buffer(self, address: str, oid: ObjectId) -> bytes | Buffer:
         """The whole stored object, not verified (the caller decodes it, which
         verifies), received straight into one buffer of the announced length:
         no list of chunks and no join beside it (a 4 MiB block in flight
@@ -223,7 +224,7 @@ class DataClient:
                         or int(length) > WHOLE_MAX:
                     await response.aread()
                     return _check(address, response).content
-                buf = bytearray(int(length))
+                buf = zeroed(int(length))
                 view, pos = memoryview(buf), 0
                 async for chunk in response.aiter_raw():
                     if pos + len(chunk) > len(buf):
@@ -288,7 +289,7 @@ class _Plain:
         self.idle.clear()
 
     async def exchange(self, method: bytes, address: str, path: str, body: Parts = b""
-                       ) -> tuple[int, bytearray] | None:
+                       ) -> tuple[int, Buffer] | None:
         """Status and body of the answer to a GET, or a PUT of ``body``, if
         the answer is plain (``content-length`` framing); None for any other
         (ask httpx).  On a kept connection that turns out closed by the node
@@ -331,7 +332,7 @@ class _Plain:
 
     @staticmethod
     async def _exchange(stream: trio.SocketStream, request: bytes, body: Parts
-                        ) -> tuple[int, bytearray] | None:
+                        ) -> tuple[int, Buffer] | None:
         """Send ``request`` and ``body``, read the answer: (status, body), or
         None if the answer is not plain (then the connection is spent)."""
         parts = [body] if isinstance(body, bytes) else list(body)
@@ -354,7 +355,7 @@ class _Plain:
         if status is None or length is None or _NOT_PLAIN.search(fields) \
                 or int(length[1]) > WHOLE_MAX:
             return None
-        buf = bytearray(int(length[1]))
+        buf = zeroed(int(length[1]))
         got = head[end + 4:]
         if len(got) > len(buf):
             return None               # more than announced: not an answer to trust

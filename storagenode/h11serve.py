@@ -79,7 +79,7 @@ from .httpserve import Body, Handler, HTTPError, Request, Response, respond
 log = logging.getLogger(__name__)
 
 Admit = Callable[[dict[str, str]], bool]     # may this request's body be read eagerly?
-Buffer = Callable[[int], bytearray | mmap.mmap]     # a writable buffer for a body of n bytes
+MakeBuffer = Callable[[int], bytearray | mmap.mmap]     # a writable buffer for a body of n bytes
 
 MAX_CONNECTIONS = 1024
 MAX_HEADER_BYTES = 64 * 1024
@@ -108,7 +108,7 @@ class Eager:
     it writes to disk with O_DIRECT)."""
 
     def __init__(self, body_max: int = SIMPLE_BODY_MAX, admit: Admit | None = None,
-                 slots: int = EAGER_SLOTS, buffer: Buffer = bytearray) -> None:
+                 slots: int = EAGER_SLOTS, buffer: MakeBuffer = bytearray) -> None:
         self.body_max = body_max
         self.admit = admit
         self.slots = trio.CapacityLimiter(slots)
@@ -117,7 +117,7 @@ class Eager:
 
 async def serve(handle: Handler, bind: str, *, max_connections: int = MAX_CONNECTIONS,
                 body_max: int = SIMPLE_BODY_MAX, admit: Admit | None = None,
-                slots: int = EAGER_SLOTS, buffer: Buffer = bytearray,
+                slots: int = EAGER_SLOTS, buffer: MakeBuffer = bytearray,
                 task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``handle`` on ``bind`` ("host:port", port 0 for any) until cancelled.
     ``body_max``, ``admit``, ``slots`` and ``buffer``: which bodies are read
