@@ -201,6 +201,41 @@ def test_crashed_writer_holds_others_up_only_for_the_lease_time(
     subprocess.run(["sync", "-f", str(a)], check=True)
 
 
+def test_new_files_are_seen_whole_at_once_and_outlive_a_killed_mount(
+        two: tuple[Cluster, Path, Path]) -> None:
+    """Files a mount made itself (their creates and data commits batched)
+    are seen by another mount at once, every byte and the right size.
+    Then A is killed: files it closed a moment before, and files closed
+    just before an fsync of their directory, are all whole for B."""
+    c, a, b = two
+    (a / "d").mkdir()                        # made here: its names are known here
+    files = {f"f{i}": os.urandom(i * 9_000) for i in range(24)}   # inline and in blocks
+    for name, data in files.items():
+        (a / "d" / name).write_bytes(data)
+    for name, data in files.items():
+        assert os.stat(b / "d" / name).st_size == len(data)
+        assert (b / "d" / name).read_bytes() == data
+
+    (a / "e").mkdir()
+    settled = {f"s{i}": os.urandom(3_000 + i * 20_000) for i in range(10)}
+    for name, data in settled.items():
+        (a / "e" / name).write_bytes(data)
+    time.sleep(1.0)                          # far past the few ms the commits wait
+    synced = {f"y{i}": os.urandom(5_000 + i * 30_000) for i in range(10)}
+    for name, data in synced.items():
+        (a / "e" / name).write_bytes(data)
+    fd = os.open(a / "e", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for pid in daemon_pids(a):
+        os.kill(pid, signal.SIGKILL)
+    for name, data in {**settled, **synced}.items():
+        assert (b / "e" / name).read_bytes() == data, name
+    c.umount(a)
+
+
 def test_locks_hold_among_the_processes_of_one_mount(two: tuple[Cluster, Path, Path]) -> None:
     _, a, _ = two
     (a / "lock").write_bytes(b"")
