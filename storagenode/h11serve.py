@@ -289,7 +289,8 @@ class _Connection:
             await self.stream.send_all(head + response.body)      # one write
         else:
             await self.stream.send_all(head)   # a block: not copied to join them
-            await self.stream.send_all(response.body)
+            with memoryview(response.body) as body:
+                await self.stream.send_all(body)
         return True
 
     async def _general(self) -> bool:
@@ -401,7 +402,7 @@ class _General:
         if self.h11.their_state is not h11.DONE:
             headers.append(("connection", "close"))   # unread body: the stream is lost
         await self._send(h11.Response(status_code=response.status, headers=headers),
-                         h11.Data(data=b"" if method == "HEAD" else response.body),
+                         h11.Data(data=b"" if method == "HEAD" else bytes(response.body)),
                          h11.EndOfMessage())
 
     async def _send(self, *events: h11.Event) -> None:

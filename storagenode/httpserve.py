@@ -31,7 +31,7 @@ class HTTPError(Exception):
 @dataclass
 class Response:
     status: int
-    body: bytes = b""
+    body: Body = b""
     headers: dict[str, str] = field(default_factory=dict)
 
     @classmethod
