@@ -47,7 +47,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from . import blockformat, buffers
 from .blockformat import CorruptedObject
@@ -188,13 +188,30 @@ def _write_durable(path: Path, data: Blob) -> None:
 def _read_direct(path: Path, view: memoryview) -> int:
     """Read the whole pages at the start of the file ``path`` into ``view``
     (page-aligned, as long as the file) with O_DIRECT; how many bytes were
-    read (0 if the filesystem refuses O_DIRECT; fewer at an unaligned stop:
-    the caller reads the rest through the page cache)."""
+    read (see ``_direct``)."""
+    return _direct(path, view, os.O_RDONLY,
+                   lambda fd, part, at: os.preadv(fd, [part], at))
+
+
+def _write_direct(path: Path, view: memoryview) -> int:
+    """Write the whole pages at the start of ``view`` (page-aligned) into
+    the empty file ``path`` with O_DIRECT; how many bytes were written (see
+    ``_direct``)."""
+    return _direct(path, view, os.O_WRONLY, os.pwrite)
+
+
+def _direct(path: Path, view: memoryview, mode: int,
+            transfer: Callable[[int, memoryview, int], int]) -> int:
+    """Move the whole pages at the start of ``view`` to or from ``path``
+    with O_DIRECT, ``transfer(fd, part, offset)`` at a time; the bytes
+    moved: 0 if the filesystem refuses O_DIRECT (tmpfs and others) or the
+    span is short, fewer if it stopped at an unaligned point.  The caller
+    moves the rest through the page cache."""
     length = len(view) // DIRECT_ALIGN * DIRECT_ALIGN
     if length < DIRECT_MIN or not hasattr(os, "O_DIRECT"):
         return 0
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        fd = os.open(path, mode | os.O_DIRECT)
     except OSError as exc:
         if exc.errno == errno.EINVAL:
             return 0
@@ -203,38 +220,7 @@ def _read_direct(path: Path, view: memoryview) -> int:
     try:
         while done < length and done % DIRECT_ALIGN == 0:
             try:
-                n = os.preadv(fd, [view[done:length]], done)
-            except OSError as exc:
-                if exc.errno == errno.EINVAL:
-                    break
-                raise
-            if n == 0:
-                break
-            done += n
-    finally:
-        os.close(fd)
-    return done
-
-
-def _write_direct(path: Path, view: memoryview) -> int:
-    """Write the whole pages at the start of ``view`` (page-aligned) into
-    the empty file ``path`` with O_DIRECT; how many bytes were written (0 if
-    the filesystem refuses O_DIRECT, fewer if it stopped at an unaligned
-    point: the caller writes the rest through the page cache)."""
-    length = len(view) // DIRECT_ALIGN * DIRECT_ALIGN
-    if length < DIRECT_MIN or not hasattr(os, "O_DIRECT"):
-        return 0
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:      # tmpfs and others without O_DIRECT
-            return 0
-        raise
-    done = 0
-    try:
-        while done < length and done % DIRECT_ALIGN == 0:
-            try:
-                n = os.pwrite(fd, view[done:length], done)
+                n = transfer(fd, view[done:length], done)
             except OSError as exc:
                 if exc.errno == errno.EINVAL:
                     break

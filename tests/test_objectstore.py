@@ -110,10 +110,14 @@ def test_malformed_ids_are_rejected(store: ObjectStore, oid: str) -> None:
             call()
 
 
-def test_corrupt_object_on_disk_is_quarantined(store: ObjectStore) -> None:
-    oid, obj = new_object_id(), obj_of(os.urandom(1000))
+@pytest.mark.parametrize("size,at", [(1000, -10), (1 << 20, 300_000), (1 << 20, -1)],
+                         ids=["small", "large-page", "large-tail"])
+def test_corrupt_object_on_disk_is_quarantined(store: ObjectStore, size: int, at: int) -> None:
+    """Also a large object, read with O_DIRECT, flipped in a whole page or
+    in its unaligned tail."""
+    oid, obj = new_object_id(), obj_of(os.urandom(size))
     store.put(oid, obj)
-    flip_byte(stored_path(store.root, oid), len(obj) - 10)
+    flip_byte(stored_path(store.root, oid), at % len(obj))
     with pytest.raises(QuarantinedObject):
         store.get(oid)
     assert not stored_path(store.root, oid).exists()
