@@ -18,7 +18,8 @@ import mmap
 HUGE_PAGE = 2 << 20
 MAPPED_FROM = 256 * 1024
 
-Buffer = bytearray | mmap.mmap
+Buffer = bytearray | mmap.mmap            # what ``zeroed`` makes
+Bytes = bytes | Buffer                     # bytes as received: a body, an object
 
 
 def zeroed(length: int) -> Buffer:

@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import logging
 import math
-import mmap
 import re
 from typing import Any, Callable, NamedTuple
 from urllib.parse import parse_qs, unquote
@@ -74,12 +73,13 @@ from urllib.parse import parse_qs, unquote
 import h11
 import trio
 
-from .httpserve import Body, Handler, HTTPError, Request, Response, respond
+from .buffers import Buffer, Bytes
+from .httpserve import Handler, HTTPError, Request, Response, respond
 
 log = logging.getLogger(__name__)
 
 Admit = Callable[[dict[str, str]], bool]     # may this request's body be read eagerly?
-MakeBuffer = Callable[[int], bytearray | mmap.mmap]     # a writable buffer for a body of n bytes
+MakeBuffer = Callable[[int], Buffer]     # a writable buffer for a body of n bytes
 
 MAX_CONNECTIONS = 1024
 MAX_HEADER_BYTES = 64 * 1024
@@ -242,24 +242,23 @@ class _Connection:
         first = self.received[head_end:end]
         head, rest = self.received[self.start:head_end], self.received[end:]
         body = self.eager.buffer(simple.length)
-        view = memoryview(body)
-        view[:len(first)] = first
-        pos = len(first)
         sock = self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
-        while pos < simple.length:
-            self.expect(READ_SECONDS)
-            if sock is not None:           # no copy: the kernel writes into the body
-                n = await sock.recv_into(view[pos:pos + EAGER_RECEIVE_BYTES])
-            else:
-                piece = await self.stream.receive_some(min(simple.length - pos,
-                                                           EAGER_RECEIVE_BYTES))
-                n = len(piece)
-                view[pos:pos + n] = piece
-            if not n:
-                self.peer_closed = True
-                return None
-            pos += n
-        view.release()
+        with memoryview(body) as view:
+            view[:len(first)] = first
+            pos = len(first)
+            while pos < simple.length:
+                self.expect(READ_SECONDS)
+                if sock is not None:           # no copy: the kernel writes into the body
+                    n = await sock.recv_into(view[pos:pos + EAGER_RECEIVE_BYTES])
+                else:
+                    piece = await self.stream.receive_some(min(simple.length - pos,
+                                                               EAGER_RECEIVE_BYTES))
+                    n = len(piece)
+                    view[pos:pos + n] = piece
+                if not n:
+                    self.peer_closed = True
+                    return None
+                pos += n
         self.received = rest
         return simple_request(simple, head, body, 0)
 
@@ -451,8 +450,8 @@ def _request(event: h11.Request, receive: Any) -> Request:
 class _WholeBody:
     """``Request``'s receive callable when the whole body has arrived."""
 
-    def __init__(self, body: Body) -> None:
-        self.body: Body = body
+    def __init__(self, body: Bytes) -> None:
+        self.body: Bytes = body
 
     async def __call__(self) -> dict[str, Any]:
         body, self.body = self.body, b""
@@ -482,7 +481,7 @@ class SimpleRequest(NamedTuple):
     method: str
     target: str
     headers: dict[str, str]     # names in lower case
-    body: Body
+    body: Bytes
     head: bytes                 # the request line and fields as received
     end: int                    # where it ends in the received bytes
 
@@ -533,7 +532,7 @@ def parse_simple(data: bytes, start: int = 0) -> SimpleRequest | None:
     return simple_request(simple, data[start:simple.head.end()], data[simple.head.end():end], end)
 
 
-def simple_request(simple: SimpleHead, head: bytes, body: Body, end: int) -> SimpleRequest:
+def simple_request(simple: SimpleHead, head: bytes, body: Bytes, end: int) -> SimpleRequest:
     return SimpleRequest(simple.head[1].decode("ascii"), simple.head[2].decode("ascii"),
                          simple.headers, body, head, end)
 

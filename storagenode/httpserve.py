@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs
 
+from .buffers import Bytes
+
 
 log = logging.getLogger(__name__)
-
-
-Body = bytes | bytearray | mmap.mmap      # a request body as received
 
 
 class HTTPError(Exception):
@@ -31,7 +29,7 @@ class HTTPError(Exception):
 @dataclass
 class Response:
     status: int
-    body: Body = b""
+    body: Bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -64,7 +62,7 @@ class Request:
         whole = await self.body_buffer(limit)
         return whole if isinstance(whole, bytes) else bytes(whole)
 
-    async def body_buffer(self, limit: int) -> Body:
+    async def body_buffer(self, limit: int) -> Bytes:
         """The whole request body as ``body`` gives it, but a body that
         arrived in one buffer (one the server read whole before the handler
         ran: ``h11serve.Eager``) is that buffer, not a copy."""

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from . import blockformat, buffers
+from .buffers import Bytes
 from .blockformat import CorruptedObject
 from .ids import NodeId, ObjectId, is_object_id, parse_node_id
 
@@ -63,8 +64,6 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 LOST_MAX = 10_000           # most lost ids remembered until they are reported
 DIRECT_ALIGN = 4096         # O_DIRECT: offsets, lengths and addresses in whole pages
 DIRECT_MIN = 256 * 1024     # smaller objects are written through the page cache
-
-Blob = bytes | bytearray | mmap.mmap      # an object's bytes as received
 
 
 class StoreError(Exception):
@@ -164,7 +163,7 @@ def _mkdir_durable(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def _write_durable(path: Path, data: Blob) -> None:
+def _write_durable(path: Path, data: Bytes) -> None:
     """Create ``path`` (must not exist) holding ``data``, fsynced.  Of a
     page-aligned buffer (an ``mmap``: what the data node receives a PUT's
     body into) the whole pages are written with O_DIRECT where the
@@ -325,7 +324,7 @@ class ObjectStore:
 
     # -- writing ---------------------------------------------------------
 
-    def put(self, oid: ObjectId, obj: Blob) -> bool:
+    def put(self, oid: ObjectId, obj: Bytes) -> bool:
         """Store ``obj`` durably; True if created, False if already identical."""
         path = self._path(oid)
         header = _check_object(obj)
@@ -367,7 +366,7 @@ class ObjectStore:
         if st.f_bavail * st.f_frsize - size < self.reserve_bytes:
             raise StoreFull("free disk space is below the reserve")
 
-    def _write_tmp(self, tmp: Path, obj: Blob) -> None:
+    def _write_tmp(self, tmp: Path, obj: Bytes) -> None:
         try:
             _write_durable(tmp, obj)
         except OSError as exc:
@@ -400,7 +399,7 @@ class ObjectStore:
 
     # -- reading ---------------------------------------------------------
 
-    def get(self, oid: ObjectId) -> Blob:
+    def get(self, oid: ObjectId) -> Bytes:
         """The whole object, verified; NoSuchObject or CorruptedObject."""
         obj, _ = self._load(oid, self._path(oid))
         return obj
@@ -409,7 +408,7 @@ class ObjectStore:
         """Read and verify the whole object (the scrub): as ``get``, without the bytes."""
         self._load(oid, self._path(oid))
 
-    def _load(self, oid: ObjectId, path: Path) -> tuple[Blob, blockformat.Header]:
+    def _load(self, oid: ObjectId, path: Path) -> tuple[Bytes, blockformat.Header]:
         """The object at ``path`` and its header; quarantined if it fails verification."""
         obj = self._read(path)
         try:
@@ -417,7 +416,7 @@ class ObjectStore:
         except CorruptedObject as exc:
             raise self._quarantine_file(oid, path, exc) from exc
 
-    def _read(self, path: Path) -> Blob:
+    def _read(self, path: Path) -> Bytes:
         """The whole file, read into a fresh buffer (``buffers.zeroed``):
         its whole pages with O_DIRECT where the filesystem allows (objects
         are written so too: through the page cache a cold read cost a data
@@ -505,7 +504,7 @@ class ObjectStore:
         return QuarantinedObject(f"{oid}: {cause}")
 
 
-def _check_object(obj: Blob) -> blockformat.Header:
+def _check_object(obj: Bytes) -> blockformat.Header:
     """Header of a whole object; BadFraming if it does not parse,
     CorruptedObject if its length or checksum does not match."""
     try:
