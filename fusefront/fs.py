@@ -24,6 +24,7 @@ import bisect
 import collections
 import errno
 import functools
+import itertools
 import logging
 import os
 import stat
@@ -36,7 +37,7 @@ import trio
 from storagenode.dataclient import NodeError
 
 from storagenode.metaclient import MetaClient, MetaError, MetaUnavailable
-from storagenode.metastate import (LINK_MAX, MAX_FILE_SIZE, RENAME_EXCHANGE, RENAME_NOREPLACE,
+from storagenode.metastate import (ATIME_BATCH_MAX, LINK_MAX, MAX_FILE_SIZE, RENAME_EXCHANGE, RENAME_NOREPLACE,
                                    REVALIDATE_MAX, version_of)
 
 from .datapath import DataUnavailable, NoSpace
@@ -175,6 +176,8 @@ class Operations(pyfuse3.Operations):
         self.xattr_names: dict[int, tuple[float, frozenset[bytes]]] = {}
         # read accesses on their way to the metadata node: inode -> (atime, sent)
         self.atime_pending: dict[int, tuple[int, trio.Event]] = {}
+        self.atime_unsent: set[int] = set()        # of those, not sent yet
+        self.atime_sending = False                 # send_atimes runs
         self.next_fh = 1
         self.nursery: trio.Nursery | None = None
         # namespace ops answered here, on their way to the node (see
@@ -218,7 +221,7 @@ class Operations(pyfuse3.Operations):
         if inos is None:
             self.cache.clear()
         else:       # a read access changes no directory's entries, no block map
-            atime = method == "touch_atime"
+            atime = method in ("touch_atime", "touch_atimes")
             self.cache.touched(inos, attrs, since, entries=not atime, blocks=not atime)
 
     def keeper(self, ino: int) -> Callable[[dict[str, Any]], None]:
@@ -1067,31 +1070,42 @@ class Operations(pyfuse3.Operations):
         return data
 
     def note_read_access(self, ino: int, now: int) -> None:
-        sent = trio.Event()
-        self.atime_pending[ino] = (now, sent)
-        self.spawn(functools.partial(self.touch_atime, ino, now, sent))
-
-    async def touch_atime(self, ino: int, now: int, sent: trio.Event) -> None:
         """Record a read access in the background (nobody waits for it: until
-        it lands, this mount shows it in every answer, see ``merged``), then
-        let the kernel drop its cached attributes."""
-        try:
-            since, drops = self.cache.stamp(), self.cache.drops(ino)
-            a = await self.call("touch_atime", ino=ino, atime_ns=now)
-            self.cache.put_own(ino, a, since, drops)
-        finally:
-            if self.atime_pending.get(ino, (0, None))[1] is sent:
-                del self.atime_pending[ino]
-            sent.set()
-            await self.invalidate_attrs(ino)
+        it lands, this mount shows it in every answer, see ``merged``).  The
+        kernel drops its cached atime after a read or a listing by itself."""
+        self.atime_pending[ino] = (now, trio.Event())
+        self.atime_unsent.add(ino)
+        if not self.atime_sending and self.nursery is not None:
+            self.atime_sending = True
+            self.nursery.start_soon(self.send_atimes)
 
-    @staticmethod
-    async def invalidate_attrs(ino: int) -> None:
-        # attr_only never waits for page locks (see FACTS: invalidation traps)
+    async def send_atimes(self) -> None:
+        """Send the read accesses noted so far, many in one op; those noted
+        while it is on its way go in the next (so a burst of reads, a grep
+        or a build, costs a few round trips, not one per file)."""
         try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
-        except OSError:
-            pass          # the kernel forgot the inode already
+            while self.atime_unsent:
+                inos = list(itertools.islice(self.atime_unsent, ATIME_BATCH_MAX))
+                self.atime_unsent.difference_update(inos)
+                pending = [self.atime_pending[ino] for ino in inos]
+                since = self.cache.stamp()
+                drops = [self.cache.drops(ino) for ino in inos]
+                try:
+                    found = await self.call("touch_atimes",
+                                            touches=[[ino, at] for ino, (at, _) in
+                                                     zip(inos, pending)])
+                    for ino, a, dropped in zip(inos, found, drops):
+                        if a is not None:
+                            self.cache.put_own(ino, a, since, dropped)
+                except Exception as exc:
+                    log.debug("read accesses of %d inodes not recorded: %s", len(inos), exc)
+                finally:
+                    for ino, p in zip(inos, pending):
+                        if self.atime_pending.get(ino) is p:
+                            del self.atime_pending[ino]
+                        p[1].set()
+        finally:
+            self.atime_sending = False
 
     @fuse_op
     async def write(self, fh: int, offset: int, data: bytes) -> int:

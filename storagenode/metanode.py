@@ -203,7 +203,7 @@ class MetaNode:
                 return {"result": await self.reserve_inodes(args, session)}
             if method in OPS:
                 result, touched = await self.op_touching(method, args, session)
-                if not session:
+                if not session or method == "touch_atimes":     # its result has them
                     return {"result": result, "touched": touched}
                 return {"result": result, "touched": touched,
                         **self._touched_attrs(args, touched, result)}
@@ -401,6 +401,8 @@ class MetaNode:
         touched = [ino for _, ino in keys]
         if method == "touch_atime":     # leaves others' caches be (relatime), not ours
             touched.append(args["ino"])
+        elif method == "touch_atimes":
+            touched.extend(ino for ino, _ in args["touches"])
         return result, touched
 
     async def reserve_inodes(self, args: Any, session: str | None) -> dict[str, Any]:

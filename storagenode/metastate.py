@@ -68,6 +68,7 @@ REVALIDATE_MAX = 4096       # most inodes one revalidate checks
 BLOCK_SPAN_MAX = 65536      # most blocks one get_blocks or commit_blocks covers
 INLINE_MAX = 16384          # most bytes of a small file kept inline in its block map
 OPEN_INOS_MAX = 65536
+ATIME_BATCH_MAX = 1024       # most read accesses one touch_atimes records
 INT64_MAX = 2**63 - 1
 UINT32_MAX = 2**32 - 1
 
@@ -899,6 +900,34 @@ def _op_touch_atime(st: MetaState, a: Args, now: int) -> Any:
     return _flagged(st, a["vol"], inode.attrs())
 
 
+def _atime_touch(v: Any) -> tuple[int, int]:
+    """[ino, atime_ns]: one read access of ``touch_atimes``."""
+    if type(v) is not list or len(v) != 2:
+        raise BadRequest("a read access is [ino, atime_ns]")
+    return _int(1)(v[0]), _int(0)(v[1])
+
+
+def _op_touch_atimes(st: MetaState, a: Args, now: int) -> Any:
+    """Record many read accesses at once (each as ``touch_atime`` does): the
+    new attributes of each inode, or None for one removed since."""
+    found: list[dict[str, int]] = []
+    answer: list[dict[str, int] | None] = []
+    for ino, atime_ns in a["touches"]:
+        try:
+            inode = st.inode(a["vol"], ino)
+        except MetaError:
+            answer.append(None)
+            continue
+        if atime_ns > inode.atime_ns:
+            inode.atime_ns = atime_ns
+            st.save(inode)
+        attrs = inode.attrs()
+        found.append(attrs)
+        answer.append(attrs)
+    _with_xattr_flags(st, a["vol"], found)
+    return answer
+
+
 def _check_regular(inode: Inode) -> None:
     if inode.is_dir:
         raise MetaError(errno.EISDIR, f"inode {inode.ino} is a directory")
@@ -1311,6 +1340,8 @@ OPS: dict[str, Method] = {
     "setattr": Method(_op_setattr, _SETATTR),
     "touch_atime": Method(_op_touch_atime, {"vol": VOL, "ino": INO,
                                             "atime_ns": (_int(0), REQUIRED)}),
+    "touch_atimes": Method(_op_touch_atimes, {
+        "vol": VOL, "touches": (_list(_atime_touch, ATIME_BATCH_MAX), REQUIRED)}),
     "commit_blocks": Method(_op_commit_blocks, {
         "vol": VOL, "ino": INO, "size": (_int(0), REQUIRED), "blocks": _BLOCKS,
         "mtime_ns": TIME, "fence": (_optional(_int(0)), None), "mode": _SETATTR["mode"],

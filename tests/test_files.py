@@ -295,6 +295,24 @@ def test_a_read_access_recorded_in_the_background_never_overtakes_later_changes(
     assert p.stat().st_atime_ns == 3_000_000_000
 
 
+def test_reads_of_many_files_are_all_recorded(mnt: Path, cluster: Cluster) -> None:
+    """A burst of reads (more than one op records) leaves every atime set,
+    on this mount at once and after a remount."""
+    d = mnt / "many"
+    d.mkdir()
+    files = [d / f"f{i}" for i in range(1100)]
+    for f in files:
+        f.write_bytes(b"x")
+        os.utime(f, ns=(1_000_000_000, 2_000_000_000))
+    for f in files:
+        f.read_bytes()
+    assert all(f.stat().st_atime_ns > 2_000_000_000 for f in files)
+    cluster.umount(mnt)
+    cluster.mount(mnt)
+    late = [f.name for f in files if f.stat().st_atime_ns <= 2_000_000_000]
+    assert late == []
+
+
 def test_dot_and_dotdot_in_listings(mnt: Path) -> None:
     def listed(d: Path) -> dict[str, int]:
         out = subprocess.run(["ls", "-ai", str(d)], capture_output=True, text=True,

@@ -147,6 +147,9 @@ def test_create_volume_rejects(fs: FS, bad: dict[str, Any]) -> None:
     ("unlink", {"vol": 1, "parent": 1, "name": b"x", "extra": 1}),
     ("forget_deleted", {"oids": ["../../etc/passwd"]}),
     ("commit_blocks", {"vol": 1, "ino": 2, "size": 1, "blocks": [[0, OID[0], 1]]}),
+    ("touch_atimes", {"vol": 1, "touches": [[1]]}),
+    ("touch_atimes", {"vol": 1, "touches": [[0, 5]]}),
+    ("touch_atimes", {"vol": 1, "touches": [[1, 5]] * (metastate.ATIME_BATCH_MAX + 1)}),
 ])
 def test_bad_requests(fs: FS, method: str, args: dict[str, Any]) -> None:
     before = dump(fs.conn)
@@ -484,6 +487,18 @@ def test_setattr(fs: FS) -> None:
     link = fs.op("symlink", vol=fs.vol, parent=ROOT, name=b"l", target=b"t", uid=0, gid=0)
     fs.fails(errno.EINVAL, "setattr", vol=fs.vol, ino=link["ino"], size=0)
     fs.fails(errno.ENOENT, "setattr", vol=fs.vol, ino=999, mode=0o600)
+
+
+def test_touch_atimes_records_reads_of_many_inodes(fs: FS) -> None:
+    a, b = fs.create(ROOT, b"a"), fs.create(ROOT, b"b")
+    fs.op("setattr", vol=fs.vol, ino=b["ino"], atime_ns=T0 * 2)
+    read = fs.now + 5
+    got = fs.op("touch_atimes", vol=fs.vol,
+                touches=[[a["ino"], read], [999, read], [b["ino"], read]])
+    assert got[1] is None                           # gone: skipped, the rest recorded
+    assert got[0]["atime_ns"] == read and got[0]["ctime_ns"] == a["ctime_ns"]
+    assert got[2]["atime_ns"] == T0 * 2             # never moves back
+    assert fs.q("getattr", vol=fs.vol, ino=a["ino"])["atime_ns"] == read
 
 
 def test_file_size_limit(fs: FS) -> None:
