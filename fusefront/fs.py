@@ -1018,12 +1018,12 @@ class Operations(pyfuse3.Operations):
             f.refresh(a)
         return f
 
-    def new_handle(self, f: FileData) -> pyfuse3.FileInfo:
+    def new_handle(self, f: FileData, *, direct: bool = False) -> pyfuse3.FileInfo:
         fh = self.next_fh
         self.next_fh += 1
         self.handles[fh] = f
         f.opens += 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=False)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=direct)
 
     @fuse_op
     async def open(self, ino: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
@@ -1057,7 +1057,14 @@ class Operations(pyfuse3.Operations):
             # a new file has no xattrs, and nobody can add one without recalling us
             self.xattr_names[a["ino"]] = (trio.current_time() + self.attr_time(a["ino"]),
                                           frozenset())
-        return self.new_handle(self.file(a)), self.entry(a, parent, name)
+        # A new file opened write-only (tar, cp, a shell's ">") skips the
+        # page cache: each write(2) then comes as one request, where through
+        # the cache a write not ending on a page boundary ends its request
+        # there and costs a getxattr of security.capability besides.  Nothing
+        # is lost: such a handle can neither read nor be mapped.
+        direct = (flags & os.O_ACCMODE) == os.O_WRONLY and \
+            not a["mode"] & (stat.S_ISUID | stat.S_ISGID)
+        return self.new_handle(self.file(a), direct=direct), self.entry(a, parent, name)
 
     @fuse_op
     async def read(self, fh: int, offset: int, size: int) -> bytes:

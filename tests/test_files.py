@@ -325,3 +325,32 @@ def test_dot_and_dotdot_in_listings(mnt: Path) -> None:
     (mnt / "p" / "c").rename(mnt / "q" / "c")          # ".." follows a rename
     assert listed(mnt / "q" / "c") == {".": (mnt / "q" / "c").stat().st_ino,
                                        "..": (mnt / "q").stat().st_ino}
+
+
+def test_new_file_written_while_another_handle_reads_it(mnt: Path) -> None:
+    """A file made write-only (as tar and cp make theirs) and read through a
+    second handle at the same time: every write shows there at once, also
+    over bytes that handle has read already."""
+    p = mnt / "shared"
+    w = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    r = os.open(p, os.O_RDONLY)
+    try:
+        os.write(w, b"a" * 10240)                      # tar's record, ends mid-page
+        assert os.pread(r, 8, 0) == b"a" * 8
+        os.pwrite(w, b"bbbb", 0)
+        assert os.pread(r, 8, 0) == b"bbbbaaaa"
+        os.write(w, b"c" * 10240)
+        assert os.fstat(r).st_size == 20480 and os.pread(r, 4, 10240) == b"cccc"
+    finally:
+        os.close(w)
+        os.close(r)
+    assert p.read_bytes() == b"bbbb" + b"a" * 10236 + b"c" * 10240
+    log = mnt / "log"
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for i in range(3):
+            os.write(fd, b"%d" % i * 5000)
+            os.lseek(fd, 0, os.SEEK_SET)               # O_APPEND writes at the end anyway
+    finally:
+        os.close(fd)
+    assert log.read_bytes() == b"0" * 5000 + b"1" * 5000 + b"2" * 5000
