@@ -70,6 +70,9 @@ DIR_LOCKING = {"lookup": (0,), "create": (0,), "mknod": (0,), "mkdir": (0,),
                "rename": (0, 2), "readdir": (0,), "write": (0,)}
 
 
+CAPABILITY = b"security.capability"     # file capabilities, dropped by writes
+
+
 def fuse_op(fn: F) -> F:
     """Translate every failure below into a FUSEError, once, here; count the
     requests in flight per directory whose lock the kernel holds for them."""
@@ -1036,7 +1039,9 @@ class Operations(pyfuse3.Operations):
         if stat.S_ISDIR(a["mode"]):
             raise pyfuse3.FUSEError(errno.EISDIR)
         f = self.file(a)
-        info = self.new_handle(f)
+        direct = self.direct_writes(a, flags) and \
+            CAPABILITY not in await self.names_of(ino)
+        info = self.new_handle(f, direct=direct)
         if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
             try:
                 await self.truncate(ino, 0, {})
@@ -1057,14 +1062,22 @@ class Operations(pyfuse3.Operations):
             # a new file has no xattrs, and nobody can add one without recalling us
             self.xattr_names[a["ino"]] = (trio.current_time() + self.attr_time(a["ino"]),
                                           frozenset())
-        # A new file opened write-only (tar, cp, a shell's ">") skips the
-        # page cache: each write(2) then comes as one request, where through
-        # the cache a write not ending on a page boundary ends its request
-        # there and costs a getxattr of security.capability besides.  Nothing
-        # is lost: such a handle can neither read nor be mapped.
-        direct = (flags & os.O_ACCMODE) == os.O_WRONLY and \
-            not a["mode"] & (stat.S_ISUID | stat.S_ISGID)
-        return self.new_handle(self.file(a), direct=direct), self.entry(a, parent, name)
+        return (self.new_handle(self.file(a), direct=self.direct_writes(a, flags)),
+                self.entry(a, parent, name))
+
+    @staticmethod
+    def direct_writes(a: dict[str, Any], flags: int) -> bool:
+        """Should a handle opened with ``flags`` skip the page cache?  A file
+        opened write-only (tar, cp, a compiler's output, a shell's ">") does:
+        each write(2) then comes as one request, where through the cache a
+        write not ending on a page boundary ends its request there and costs
+        a getxattr of security.capability besides.  Nothing is lost: such a
+        handle can neither read nor be mapped, and the kernel drops other
+        handles' cached pages of what it writes.  Not a file whose writes
+        must drop privileges (setuid, setgid, a capability): only the cached
+        path makes the kernel do that."""
+        return (flags & os.O_ACCMODE) == os.O_WRONLY and stat.S_ISREG(a["mode"]) \
+            and not a["mode"] & (stat.S_ISUID | stat.S_ISGID)
 
     @fuse_op
     async def read(self, fh: int, offset: int, size: int) -> bytes:

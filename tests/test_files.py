@@ -345,6 +345,15 @@ def test_new_file_written_while_another_handle_reads_it(mnt: Path) -> None:
         os.close(w)
         os.close(r)
     assert p.read_bytes() == b"bbbb" + b"a" * 10236 + b"c" * 10240
+    r = os.open(p, os.O_RDONLY)                        # an existing file rewritten
+    try:
+        assert os.pread(r, 4, 0) == b"bbbb"
+        w = os.open(p, os.O_WRONLY | os.O_TRUNC)
+        os.write(w, b"new")
+        assert os.pread(r, 100, 0) == b"new"
+        os.close(w)
+    finally:
+        os.close(r)
     log = mnt / "log"
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:

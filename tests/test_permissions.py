@@ -3,7 +3,9 @@ objfs stores owners, groups and the setgid/sticky semantics."""
 
 from __future__ import annotations
 
+import errno
 import os
+import struct
 import subprocess
 from pathlib import Path
 
@@ -73,3 +75,16 @@ def test_unprivileged_write_clears_setuid(mnt: Path, user: tuple[int, int]) -> N
     os.chmod(f, 0o4777)
     assert as_user("sh", "-c", f"echo more >> {f}").returncode == 0
     assert not f.stat().st_mode & 0o4000
+
+
+def test_unprivileged_write_drops_file_capabilities(mnt: Path, user: tuple[int, int]) -> None:
+    f = mnt / "capped"
+    f.write_text("#!/bin/sh\n")
+    os.chmod(f, 0o777)
+    # struct vfs_cap_data, revision 2: CAP_NET_BIND_SERVICE permitted
+    os.setxattr(f, "security.capability", struct.pack("<5I", 0x02000000, 1 << 10, 0, 0, 0))
+    assert as_user("sh", "-c", f"echo more >> {f}").returncode == 0
+    with pytest.raises(OSError) as exc:
+        os.getxattr(f, "security.capability")
+    assert exc.value.errno == errno.ENODATA
+    assert f.read_text() == "#!/bin/sh\nmore\n"
