@@ -115,7 +115,7 @@ class Volume:
         self.inflight = trio.Semaphore(MAX_INFLIGHT)
         self.prefetching = 0
         # set by the lease client: the metadata node forgot our session
-        self.lost_session: Callable[[], Awaitable[None]] | None = None
+        self.lost_session: Callable[[str | None], Awaitable[None]] | None = None
         # set by the mount: op ``method`` sent at ``stamp()`` changed these
         # inodes (None: maybe anything), and here are the new attrs of some
         self.stamp: Callable[[], int] = lambda: 0
@@ -169,14 +169,14 @@ class Volume:
         (a request refused for that was not applied); tells ``touched`` what
         the op changed, or that anything may have changed when its outcome
         is unknown."""
-        since = self.stamp()
+        since, session = self.stamp(), self.meta.session
         try:
             try:
                 answer = await send()
             except MetaError as exc:
                 if exc.errno != errno.ENOTCONN or self.lost_session is None:
                     raise
-                await self.lost_session()
+                await self.lost_session(session)
                 answer = await send()
         except MetaUnavailable:
             if method not in QUERIES and method != "batch":   # a batch is sent again

@@ -44,7 +44,7 @@ from typing import Any, Awaitable, Callable, Iterable
 
 import trio
 
-from storagenode.metaclient import MetaClient, MetaError, MetaUnavailable
+from storagenode.metaclient import BadRequest, MetaClient, MetaError, MetaUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,11 @@ class Leases:
     # ---- session
 
     async def open(self) -> None:
+        """Open a new session.  Until it is open every call carries the old
+        one (a call without any would be refused as malformed, or run
+        unfenced); a failure leaves it there, refused with ENOTCONN, so the
+        next call that meets the refusal tries again."""
         sent = trio.current_time()
-        self.meta.session = None
         answer = await self.meta.call("open_session")
         self.meta.session = answer["session"]
         self.lease_time, self.margin = answer["lease_time"], answer["skew_margin"]
@@ -118,40 +121,59 @@ class Leases:
                 log.info("closing the lease session: %s", exc)
 
     async def _renew_loop(self) -> None:
+        """Nothing that happens to a renewal ends the loop (it would end the
+        mount): a node that cannot be reached or refuses is asked again at
+        the next turn, while the caches time out by themselves."""
         while True:
             await trio.sleep(max(self.lease_time / 3, 0.2))
-            sent = trio.current_time()
             try:
-                answer = await self.meta.call("renew")
-            except MetaUnavailable as exc:
+                await self._renew()
+            except (MetaUnavailable, MetaError, BadRequest) as exc:
                 log.warning("lease renewal failed (caches time out by themselves): %s", exc)
-                continue
-            except MetaError as exc:
-                if exc.errno == errno.ENOTCONN:
-                    await self.lost_session()
-                    continue
+            except Exception:
+                log.exception("bug in a lease renewal")
+
+    async def _renew(self) -> None:
+        sent, session = trio.current_time(), self.meta.session
+        try:
+            answer = await self.meta.call("renew")
+        except MetaError as exc:
+            if exc.errno != errno.ENOTCONN:
                 raise
-            self.valid_until = sent + self.lease_time - self.margin
-            for recall in answer["recalls"]:
-                await self.recall(recall["ino"], recall["epoch"])
+            await self.lost_session(session)
+            return
+        self.valid_until = sent + self.lease_time - self.margin
+        for recall in answer["recalls"]:
+            await self.recall(recall["ino"], recall["epoch"])
 
     async def _events_loop(self) -> None:
         while True:
             try:
                 recalls = (await self.meta.exchange("events", {"wait": EVENTS_WAIT},
                                                     timeout=EVENTS_WAIT + 10))["result"]
-            except (MetaUnavailable, MetaError) as exc:
+            except (MetaUnavailable, MetaError, BadRequest) as exc:
                 log.info("waiting for lease events failed: %s", exc)
+                await trio.sleep(1.0)
+                continue
+            except Exception:
+                log.exception("bug in waiting for lease events")
                 await trio.sleep(1.0)
                 continue
             async with trio.open_nursery() as nursery:
                 for recall in recalls:
                     nursery.start_soon(self.recall, recall["ino"], recall["epoch"])
 
-    async def lost_session(self) -> None:
+    async def lost_session(self, refused: str | None = None) -> None:
         """The metadata node forgot us (expiry, restart): drop every lease
-        (the kernel's caches run out by themselves) and start again."""
+        (the kernel's caches run out by themselves) and start again.
+        ``refused`` is the session a refused call carried: once a new one is
+        open, the others that met the same refusal just send again (a
+        second new session would hold the leases granted under the first
+        one until it expired, and other mounts would wait for them).
+        MetaUnavailable if the new session could not be opened."""
         async with self._session_lock:
+            if refused is not None and self.meta.session != refused:
+                return
             log.warning("lease session lost; dropping %d leases", len(self.held))
             self.held.clear()
             self.names.clear()
@@ -240,12 +262,13 @@ class Leases:
         held = self.held.get(ino)
         if held is not None and (held.mode == "write" or mode == "read"):
             return True
+        session = self.meta.session
         try:
             grant = await self.meta.call("acquire", vol=self.vol, ino=ino, mode=mode, wait=1)
         except MetaError as exc:
             if exc.errno != errno.ENOTCONN:
                 raise
-            await self.lost_session()
+            await self.lost_session(session)
             grant = await self.meta.call("acquire", vol=self.vol, ino=ino, mode=mode, wait=1)
         self.note(ino, grant)
         return grant is not None
@@ -262,6 +285,10 @@ class Leases:
         self._recalling.add(epoch)
         try:
             await self._recall(ino, epoch)
+        except (MetaUnavailable, MetaError, BadRequest) as exc:
+            log.warning("recall of inode %d failed (the lease runs out by itself): %s", ino, exc)
+        except Exception:
+            log.exception("bug in the recall of inode %d", ino)
         finally:
             self._recalling.discard(epoch)
 

@@ -3,13 +3,16 @@ metadata node records what the client sends."""
 
 from __future__ import annotations
 
+import errno
 import functools
 from typing import Any
 
 import trio
+import trio.testing
 
 from fusefront.filedata import FileData, Volume
 from fusefront.leaseclient import Leases
+from storagenode.metaclient import MetaError, MetaUnavailable
 
 
 class FakeMeta:
@@ -126,3 +129,62 @@ def test_a_new_lease_is_told_to_the_cache_and_a_replaced_one_drops_its_views() -
     assert began == [5, 5, 6, 6] and dropped == [6]
     leases.note(6, None)                                             # nothing granted
     assert began == [5, 5, 6, 6] and leases.epoch(6) == 11
+
+
+class ForgetfulMeta:
+    """A metadata node that has forgotten session s1 and cannot be reached
+    for a new one until ``reachable`` is set."""
+
+    def __init__(self) -> None:
+        self.session: str | None = "s1"
+        self.reachable = False
+        self.tries = 0
+        self.opened: list[str] = []
+
+    async def call(self, method: str, **args: Any) -> Any:
+        await trio.sleep(0.01)
+        if method == "open_session":
+            self.tries += 1
+            if not self.reachable:
+                raise MetaUnavailable("node: open_session: connection refused", sent=False)
+            self.opened.append(f"s{len(self.opened) + 2}")
+            return {"session": self.opened[-1], "lease_time": 1.0, "skew_margin": 0.1}
+        if self.session == "s1":
+            raise MetaError(errno.ENOTCONN, "session expired or unknown")
+        return {"recalls": []} if method == "renew" else {}
+
+    async def exchange(self, method: str, args: dict[str, Any],
+                       timeout: float | None = None) -> dict[str, Any]:
+        return {"result": await self.call(method, **args)}
+
+
+def test_a_new_session_that_cannot_be_opened_is_tried_again_and_the_mount_goes_on() -> None:
+    """The node forgot the session, and opening a new one fails (it is gone
+    again, or the link flaps): the renewals go on and open one once the node
+    answers.  (A failure that escaped the renewal loop ended the mount: its
+    processes saw ECONNABORTED, then an empty mount point.)  Calls that met
+    the same refusal open one new session between them, not one each."""
+    async def main() -> None:
+        meta = ForgetfulMeta()
+        leases = Leases(meta, flush=lambda ino: trio.sleep(0),  # type: ignore[arg-type]
+                        invalidate=lambda ino, names: None, vol=1)
+        leases.lease_time = 0.6
+        leases.note(5, {"epoch": 7, "mode": "read", "cache": True})
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(leases.run)
+            while meta.tries < 3:
+                await trio.sleep(0.1)
+            assert meta.session == "s1" and not leases.held    # every lease dropped
+            meta.reachable = True
+            with trio.fail_after(5):
+                while meta.session == "s1":
+                    await trio.sleep(0.05)
+            assert meta.opened == ["s2"]
+            async with trio.open_nursery() as callers:      # three calls refused under s2
+                for _ in range(3):
+                    callers.start_soon(leases.lost_session, "s2")
+            assert meta.opened == ["s2", "s3"]
+            await trio.sleep(2)
+            assert meta.opened == ["s2", "s3"]
+            nursery.cancel_scope.cancel()
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
