@@ -289,6 +289,13 @@ class FileData:
         self.view = view_of(attrs)
         self._forget_map()
 
+    def behind(self, attrs: dict[str, Any]) -> bool:
+        """Is ``attrs`` a later state of the file on the metadata node than
+        this view (every change there moves the ctime, on the node's clock),
+        with nothing of this mount's buffered or on its way?"""
+        return attrs["ctime_ns"] > self.view[2] and not self.pending() \
+            and not self.lock.locked()
+
     def outdated(self, attrs: dict[str, Any]) -> bool:
         """Has the file changed on the metadata node since this view was taken?"""
         return self.view != view_of(attrs)

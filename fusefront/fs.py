@@ -161,7 +161,7 @@ class Operations(pyfuse3.Operations):
         self.leases: Leases | None = Leases(
             volume.meta, flush=self.flush_inode, invalidate=self.kernel_forget,
             vol=volume.vol, drop=self.cache_drop, busy=self.busy,
-            began=self.cache.began) if leases else None
+            began=self.cache.began, invalidate_attrs=self.kernel_forget_attrs) if leases else None
         self.in_flight: collections.Counter[int] = collections.Counter()  # see DIR_LOCKING
         self.cache_file: CacheFile | None = None       # kept across mounts
         volume.touched = self.cache_touched
@@ -303,6 +303,16 @@ class Operations(pyfuse3.Operations):
         """Is a request holding ``ino``'s lock in the kernel in flight here?"""
         return self.in_flight[ino] > 0 if ino in self.in_flight else False
 
+    @staticmethod
+    def kernel_forget_attrs(ino: int) -> None:
+        """Drop the kernel's cached attributes of ``ino`` (a recalled lease):
+        attr_only never waits for a request in flight (FACTS.md 6), so this
+        runs in the event loop, before the lease is released."""
+        try:
+            pyfuse3.invalidate_inode(ino, True)
+        except OSError:
+            pass                    # the kernel forgot the inode already
+
     def kernel_forget(self, ino: int, names: list[bytes]) -> None:
         """Drop what the kernel caches of ``ino`` (a recalled lease); runs in a
         worker thread, may block behind a request in flight (FACTS.md 6)."""
@@ -360,6 +370,12 @@ class Operations(pyfuse3.Operations):
         covered = self.covered(a)
         f = self.files.get(a["ino"])
         if f is not None:
+            if f.behind(a):
+                # reads answer by what the kernel is told: a read stopping at
+                # an older end would cut the kernel's size of the file back
+                # to it (a short read does), and a handle opened before
+                # another mount's change (tail -f) would never see its bytes
+                f.refresh(a)
             a = f.overlay(a)
         return self.entry(self.with_pending_atime(a), parent, name, covered)
 

@@ -53,6 +53,7 @@ INVALIDATE_WAIT = 1.0       # most a recall waits for the kernel's invalidations
 BUSY_INVALIDATE_WAIT = 0.02     # ... while a request holds the directory's lock
 BUSY_POLL = 0.005               # how often a recall looks for such a request
 EVENTS_WAIT = 20.0          # long-poll length
+LATE_INVALIDATIONS = (0.005, 0.05)    # a recall drops the kernel's attributes again after
 
 
 @dataclass
@@ -70,13 +71,15 @@ class Leases:
     def __init__(self, meta: MetaClient, *, flush: Flush, invalidate: Invalidate,
                  vol: int, drop: Drop | None = None,
                  busy: Callable[[int], bool] | None = None,
-                 began: Callable[[int], None] | None = None) -> None:
+                 began: Callable[[int], None] | None = None,
+                 invalidate_attrs: Callable[[int], None] | None = None) -> None:
         self.meta = meta
         self._began = began or (lambda ino: None)
         self._busy = busy or (lambda ino: False)
         self.vol = vol
         self._flush = flush
         self._invalidate = invalidate
+        self._invalidate_attrs = invalidate_attrs or (lambda ino: None)
         self._drop: Drop = drop or (lambda ino: None)
         # epochs recalled lately: a grant can arrive after its recall (they
         # travel on different paths) and must then not be taken as held
@@ -93,6 +96,7 @@ class Leases:
         self.created: dict[int, int] = {}
         self._recalling: set[int] = set()      # epochs whose recall is running
         self._session_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None       # run()'s, for late invalidations
 
     # ---- session
 
@@ -110,6 +114,7 @@ class Leases:
     async def run(self) -> None:
         """Renewals and recalls, until cancelled (unmount)."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._renew_loop)
             nursery.start_soon(self._events_loop)
 
@@ -321,6 +326,23 @@ class Leases:
         await self.release([epoch])
 
     async def _kernel_forget(self, ino: int, names: list[bytes]) -> None:
+        """The kernel's attributes of ``ino`` at once, here (that never waits:
+        FACTS.md 6), so that they are gone before the release; then its
+        pages and names, in a thread, waited for only so long (see
+        ``_wait_invalidated``).  When the release went before the attributes
+        were dropped, the kernel kept a size the other client had changed
+        since, under its timeout: a reader there got the file cut at the
+        old size (seen in tools/mcx, one run in about twenty).
+
+        The kernel applies an answer's attributes in the thread that asked,
+        once it runs again: an answer this mount sent under the lease just
+        before the recall can be applied after the invalidation, and here
+        (Linux 6.18) the kernel then keeps it under its timeout (seen: a
+        lookup's answer).  So the attributes are invalidated again a little
+        later, after the release, to bound how long such an answer stays."""
+        self._invalidate_attrs(ino)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._invalidate_attrs_later, ino)
         done = trio.Event()
 
         async def invalidate() -> None:
@@ -333,6 +355,11 @@ class Leases:
             nursery.start_soon(invalidate)
             await self._wait_invalidated(ino, done)
             nursery.cancel_scope.cancel()
+
+    async def _invalidate_attrs_later(self, ino: int) -> None:
+        for delay in LATE_INVALIDATIONS:
+            await trio.sleep(delay)
+            self._invalidate_attrs(ino)
 
     async def _wait_invalidated(self, ino: int, done: trio.Event) -> None:
         """Until the invalidation is done, or at most ``INVALIDATE_WAIT``; but

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import threading
 from typing import Any
 
 import trio
@@ -187,4 +188,60 @@ def test_a_new_session_that_cannot_be_opened_is_tried_again_and_the_mount_goes_o
             await trio.sleep(2)
             assert meta.opened == ["s2", "s3"]
             nursery.cancel_scope.cancel()
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_recall_drops_the_kernels_attributes_before_it_releases() -> None:
+    """The release lets the other client change the file: by then this
+    mount's kernel must have no attributes of it left (a size kept under
+    its timeout cut reads at the old end), even when the invalidation of
+    its pages is stuck behind a request in flight."""
+    async def main() -> None:
+        meta = FakeMeta()
+        order: list[str] = []
+        stuck = threading.Event()
+
+        def invalidate(ino: int, names: list[bytes]) -> None:
+            stuck.wait(10)            # pages locked by a read in flight
+            order.append("pages")
+        leases = Leases(meta, flush=lambda ino: trio.sleep(0),  # type: ignore[arg-type]
+                        invalidate=invalidate, vol=1, busy=lambda ino: True,
+                        invalidate_attrs=lambda ino: order.append(f"attrs of {ino}"))
+
+        async def release(epochs: list[int]) -> None:
+            order.append("release")
+        leases.release = release  # type: ignore[method-assign]
+        leases.note(5, {"epoch": 7, "mode": "read", "cache": True})
+        await leases.recall(5, 7)
+        stuck.set()
+        assert order[:2] == ["attrs of 5", "release"]
+    trio.run(main)
+
+
+def test_a_recall_drops_the_kernels_attributes_again_after_the_release() -> None:
+    """The kernel applies an answer's attributes when the thread that asked
+    runs again: an answer sent just before the recall may land after the
+    first invalidation.  They are dropped again shortly after the release."""
+    async def main() -> None:
+        meta = ForgetfulMeta()
+        meta.session, meta.reachable = "s2", True
+        dropped: list[float] = []
+        released: list[float] = []
+        leases = Leases(meta, flush=lambda ino: trio.sleep(0),  # type: ignore[arg-type]
+                        invalidate=lambda ino, names: None, vol=1,
+                        invalidate_attrs=lambda ino: dropped.append(trio.current_time()))
+
+        async def release(epochs: list[int]) -> None:
+            released.append(trio.current_time())
+        leases.release = release  # type: ignore[method-assign]
+        leases.lease_time = 30.0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(leases.run)
+            await trio.sleep(0.1)
+            leases.note(5, {"epoch": 7, "mode": "read", "cache": True})
+            await leases.recall(5, 7)
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+        assert len(released) == 1 and len(dropped) >= 2
+        assert dropped[0] <= released[0] < dropped[-1]
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

@@ -403,6 +403,72 @@ def test_a_new_open_reads_what_the_other_mount_wrote_while_an_older_handle_stays
         assert (b / "f").read_bytes() == second     # and after the last close
 
 
+def test_a_handle_open_on_one_mount_follows_what_the_other_appends(
+        two: tuple[Cluster, Path, Path]) -> None:
+    """As tail -f does: B keeps the file open, sees its size grow in fstat
+    and reads on from where it was.  Each read through the old handle gets
+    the bytes A appended and closed, and never cuts the size B's kernel
+    knows back to what B read first (a short read does that: a new open on
+    B then read the file at its old length)."""
+    _, a, b = two
+    lines = [b"line %d " % i + os.urandom(30_000) for i in range(12)]
+    (a / "log").write_bytes(lines[0])
+    with open(b / "log", "rb", buffering=0) as follower:
+        seen = follower.read(1 << 20)
+        for line in lines[1:]:
+            with open(a / "log", "ab") as writer:    # recalls B's lease
+                writer.write(line)
+            size = os.fstat(follower.fileno()).st_size
+            assert size == sum(map(len, lines[:lines.index(line) + 1]))
+            while len(seen) < size:
+                got = follower.read(size - len(seen))
+                assert got, f"the old handle read nothing at {len(seen)} of {size}"
+                seen += got
+            assert seen == b"".join(lines[:lines.index(line) + 1])
+            assert (b / "log").read_bytes() == seen     # a new open on B agrees
+            assert os.stat(b / "log").st_size == size
+
+
+def test_a_file_changed_at_once_by_the_other_mount_is_read_whole(
+        two: tuple[Cluster, Path, Path]) -> None:
+    """A makes a file and chmods it; B at once opens it and extends it by a
+    truncate; A then reads it, while a thread stats and reads it through
+    both mounts.  A must read B's size every time: an answer A sent under
+    its lease just before the recall could reach A's kernel after the
+    recall's invalidation, and A's kernel then kept the size 0 for seconds
+    (about one try in 500 on a busy machine)."""
+    _, a, b = two
+    wrong: list[str] = []
+    for i in range(100):
+        stop = threading.Event()
+        rnd = random.Random(i)
+
+        def noise(paths: tuple[Path, Path] = (a / f"c{i}", b / f"c{i}"),
+                  stop: threading.Event = stop, rnd: random.Random = rnd) -> None:
+            while not stop.is_set():
+                try:
+                    os.stat(rnd.choice(paths))
+                    if rnd.random() < 0.3:
+                        rnd.choice(paths).read_bytes()
+                except OSError:
+                    pass
+        (a / f"c{i}").write_bytes(b"")
+        os.chmod(a / f"c{i}", 0o640)
+        thread = threading.Thread(target=noise)
+        thread.start()
+        try:
+            with open(b / f"c{i}", "r+b") as f:
+                f.truncate(2136)
+            got = (a / f"c{i}").read_bytes()
+            if got != bytes(2136):
+                wrong.append(f"try {i}: A read {len(got)} bytes, size "
+                             f"{os.stat(a / f'c{i}').st_size}")
+        finally:
+            stop.set()
+            thread.join()
+    assert not wrong, wrong
+
+
 def test_two_mounts_taking_turns_at_writing_and_truncating_see_each_others_turns(
         two: tuple[Cluster, Path, Path]) -> None:
     """tools/mcx: two mounts take turns writing, truncating and chmodding one
