@@ -53,7 +53,7 @@ INVALIDATE_WAIT = 1.0       # most a recall waits for the kernel's invalidations
 BUSY_INVALIDATE_WAIT = 0.02     # ... while a request holds the directory's lock
 BUSY_POLL = 0.005               # how often a recall looks for such a request
 EVENTS_WAIT = 20.0          # long-poll length
-LATE_INVALIDATIONS = (0.005, 0.05)    # a recall drops the kernel's attributes again after
+LATE_INVALIDATIONS = (0.005, 0.05)    # after a release, the kernel's attributes again
 
 
 @dataclass
@@ -323,6 +323,10 @@ class Leases:
                 del self.created[ino]
             self._drop(ino)
             await self._kernel_forget(ino, sorted(self.names.pop(ino, ())))
+            await self.release([epoch])
+            if self._nursery is not None:
+                self._nursery.start_soon(self._invalidate_attrs_later, ino)
+            return
         await self.release([epoch])
 
     async def _kernel_forget(self, ino: int, names: list[bytes]) -> None:
@@ -338,11 +342,9 @@ class Leases:
         once it runs again: an answer this mount sent under the lease just
         before the recall can be applied after the invalidation, and here
         (Linux 6.18) the kernel then keeps it under its timeout (seen: a
-        lookup's answer).  So the attributes are invalidated again a little
-        later, after the release, to bound how long such an answer stays."""
+        lookup's answer).  So ``_recall`` invalidates them again a little
+        after the release, to bound how long such an answer stays."""
         self._invalidate_attrs(ino)
-        if self._nursery is not None:
-            self._nursery.start_soon(self._invalidate_attrs_later, ino)
         done = trio.Event()
 
         async def invalidate() -> None:
