@@ -37,8 +37,8 @@ import trio
 from storagenode.dataclient import NodeError
 
 from storagenode.metaclient import MetaClient, MetaError, MetaUnavailable
-from storagenode.metastate import (ATIME_BATCH_MAX, LINK_MAX, MAX_FILE_SIZE, RENAME_EXCHANGE, RENAME_NOREPLACE,
-                                   REVALIDATE_MAX, version_of)
+from storagenode.metastate import (ATIME_BATCH_MAX, LINK_MAX, MAX_FILE_SIZE, RENAME_EXCHANGE,
+                                   RENAME_NOREPLACE, REVALIDATE_MAX, version_of)
 
 from .datapath import DataUnavailable, NoSpace
 from .leaseclient import Leases

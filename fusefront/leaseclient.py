@@ -306,7 +306,8 @@ class Leases:
         if held is not None and held.epoch < 0:     # recalled before its create's answer
             await self._flush(ino)                  # came: sending the queue brings it
             held = self.held.get(ino)
-        if held is not None and held.epoch == epoch:
+        mine = held is not None and held.epoch == epoch
+        if held is not None and mine:
             self.recalls += 1
             self._drop(ino)
             if held.mode == "write":
@@ -323,11 +324,9 @@ class Leases:
                 del self.created[ino]
             self._drop(ino)
             await self._kernel_forget(ino, sorted(self.names.pop(ino, ())))
-            await self.release([epoch])
-            if self._nursery is not None:
-                self._nursery.start_soon(self._invalidate_attrs_later, ino)
-            return
         await self.release([epoch])
+        if mine and self._nursery is not None:       # see _kernel_forget
+            self._nursery.start_soon(self._invalidate_attrs_later, ino)
 
     async def _kernel_forget(self, ino: int, names: list[bytes]) -> None:
         """The kernel's attributes of ``ino`` at once, here (that never waits:

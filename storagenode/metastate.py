@@ -894,10 +894,15 @@ def _op_touch_atime(st: MetaState, a: Args, now: int) -> Any:
     """Record a read access (relatime): atime only, ctime unchanged, as on
     a local filesystem; never moves atime backwards."""
     inode = st.inode(a["vol"], a["ino"])
-    if a["atime_ns"] > inode.atime_ns:
-        inode.atime_ns = a["atime_ns"]
-        st.save(inode)
+    _read_at(st, inode, a["atime_ns"])
     return _flagged(st, a["vol"], inode.attrs())
+
+
+def _read_at(st: MetaState, inode: Inode, atime_ns: int) -> None:
+    """A read access at ``atime_ns``: atime moves, never backwards."""
+    if atime_ns > inode.atime_ns:
+        inode.atime_ns = atime_ns
+        st.save(inode)
 
 
 def _atime_touch(v: Any) -> tuple[int, int]:
@@ -918,9 +923,7 @@ def _op_touch_atimes(st: MetaState, a: Args, now: int) -> Any:
         except MetaError:
             answer.append(None)
             continue
-        if atime_ns > inode.atime_ns:
-            inode.atime_ns = atime_ns
-            st.save(inode)
+        _read_at(st, inode, atime_ns)
         attrs = inode.attrs()
         found.append(attrs)
         answer.append(attrs)
