@@ -131,7 +131,7 @@ class Volume:
         # set by the mount: sends a commit with the queued ops, at the end
         # of their batch (None: nothing queued), and the epoch to send for a
         # WRITE lease held provisionally (a file whose create is queued)
-        self.ride: Callable[[str, dict[str, Any], list[list[int]]],
+        self.ride: Callable[[str, dict[str, Any], list[list[int]], bool],
                             Awaitable[dict[str, Any] | None]] | None = None
         self.fence_of: Callable[[int, int], int] = lambda ino, epoch: epoch
 
@@ -147,7 +147,9 @@ class Volume:
             return isinstance(exc, MetaUnavailable) and (not exc.sent or method in QUERIES)
         if method == "commit_blocks" and self.ride is not None:
             since = self.stamp()
-            answer = await self.ride(method, args, [[args["ino"], args.get("fence") or 0]])
+            # a closed file's commit (it has the ctime shown) goes with the others
+            answer = await self.ride(method, args, [[args["ino"], args.get("fence") or 0]],
+                                     "ctime_ns" in args)
             if answer is not None:
                 if "errno" in answer:
                     raise MetaError(answer["errno"], str(answer.get("error", "")))
@@ -227,6 +229,7 @@ class FileData:
         self.stale: list[BlockRef] = []        # uploaded, then rewritten: never committed
         self.fence: int | None = None          # epoch of the WRITE lease the buffers are under
         self.changed = False          # size or mtime differ from the metadata node
+        self.due = False              # closed: its commit is due (store_behind)
         self.attr_changes: dict[str, int] = {}   # setattrs' mode, uid, gid, atime, to commit
         self.lock = trio.Lock()
         self.opens = 0
@@ -433,9 +436,12 @@ class FileData:
     def overlay(self, a: dict[str, Any]) -> dict[str, Any]:
         """The metadata node's ``a`` with what is buffered here applied."""
         if self.changed:
+            # the node counts the stored bytes in 512-byte units, rounded up:
+            # exact for a file with none stored yet (a new one)
+            delta = self.unstored_bytes()
+            blocks = -(-delta // 512) if a["blocks"] == 0 else a["blocks"] + delta // 512
             a = dict(a, size=self.size, mtime_ns=self.mtime_ns,
-                     ctime_ns=max(a["ctime_ns"], self.ctime_ns),
-                     blocks=max(0, a["blocks"] + self.unstored_bytes() // 512))
+                     ctime_ns=max(a["ctime_ns"], self.ctime_ns), blocks=max(0, blocks))
             changes = self.attr_changes
             if changes:
                 a.update((k, v) for k, v in changes.items() if k != "mode")
@@ -552,6 +558,7 @@ class FileData:
             if "mtime_ns" in changes:
                 self.mtime_ns = changes["mtime_ns"]
             self.attr_changes.update((k, v) for k, v in changes.items() if k != "mtime_ns")
+            self.ctime_ns = time.time_ns()      # a closed file's commit is stamped with it
             try:
                 return await self._flush_all()
             finally:
@@ -568,7 +575,41 @@ class FileData:
                 return None
             return await self._flush_all()
 
+    async def store_behind(self) -> bool:
+        """Store what is buffered on the data nodes (their failures are the
+        caller's: close reports them) and leave its commit to ``flush``,
+        called soon by the mount (``Operations.commit_due``), or by a recall
+        of the lease, fsync, unmount, whichever comes first.  The commit
+        then carries this file's ctime as the mount showed it.  False when
+        nothing is buffered."""
+        async with self.lock:
+            if not self.pending():
+                return False
+            await self._store_all()
+            self.due = True
+            return True
+
+    async def reclaim(self, fence: int, view: tuple[int, int, int]) -> bool:
+        """Commit what is buffered under the new WRITE lease ``fence``, the
+        one it went under having been lost (a restart of the metadata node
+        forgets every lease), if the node's file, ``view`` now, still has
+        the size and mtime of the one this mount's writes were made on:
+        nobody wrote it meanwhile (a write elsewhere moves its mtime), and
+        the commit lands as it would have.  (Not the ctime: this mount's own
+        changes since, an xattr, a rename, move it.)  False (nothing
+        committed) when it was written, or nothing is buffered any more."""
+        async with self.lock:
+            if not self.pending() or view[:2] != self.view[:2]:
+                return False
+            self.fence = fence
+            await self._flush_all()
+            return True
+
     async def _flush_all(self) -> dict[str, Any]:
+        await self._store_all()
+        return await self._commit()
+
+    async def _store_all(self) -> None:
         await self._wait_uploads()
         # No copies: the lock keeps writers out until the buffers are dropped,
         # and a later write to the block starts a new buffer.
@@ -589,7 +630,6 @@ class FileData:
                 nursery.start_soon(upload, 0, outgrown.data)
         for idx in snapshot:
             self._forget_dirty(idx)
-        return await self._commit()
 
     async def _commit(self) -> dict[str, Any]:
         try:
@@ -613,6 +653,7 @@ class FileData:
         self.uploaded.clear()
         self.attr_changes = {}
         self.changed = bool(self.dirty)
+        self.due = False
         stale, self.stale = self.stale, []
         for ref in stale:                  # never committed: no one else can refer to it
             await self._discard(ref)
@@ -626,9 +667,11 @@ class FileData:
         blocks = [r.as_entry(i) if r else [i, None, 0, []]
                   for i, r in sorted(self.uploaded.items())]
         keep = self.v.keeper(self.ino)
+        # a closed file's ctime as this mount showed it after the close
+        ctime = {"ctime_ns": self.ctime_ns} if self.due else {}
         attrs: dict[str, Any] = await self.v.call(
             "commit_blocks", ino=self.ino, size=self.size, blocks=blocks, mtime_ns=self.mtime_ns,
-            fence=self.fence, **self.attr_changes)
+            fence=self.fence, **self.attr_changes, **ctime)
         keep(attrs)               # a stat after close needs no round trip
         return attrs
 
@@ -657,6 +700,7 @@ class FileData:
         self.stale = []
         self.attr_changes = {}
         self.changed = False
+        self.due = False
         self._forget_map()
         for ref in dropped:          # never committed: no one else refers to them
             await self._discard(ref)

@@ -44,7 +44,7 @@ from .datapath import DataUnavailable, NoSpace
 from .leaseclient import Leases
 from .metacache import CacheFile, MetaCache
 from .nsqueue import NamespaceQueue, QueuedOp
-from .filedata import FileData, Volume, atime_due
+from .filedata import FileData, Volume, atime_due, view_of
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -57,6 +57,11 @@ SPARE_INOS = 1024       # inode numbers reserved at a time for creates made here
 # fence the commit riding with it.
 HELD_MAX_HERE = 50_000
 XATTR_CREATE, XATTR_REPLACE = 1, 2
+# A file closed here under its WRITE lease is committed this long after the
+# close returned (with every other file closed meanwhile, in one batch), or
+# sooner: a recall of the lease, fsync, unmount (``close_behind``).
+COMMIT_DELAY = 0.01
+COMMIT_RETRY_DELAY = 1.0    # when the metadata node could not be reached
 
 
 # Requests the kernel sends while it holds a directory's lock, and where
@@ -195,6 +200,12 @@ class Operations(pyfuse3.Operations):
         self.spare: collections.deque[int] = collections.deque()
         self.spare_session: str | None = None
         self.queue_failed = False       # reported by the next fsyncdir
+        # files closed here whose commit follows (close_behind), and the
+        # errors of those that failed after close returned, for the next
+        # fsync or close of the file to report
+        self.due: dict[int, FileData] = {}
+        self.committing = False
+        self.commit_failed: dict[int, int] = {}
 
     # ----- helpers
     async def call(self, method: str, **args: Any) -> Any:
@@ -597,12 +608,14 @@ class Operations(pyfuse3.Operations):
     async def link(self, ino: int, new_parent: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(new_name)
+        await self.commit_first(ino)
         return self.merged(await self.change("link", ino=ino, parent=new_parent, name=new_name),
                            new_parent, new_name)
 
     @fuse_op
     async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
         self.check_name(name)
+        await self.commit_first(self.cache.entry(parent, name) or 0)
         if await self.remove_here("unlink", parent, name):
             return
         removed = self.cache.removing(parent, name)
@@ -789,6 +802,8 @@ class Operations(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: Any) -> None:
         self.check_name(name_old)
         self.check_name(name_new)
+        await self.commit_first(self.cache.entry(parent_old, name_old) or 0,
+                                self.cache.entry(parent_new, name_new) or 0)
         if parent_old == parent_new and await self.rename_here(parent_old, name_old, name_new,
                                                                flags):
             return
@@ -1015,8 +1030,11 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         """Every namespace op is durable once the node answered it; those
-        answered here first (nsqueue) once sent: send them."""
+        answered here first (nsqueue) once sent: send them.  Files closed
+        here are committed too (``close_behind``): a new file's name is of
+        little use without its data."""
         await self.queue.drain()
+        await self.commit_first(*[ino for ino, f in self.files.items() if f.due])
         if self.queue_failed:
             self.queue_failed = False
             raise pyfuse3.FUSEError(errno.EIO)
@@ -1169,12 +1187,126 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def flush(self, fh: int) -> None:
         f = self.handles[fh]
-        await f.flush()
+        await self.close_behind(f)
+        self.report_commit_failure(f.ino)
 
     @fuse_op
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.handles[fh].flush()
+        f = self.handles[fh]
+        await f.flush()
         await self.queue.drain()        # its create too, if still queued
+        self.report_commit_failure(f.ino)
+
+    def report_commit_failure(self, ino: int) -> None:
+        """A commit that failed after the close of ``ino`` had returned
+        (``commit_behind``) fails the next close or fsync of it, once."""
+        code = self.commit_failed.pop(ino, None)
+        if code is not None:
+            raise pyfuse3.FUSEError(code)
+
+    def may_close_behind(self, f: FileData) -> bool:
+        """May ``f``'s commit follow its close?  When what is buffered goes
+        under the WRITE lease held now: nobody else sees the file before a
+        recall of that lease has committed it, and it is known to be live
+        (renewed within the lease time: a mount cut off from the node for
+        longer closes as before, with the node's refusal).  Not a file that
+        lost a name while open (its last release may purge it)."""
+        return self.leases is not None and self.nursery is not None \
+            and f.fence is not None and f.fence == self.leases.write_epoch(f.ino) \
+            and self.lease_held(f.ino) and not f.maybe_orphan
+
+    async def close_behind(self, f: FileData) -> None:
+        """What ``close`` does with ``f``'s buffered writes: stores them on
+        the data nodes (so their failures are still the close's), and
+        commits them to the metadata node after it returned, when it may
+        (``may_close_behind``; a tar or cp then waits for no commit), else
+        before.  So a close promises what it promises on a local
+        filesystem: others see the data from now on; it is durable after
+        fsync.  A crash of this mount loses at most what was closed in the
+        last ``COMMIT_DELAY``."""
+        if not f.pending():
+            return
+        if self.may_close_behind(f) and await f.store_behind():
+            self.due[f.ino] = f
+            if not self.committing and self.nursery is not None:
+                self.committing = True
+                self.nursery.start_soon(self.commit_due)
+            return
+        await f.flush()
+
+    async def commit_due(self) -> None:
+        """Commit every file closed here since the last turn, together."""
+        try:
+            delay = COMMIT_DELAY
+            while self.due:
+                await trio.sleep(delay)
+                due, self.due = self.due, {}
+                again: dict[int, FileData] = {}
+                async with trio.open_nursery() as nursery:
+                    for f in due.values():
+                        nursery.start_soon(self.commit_behind, f, again)
+                for ino, f in again.items():
+                    self.due.setdefault(ino, f)
+                delay = COMMIT_RETRY_DELAY if again else COMMIT_DELAY
+        finally:
+            self.committing = False
+
+    async def commit_behind(self, f: FileData, again: dict[int, FileData]) -> None:
+        """Commit ``f``, closed here; a failure is logged and reported by
+        the next fsync or close of it.  A lease lost meanwhile (the metadata
+        node restarted) is taken again if nobody changed the file since."""
+        try:
+            try:
+                await f.flush()
+            except MetaError as exc:
+                if exc.errno != errno.EIO or self.leases is None or f.fence is None:
+                    raise
+                self.leases.lost(f.ino, f.fence)     # the node said so
+                if not await self.reclaim(f):
+                    raise
+        except MetaUnavailable as exc:
+            log.warning("commit of inode %d, closed here, waits for the metadata node: %s",
+                        f.ino, exc)
+            again[f.ino] = f
+        except Exception as exc:
+            log.error("data of inode %d, closed here, could not be committed and is dropped: "
+                      "%s", f.ino, exc)
+            self.commit_failed[f.ino] = to_fuse_error("commit", exc).errno
+            await f.discard()
+        finally:
+            await self.settle(f)
+
+    async def commit_first(self, *inos: int) -> None:
+        """Commit these inodes first if their commits follow a close here:
+        a rename or unlink of a file written just before lands after its
+        data (a crash of this mount between must not leave a file renamed
+        over another one without its data)."""
+        for ino in inos:
+            f = self.files.get(ino) if ino else None
+            if f is not None and f.due:
+                try:
+                    await f.flush()
+                except Exception as exc:        # commit_behind reports it
+                    log.info("commit of inode %d before a change of its names: %s", ino, exc)
+
+    async def reclaim(self, f: FileData) -> bool:
+        """Take a WRITE lease on ``f`` again and commit under it, if the
+        node's file is still the one this mount's writes were made on."""
+        assert self.leases is not None
+        if not await self.leases.acquire(f.ino, "write"):
+            return False
+        fence = self.leases.write_epoch(f.ino)
+        try:
+            a = await self.call("getattr", ino=f.ino)
+        except MetaError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        if fence is None or not await f.reclaim(fence, view_of(a)):
+            return False
+        log.warning("inode %d: committed under a new WRITE lease, the old one was lost "
+                    "(the file was unchanged on the metadata node)", f.ino)
+        return True
 
     @fuse_op
     async def release(self, fh: int) -> None:
@@ -1186,7 +1318,7 @@ class Operations(pyfuse3.Operations):
         if f.opens > 0:
             return
         try:
-            await f.flush()
+            await self.close_behind(f)
         except Exception as exc:
             # close() already reported this failure: keep nothing to commit later
             if f.opens == 0:
@@ -1194,12 +1326,16 @@ class Operations(pyfuse3.Operations):
                 await f.discard()
             raise
         finally:
-            if f.opens == 0 and not f.pending():
-                del self.files[f.ino]
-                if f.maybe_orphan:
-                    await self._purge_if_orphan(f.ino)
-                else:
-                    self.cache.put_map(f.ino, f.view, f.spans, f.map_bytes())
+            await self.settle(f)
+
+    async def settle(self, f: FileData) -> None:
+        """Forget ``f`` once it is neither open here nor has anything to commit."""
+        if f.opens == 0 and not f.pending() and self.files.get(f.ino) is f:
+            del self.files[f.ino]
+            if f.maybe_orphan:
+                await self._purge_if_orphan(f.ino)
+            else:
+                self.cache.put_map(f.ino, f.view, f.spans, f.map_bytes())
 
     async def _purge_if_orphan(self, ino: int) -> None:
         try:

@@ -254,6 +254,15 @@ class Leases:
         else refused, as a lost lease is)."""
         return epoch if epoch >= 0 else self.created.get(ino, 0)
 
+    def lost(self, ino: int, epoch: int) -> None:
+        """The node refused an op fenced by lease ``epoch`` on ``ino``: it no
+        longer holds (a restart of the node forgets every lease, without
+        ending sessions it keeps)."""
+        held = self.held.get(ino)
+        if held is not None and held.epoch == epoch:
+            del self.held[ino]
+            self._drop(ino)
+
     def note_name(self, parent: int, name: bytes) -> None:
         if parent in self.held:
             self.names.setdefault(parent, set()).add(name)

@@ -92,14 +92,15 @@ class NamespaceQueue:
             self._timer = True
             self._spawn(self._later)
 
-    async def ride(self, method: str, args: dict[str, Any],
-                   fences: list[list[int]]) -> dict[str, Any] | None:
+    async def ride(self, method: str, args: dict[str, Any], fences: list[list[int]],
+                   always: bool = False) -> dict[str, Any] | None:
         """Send the op ``method`` at the end of the queue's next batch and
         wait for its answer (one round trip for the queued ops and this one:
         a new file's create and the commit of its data); None when nothing is
-        queued (send it the usual way).  MetaUnavailable: its outcome is not
-        known (it no longer waits in the queue)."""
-        if not self._ops:
+        queued (send it the usual way), unless ``always`` (the commits of
+        files closed a moment ago, sent together).  MetaUnavailable: its
+        outcome is not known (it no longer waits in the queue)."""
+        if not self._ops and not always:
             return None
         op = QueuedOp(method, args, fences, rider=True)
         self._ops.append(op)

@@ -987,7 +987,11 @@ def _op_commit_blocks(st: MetaState, a: Args, now: int) -> Any:
         st.set_block(inode, idx, oid, length, nodes, now, data)
     inode.mtime_ns = now if a["mtime_ns"] is None else a["mtime_ns"]
     _set_owner_mode_atime(inode, a)     # a setattr that came after the buffered writes
-    inode.ctime_ns = now
+    # A mount committing a file after its close sends the ctime it showed
+    # then (the time stays the node's for everything else: freshness above).
+    # Never backwards: a change of the inode the mount sent meanwhile (a
+    # rename) may have landed first.
+    inode.ctime_ns = max(inode.ctime_ns, now if a["ctime_ns"] is None else a["ctime_ns"])
     st.save(inode)
     return _flagged(st, a["vol"], inode.attrs())
 
@@ -1348,7 +1352,7 @@ OPS: dict[str, Method] = {
     "commit_blocks": Method(_op_commit_blocks, {
         "vol": VOL, "ino": INO, "size": (_int(0), REQUIRED), "blocks": _BLOCKS,
         "mtime_ns": TIME, "fence": (_optional(_int(0)), None), "mode": _SETATTR["mode"],
-        "uid": _SETATTR["uid"], "gid": _SETATTR["gid"], "atime_ns": TIME}),
+        "uid": _SETATTR["uid"], "gid": _SETATTR["gid"], "atime_ns": TIME, "ctime_ns": TIME}),
     "setxattr": Method(_op_setxattr, {**_XATTR, "value": (_typed(bytes, 1 << 20), REQUIRED),
                                       "flags": (_int(0), 0)}),
     "removexattr": Method(_op_removexattr, _XATTR),

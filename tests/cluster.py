@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import sqlite3
 import subprocess
 import time
@@ -215,6 +216,23 @@ def daemon_pids(mountpoint: Path) -> list[int]:
         if any(a.endswith(b"objfs") for a in argv[:2]) and str(mountpoint).encode() in argv:
             pids.append(int(entry))
     return pids
+
+
+def fsync_all(root: Path) -> None:
+    """Every file under ``root`` committed, what ``sync`` means on a local
+    filesystem: a mount commits a file it closed a moment after the close,
+    and Linux passes no syncfs to a FUSE filesystem (``sync -f`` waits for
+    nothing there), so a test that looks at the nodes next fsyncs."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def umount(mountpoint: Path) -> None:

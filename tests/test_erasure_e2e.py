@@ -18,7 +18,7 @@ import pytest
 from storagenode import erasure
 from storagenode.ids import shard_id
 
-from .cluster import Cluster, checked_cluster
+from .cluster import Cluster, checked_cluster, fsync_all
 
 MiB = 1 << 20
 K, M = 4, 2
@@ -90,7 +90,7 @@ def test_ec_volume_spreads_shards_costs_k_plus_m_over_k_and_survives_two_dead_no
     (mnt / "small").mkdir()
     for name, data in files.items():
         (mnt / name).write_bytes(data)
-    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    fsync_all(mnt)
     inos = {name: (mnt / name).stat().st_ino for name in files}
 
     # every block: k + m shards, each a verified shard on its own node

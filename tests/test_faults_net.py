@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from storagenode import blockformat
 
-from .cluster import Cluster
+from .cluster import Cluster, fsync_all
 from .test_healing import (META_ARGS, every_copy_accounted, fully_redundant, make_tree,
                            stored_objects, trees_equal, wait_for)
 from .test_posix_errors import write_all
@@ -189,7 +189,7 @@ def test_a_cut_link_loses_nothing_and_the_node_rejoins(linked: tuple[Cluster, Li
     writer, reader = tmp_path / "writer", tmp_path / "reader"
     c.mount(writer)
     subprocess.run(["cp", "-a", str(old), str(writer / "old")], check=True)
-    subprocess.run(["sync", "-f", str(writer)], check=True)
+    fsync_all(writer)
     assert sum("data4" in h for h in c.block_holders().values()) > 10
     c.mount(reader)             # another client: its reads come from the data nodes
 

@@ -20,7 +20,7 @@ import pytest
 from storagenode import blockformat
 from storagenode.ids import new_object_id
 
-from .cluster import Cluster, checked_cluster
+from .cluster import Cluster, checked_cluster, fsync_all
 from .procs import REPO
 
 # Fast clocks so the test sees a whole death-to-repair cycle in seconds.
@@ -108,7 +108,7 @@ def test_a_failed_node_is_invisible_and_redundancy_comes_back(healing: Cluster,
     mnt = tmp_path / "mnt"
     c.mount(mnt)
     make_tree(mnt / "old", 2, 20, 2 << 20)
-    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    fsync_all(mnt)
     expected_old = tmp_path / "old"
     make_tree(expected_old, 2, 20, 2 << 20)
 
@@ -133,7 +133,7 @@ def test_a_failed_node_is_invisible_and_redundancy_comes_back(healing: Cluster,
         job.join()
     for name, result in results.items():
         assert result.returncode == 0, f"cp {name} failed: {result.stderr.decode()[-2000:]}"
-    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    fsync_all(mnt)
     assert trees_equal(src, mnt / "in")
     assert trees_equal(expected_old, out)
 
@@ -177,7 +177,7 @@ def test_with_one_of_three_nodes_dead_writes_go_on_and_redundancy_comes_back(
         wait_for("the node marked down", lambda: "data1" not in {
             n["node_id"] for n in c.call("cluster_map")["nodes"] if n["state"] == "up"})
         subprocess.run(["cp", "-a", str(src / "b"), str(mnt / "b")], check=True, timeout=120)
-        subprocess.run(["sync", "-f", str(mnt)], check=True)
+        fsync_all(mnt)
         holders = c.block_holders()
         assert holders and all(len(set(h)) == 2 for h in holders.values())
         assert trees_equal(src / "a", mnt / "a") and trees_equal(src / "b", mnt / "b")
@@ -195,7 +195,7 @@ def test_adding_a_node_moves_a_fair_share_and_draining_empties_one(healing: Clus
     c.mount(mnt)
     for i in range(600):
         (mnt / f"f{i}").write_bytes(os.urandom(20_000))    # past INLINE_MAX: stored
-    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    fsync_all(mnt)
     before = {n: stored_objects(c, n) for n in ("data1", "data2", "data3", "data4")}
     copies = sum(len(objs) for objs in before.values())
     assert copies == 3 * 600
@@ -244,7 +244,7 @@ def test_rot_and_loss_are_found_reported_and_repaired(healing: Cluster,
     content = {f"f{i}": os.urandom(300_000) for i in range(6)}
     for name, data in content.items():
         (mnt / name).write_bytes(data)
-    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    fsync_all(mnt)
     holders = c.block_holders()
     assert len(holders) == 6
     (flip, flip_nodes), (cut, cut_nodes), (gone, gone_nodes) = list(holders.items())[:3]
@@ -302,7 +302,7 @@ def test_erasure_coded_volume_rebuilds_a_dead_nodes_shards(tmp_path: Path) -> No
         content = {f"f{i}": os.urandom(700_000 * (i + 1)) for i in range(5)}
         for name, data in content.items():
             (mnt / name).write_bytes(data)
-        subprocess.run(["sync", "-f", str(mnt)], check=True)
+        fsync_all(mnt)
         victim = c.data[2]
         victim.kill(signal.SIGKILL)
 
@@ -333,7 +333,7 @@ def test_erasure_coded_volume_serves_copies_while_two_nodes_die(
         make_tree(src, 3, 24, 3 << 20)
         make_tree(old, 4, 12, 2 << 20)
         subprocess.run(["cp", "-a", str(old), str(mnt / "old")], check=True)
-        subprocess.run(["sync", "-f", str(mnt)], check=True)
+        fsync_all(mnt)
         jobs = [subprocess.Popen(["cp", "-a", str(src), str(mnt / "in")],
                                  stderr=subprocess.PIPE),
                 subprocess.Popen(["cp", "-a", str(mnt / "old"), str(out)],
@@ -344,7 +344,7 @@ def test_erasure_coded_volume_serves_copies_while_two_nodes_die(
         for job in jobs:
             _, err = job.communicate(timeout=300)
             assert job.returncode == 0, err.decode()[-2000:]
-        subprocess.run(["sync", "-f", str(mnt)], check=True)
+        fsync_all(mnt)
         subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
         assert trees_equal(src, mnt / "in") and trees_equal(old, out)
         wait_for("shards rebuilt", lambda: all(
@@ -368,6 +368,8 @@ def test_an_upload_waiting_for_its_commit_is_never_collected(tmp_path: Path) -> 
             f.write(data[:(2 << 20) + 10])      # blocks 0 and 1 upload in the background
             time.sleep(3)                         # ... older than the commit limit now
             f.write(data[(2 << 20) + 10:])
+            f.flush()
+            os.fsync(f.fileno())                  # the commit, not a moment after close
         metrics = httpx.get(f"http://{c.meta.address}/metrics").text
         assert 'objfs_meta_rpc_total{method="commit_blocks",outcome="error"} 1.0' in metrics, \
             "the late commit was refused once (too old) and the blocks stored again"
@@ -388,7 +390,7 @@ def test_a_piece_lost_without_a_report_is_found_and_restored(healing: Cluster,
     c.mount(mnt)
     data = os.urandom(2_500_000)
     (mnt / "f").write_bytes(data)
-    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    fsync_all(mnt)
     oid, holders = next(iter(c.block_holders().items()))
     object_path(c, holders[0], oid).unlink()
     wait_for("the lost copy restored", lambda: fully_redundant(c, set()) and all(

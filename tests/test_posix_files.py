@@ -187,6 +187,8 @@ def test_sparse_10_gib_file_costs_only_its_blocks(cluster: Cluster, mnt: Path) -
         for off, piece in pieces.items():
             f.seek(off)
             f.write(piece)
+        f.flush()
+        os.fsync(f.fileno())          # committed (a close's commit follows it)
     st = os.stat(p)
     assert st.st_size == 10 * GiB
     assert len(cluster.block_holders()) == 5     # blocks 0, 768, 1023, 1024, 2559

@@ -172,6 +172,30 @@ def test_a_write_shows_new_times_before_close(pair: Pair) -> None:
         assert during.st_ctime_ns >= during.st_mtime_ns
 
 
+def test_times_shown_at_close_are_the_ones_kept(cluster: Cluster, mnt: Path) -> None:
+    """The mtime and ctime a stat shows right after close (the mount
+    commits a closed file a moment later) are the ones stored: the same a
+    moment later and after a remount.  (git's index and make compare them;
+    a ctime that moved after the fact makes git hash every file again.)"""
+    shown = {}
+    for i in range(20):
+        (mnt / f"f{i}").write_bytes(os.urandom(i * 3_000))      # inline and in blocks
+        shown[i] = os.stat(mnt / f"f{i}")
+    os.rename(mnt / "f3", mnt / "g3")               # a change of its own after the close
+    moved = os.stat(mnt / "g3")
+    assert moved.st_ctime_ns >= shown[3].st_ctime_ns
+    time.sleep(0.2)
+    later = {i: os.stat(mnt / (f"f{i}" if i != 3 else "g3")) for i in shown}
+    cluster.umount(mnt)
+    cluster.mount(mnt)
+    for i, st in shown.items():
+        expect = moved if i == 3 else st
+        again = os.stat(mnt / (f"f{i}" if i != 3 else "g3"))
+        for seen in (later[i], again):
+            assert (seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns) == \
+                (expect.st_size, expect.st_mtime_ns, expect.st_ctime_ns), i
+
+
 TIMES = [(1, 2), (1_000_000_123, 2_000_000_456), (2**32 * 10**9 + 5, 2**33 * 10**9 + 7),
          (-1_000_000_001, -5), (0, 0)]
 
