@@ -1264,17 +1264,24 @@ class Operations(pyfuse3.Operations):
                 self.leases.lost(f.ino, f.fence)     # the node said so
                 if not await self.reclaim(f):
                     raise
-        except MetaUnavailable as exc:
-            log.warning("commit of inode %d, closed here, waits for the metadata node: %s",
-                        f.ino, exc)
-            again[f.ino] = f
         except Exception as exc:
-            log.error("data of inode %d, closed here, could not be committed and is dropped: "
-                      "%s", f.ino, exc)
-            self.commit_failed[f.ino] = to_fuse_error("commit", exc).errno
-            await f.discard()
+            cause = exc
+            while isinstance(cause, ExceptionGroup):       # from a nursery
+                cause = cause.exceptions[0]
+            if isinstance(cause, MetaUnavailable):
+                log.warning("commit of inode %d, closed here, waits for the metadata node: %s",
+                            f.ino, cause)
+                again[f.ino] = f
+            else:
+                log.error("data of inode %d, closed here, could not be committed and is "
+                          "dropped: %s", f.ino, exc)
+                self.commit_failed[f.ino] = to_fuse_error("commit", exc).errno
+                await f.discard()
         finally:
-            await self.settle(f)
+            try:
+                await self.settle(f)
+            except Exception as exc:      # nothing here may end the mount
+                log.warning("after the commit of inode %d: %s", f.ino, exc)
 
     async def commit_first(self, *inos: int) -> None:
         """Commit these inodes first if their commits follow a close here:
