@@ -134,6 +134,9 @@ class Volume:
         self.ride: Callable[[str, dict[str, Any], list[list[int]], bool],
                             Awaitable[dict[str, Any] | None]] | None = None
         self.fence_of: Callable[[int, int], int] = lambda ino, epoch: epoch
+        # the metadata node was out of reach at the last try of an RPC that
+        # is still being retried, or has not answered one since
+        self.unreachable = False
 
     def over_dirty_limit(self) -> bool:
         """Do buffered writes of all files exceed the mount's budget?"""
@@ -144,7 +147,7 @@ class Volume:
         is unreachable (a restart): queries always, operations only when the
         request surely never arrived, so that no outcome is guessed."""
         def temporary(exc: BaseException) -> bool:
-            return isinstance(exc, MetaUnavailable) and (not exc.sent or method in QUERIES)
+            return self._unreachable(exc) and (not getattr(exc, "sent", True) or method in QUERIES)
         if method == "commit_blocks" and self.ride is not None:
             since = self.stamp()
             # a closed file's commit (it has the ctime shown) goes with the others
@@ -165,6 +168,13 @@ class Volume:
             deadline=trio.current_time() + self.retry_window, temporary=temporary))
         return answer["result"]
 
+    def _unreachable(self, exc: BaseException) -> bool:
+        """Is ``exc`` the node out of reach (noted in ``unreachable``)?"""
+        if isinstance(exc, MetaUnavailable):
+            self.unreachable = True
+            return True
+        return False
+
     async def _session_call(self, method: str, send: Callable[[], Awaitable[dict[str, Any]]]
                             ) -> dict[str, Any]:
         """``send()``, once more under a new session if the node forgot ours
@@ -178,12 +188,14 @@ class Volume:
             except MetaError as exc:
                 if exc.errno != errno.ENOTCONN or self.lost_session is None:
                     raise
+                self.unreachable = False
                 await self.lost_session(session)
                 answer = await send()
         except MetaUnavailable:
             if method not in QUERIES and method != "batch":   # a batch is sent again
                 self.touched(method, None, [], since)
             raise
+        self.unreachable = False
         if "touched" in answer:
             self.touched(method, answer["touched"], answer.get("touched_attrs") or [], since)
         return answer
@@ -195,8 +207,8 @@ class Volume:
         answer = await self._session_call(method, lambda: retrying(
             lambda: self.meta.exchange(method, dict(args, vol=self.vol), lease=True),
             deadline=trio.current_time() + self.retry_window,
-            temporary=lambda exc: isinstance(exc, MetaUnavailable) and (
-                not exc.sent or method in QUERIES)))
+            temporary=lambda exc: self._unreachable(exc) and (
+                not getattr(exc, "sent", True) or method in QUERIES)))
         return answer["result"], list(answer.get("leases") or [])
 
     def is_zero(self, data: Block) -> bool:

@@ -1210,10 +1210,13 @@ class Operations(pyfuse3.Operations):
         recall of that lease has committed it, and it is known to be live
         (renewed within the lease time: a mount cut off from the node for
         longer closes as before, with the node's refusal).  Not a file that
-        lost a name while open (its last release may purge it)."""
+        lost a name while open (its last release may purge it).  Not while
+        the metadata node is out of reach (``NamespaceQueue.stalled``): a
+        restarted node refuses what was sent under leases it forgot, so
+        closes wait for the node then, as every other op does."""
         return self.leases is not None and self.nursery is not None \
             and f.fence is not None and f.fence == self.leases.write_epoch(f.ino) \
-            and self.lease_held(f.ino) and not f.maybe_orphan
+            and self.lease_held(f.ino) and not f.maybe_orphan and not self.queue.stalled
 
     async def close_behind(self, f: FileData) -> None:
         """What ``close`` does with ``f``'s buffered writes: stores them on

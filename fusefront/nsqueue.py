@@ -81,7 +81,16 @@ class NamespaceQueue:
         # the last send found the node unreachable: ops are not answered
         # here until one lands (a restarted node forgets the leases they are
         # sent under, so the fewer wait in the queue, the fewer are refused)
-        self.stalled = False
+        self._stalled = False
+
+    @property
+    def stalled(self) -> bool:
+        """Should the mount answer nothing itself now?  While the last send
+        failed, or any metadata RPC of the mount is being retried because
+        the node is out of reach (``Volume.unreachable``): a send of the
+        queue retries for a minute before it fails, and meanwhile the mount
+        would answer creates and closes that a restarted node refuses."""
+        return self._stalled or self.v.unreachable
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -141,11 +150,11 @@ class NamespaceQueue:
                     try:
                         answers = await self._send(ops)
                     except MetaUnavailable:
-                        self.stalled = True
+                        self._stalled = True
                         raise
                     except Exception as exc:        # refused whole: none was applied
                         answers = [{"errno": errno.EIO, "error": repr(exc)}] * len(ops)
-                self.stalled = False
+                self._stalled = False
                 del self._ops[:len(ops)]
                 for op, answer in zip(ops, answers):
                     if not isinstance(answer, dict):

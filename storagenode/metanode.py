@@ -146,6 +146,8 @@ class MetaNode:
         self._send, self._receive = trio.open_memory_channel[_Pending](pending_max)
         self._heard: dict[str, _Heard] = {}
         self._started = self._monotonic()
+        # data nodes registered before this start: up until silent too long
+        self._presumed_up = set(self._reader.node_ids())
         self.leases = LeaseServer(lease_config, clock=monotonic, quiet=lease_quiet)
         # session -> [next unused, end) ranges of inode numbers it reserved
         self._reserved: dict[str, list[list[int]]] = {}
@@ -606,13 +608,19 @@ class MetaNode:
 
     def liveness(self) -> dict[str, Liveness]:
         """Every registered node's state; one never heard from counts as silent
-        since this metadata node started."""
+        since this metadata node started.  One registered before that start
+        counts as up for as long as one heard from then would: a restart of
+        this node must not stop every write until each data node's next
+        heartbeat (they were seen failing with EIO for a second or two; a
+        node that is really gone fails an upload at once, and the mount
+        takes the next one)."""
         now = self._monotonic()
         live = {}
         for node_id in self._reader.node_ids():
             h = self._heard.get(node_id)
             silent = now - (h.at if h else self._started)
-            state = ("up" if h and silent <= NODE_UP_SECONDS else
+            up = h is not None or node_id in self._presumed_up
+            state = ("up" if up and silent <= NODE_UP_SECONDS else
                      "suspect" if silent <= self._down_after else "down")
             live[node_id] = Liveness(state, h.capacity if h else 0, h.free if h else 0, silent)
         return live

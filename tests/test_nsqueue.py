@@ -18,6 +18,7 @@ class FakeVolume:
     def __init__(self, answer: Callable[[list[dict[str, Any]]], list[Any]]) -> None:
         self.answer = answer
         self.batches: list[list[dict[str, Any]]] = []
+        self.unreachable = False
 
     async def call(self, method: str, **args: Any) -> Any:
         assert method == "batch"

@@ -3,9 +3,12 @@ unmount/remount and a restart of every node."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sysconfig
+import threading
+import time
 from pathlib import Path
 
 from .cluster import Cluster
@@ -70,3 +73,52 @@ def test_data_survives_restart_of_every_node(cluster: Cluster, mnt: Path) -> Non
     cluster.umount(mnt)
     cluster.mount(mnt)
     assert (mnt / "after").read_text() == "written after restart"
+
+
+def test_a_metadata_node_restart_under_a_writer(cluster: Cluster, mnt: Path) -> None:
+    """The metadata node is killed and restarted while a loop writes files.
+    Files whose close returned are there whole, but for the few closed in
+    the moment before the kill (a mount commits a closed file ~10 ms
+    later; while the node is out of reach it answers nothing itself, so the
+    loop waits instead of piling up files the restarted node refuses:
+    about 500 of 900 were lost so, with the node away 1.5 s).  Writes right after the restart succeed (the
+    restarted node counted the data nodes as down until their next
+    heartbeat: closes failed with EIO for a second or two)."""
+    (mnt / "w").mkdir()
+    closed: dict[str, str] = {}
+    failed: list[str] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            data = os.urandom(1000 + (i * 7919) % 100_000)
+            try:
+                (mnt / "w" / f"f{i}").write_bytes(data)
+                closed[f"f{i}"] = hashlib.md5(data).hexdigest()
+            except OSError:
+                failed.append(f"f{i}")
+            i += 1
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(1.5)
+        cluster.meta.kill()
+        time.sleep(1.5)
+        cluster.meta.start()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        thread.join()
+    for i in range(3):
+        (mnt / f"after{i}").write_bytes(b"a" * (1 << 20))
+    lost = [n for n, h in closed.items() if not (mnt / "w" / n).exists()
+            or hashlib.md5((mnt / "w" / n).read_bytes()).hexdigest() != h]
+    print(f"\n{len(closed)} files closed, {len(failed)} closes failed, {len(lost)} lost")
+    assert len(closed) > 100
+    assert len(lost) <= 10, lost          # measured 1-4; ~500 when the mount went on alone
+    cluster.umount(mnt)
+    cluster.mount(mnt)
+    assert [n for n, h in closed.items() if n not in lost and hashlib.md5(
+        (mnt / "w" / n).read_bytes()).hexdigest() != h] == []
+    assert all((mnt / f"after{i}").read_bytes() == b"a" * (1 << 20) for i in range(3))
