@@ -146,8 +146,6 @@ class Volume:
         """One metadata RPC about this volume, retried while the metadata node
         is unreachable (a restart): queries always, operations only when the
         request surely never arrived, so that no outcome is guessed."""
-        def temporary(exc: BaseException) -> bool:
-            return self._unreachable(exc) and (not getattr(exc, "sent", True) or method in QUERIES)
         if method == "commit_blocks" and self.ride is not None:
             since = self.stamp()
             # a closed file's commit (it has the ctime shown) goes with the others
@@ -165,15 +163,19 @@ class Volume:
             args = dict(args, fence=self.fence_of(args["ino"], fence))
         answer = await self._session_call(method, lambda: retrying(
             lambda: self.meta.exchange(method, dict(args, vol=self.vol)),
-            deadline=trio.current_time() + self.retry_window, temporary=temporary))
+            deadline=trio.current_time() + self.retry_window, temporary=self._temporary(method)))
         return answer["result"]
 
-    def _unreachable(self, exc: BaseException) -> bool:
-        """Is ``exc`` the node out of reach (noted in ``unreachable``)?"""
-        if isinstance(exc, MetaUnavailable):
+    def _temporary(self, method: str) -> Callable[[BaseException], bool]:
+        """When to send ``method`` again: the node out of reach (noted in
+        ``unreachable``), for a query always, for an operation only when the
+        request surely never arrived, so that no outcome is guessed."""
+        def temporary(exc: BaseException) -> bool:
+            if not isinstance(exc, MetaUnavailable):
+                return False
             self.unreachable = True
-            return True
-        return False
+            return not exc.sent or method in QUERIES
+        return temporary
 
     async def _session_call(self, method: str, send: Callable[[], Awaitable[dict[str, Any]]]
                             ) -> dict[str, Any]:
@@ -206,9 +208,7 @@ class Volume:
             await self.before_rpc()
         answer = await self._session_call(method, lambda: retrying(
             lambda: self.meta.exchange(method, dict(args, vol=self.vol), lease=True),
-            deadline=trio.current_time() + self.retry_window,
-            temporary=lambda exc: self._unreachable(exc) and (
-                not getattr(exc, "sent", True) or method in QUERIES)))
+            deadline=trio.current_time() + self.retry_window, temporary=self._temporary(method)))
         return answer["result"], list(answer.get("leases") or [])
 
     def is_zero(self, data: Block) -> bool:

@@ -97,11 +97,16 @@ def fuse_op(fn: F) -> F:
     return handler  # type: ignore[return-value]
 
 
-def to_fuse_error(operation: str, exc: Exception) -> pyfuse3.FUSEError:
-    """The errno a failure means to the caller (nurseries wrap failures in
-    groups: the first one decides)."""
+def first_cause(exc: Exception) -> Exception:
+    """What failed (nurseries wrap failures in groups: the first one decides)."""
     while isinstance(exc, ExceptionGroup):
         exc = exc.exceptions[0]
+    return exc
+
+
+def to_fuse_error(operation: str, exc: Exception) -> pyfuse3.FUSEError:
+    """The errno a failure means to the caller."""
+    exc = first_cause(exc)
     if isinstance(exc, pyfuse3.FUSEError):
         return exc
     if isinstance(exc, MetaError):
@@ -1268,9 +1273,7 @@ class Operations(pyfuse3.Operations):
                 if not await self.reclaim(f):
                     raise
         except Exception as exc:
-            cause = exc
-            while isinstance(cause, ExceptionGroup):       # from a nursery
-                cause = cause.exceptions[0]
+            cause = first_cause(exc)
             if isinstance(cause, MetaUnavailable):
                 log.warning("commit of inode %d, closed here, waits for the metadata node: %s",
                             f.ino, cause)
@@ -1306,13 +1309,15 @@ class Operations(pyfuse3.Operations):
         if not await self.leases.acquire(f.ino, "write"):
             return False
         fence = self.leases.write_epoch(f.ino)
+        if fence is None:
+            return False
         try:
             a = await self.call("getattr", ino=f.ino)
         except MetaError as exc:
             if exc.errno == errno.ENOENT:
                 return False
             raise
-        if fence is None or not await f.reclaim(fence, view_of(a)):
+        if not await f.reclaim(fence, view_of(a)):
             return False
         log.warning("inode %d: committed under a new WRITE lease, the old one was lost "
                     "(the file was unchanged on the metadata node)", f.ino)
