@@ -315,11 +315,21 @@ class FileData:
         """Has the file changed on the metadata node since this view was taken?"""
         return self.view != view_of(attrs)
 
-    async def read(self, offset: int, length: int, prefetch: Spawn) -> bytes:
+    async def read(self, offset: int, length: int, prefetch: Spawn) -> bytes | memoryview:
+        """The bytes at ``offset``: a view of a fetched block where one
+        stored block holds them all (pyfuse3 replies from any buffer, so the
+        mebibyte is copied once, into the kernel, not twice; a fetched
+        block is never changed), else a fresh copy."""
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
         first, last = offset // self.bs, (end - 1) // self.bs
+        if first == last and first not in self.dirty:
+            start = first * self.bs
+            stored = await self._stored(first)
+            if first not in self.dirty and len(stored) >= end - start:
+                self._read_ahead(first, last, prefetch)
+                return stored[offset - start:end - start]
         parts = []
         for idx in range(first, last + 1):
             start = idx * self.bs

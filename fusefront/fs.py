@@ -1119,7 +1119,7 @@ class Operations(pyfuse3.Operations):
             and not a["mode"] & (stat.S_ISUID | stat.S_ISGID)
 
     @fuse_op
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         f = self.handles[fh]
         data = await f.read(offset, size, self.spawn)
         now = time.time_ns()
