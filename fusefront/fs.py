@@ -36,9 +36,9 @@ import trio
 
 from storagenode.dataclient import NodeError
 
-from storagenode.metaclient import MetaClient, MetaError, MetaUnavailable
+from storagenode.metaclient import BadRequest, MetaClient, MetaError, MetaUnavailable
 from storagenode.metastate import (ATIME_BATCH_MAX, LINK_MAX, MAX_FILE_SIZE, RENAME_EXCHANGE,
-                                   RENAME_NOREPLACE, REVALIDATE_MAX, version_of)
+                                   RENAME_NOREPLACE, REVALIDATE_MAX, check_op, version_of)
 
 from .datapath import DataUnavailable, NoSpace
 from .leaseclient import Leases
@@ -545,6 +545,10 @@ class Operations(pyfuse3.Operations):
                 and self.leases is not None \
                 and await f.buffer_attrs(changes, functools.partial(self.leases.write_epoch, ino)):
             return self.merged(await self.attrs_of(ino))   # under our lease: known here
+        if changes and not fields.update_size and f is None:
+            a = self.setattr_here(ino, changes)
+            if a is not None:
+                return self.merged(a)
         if changes and not fields.update_size and f is not None:
             a = await f.flush_with(changes)
         if a is None:
@@ -556,6 +560,36 @@ class Operations(pyfuse3.Operations):
         if f is not None and "atime_ns" in changes:
             f.atime_ns = a["atime_ns"]        # an explicit atime, even an older one
         return self.merged(a)
+
+    def setattr_here(self, ino: int, changes: dict[str, Any]) -> dict[str, Any] | None:
+        """Apply a change of mode, owner or times of ``ino`` to this mount's
+        cache and queue it for the node, like ``remove_here``, when this
+        mount holds a WRITE cache lease on it and knows its attributes (a
+        directory made here: tar sets each one's owner, mode and times after
+        filling it, three round trips each).  Not for a file with a
+        FileData here (its own path orders it with its data).  The
+        attributes as the node will make them; None: do it the usual way."""
+        leases = self.leases
+        if leases is None or self.queue.stalled or ino in self.files:
+            return None
+        epoch, a = leases.write_epoch(ino), self.cache.attr(ino)
+        if not epoch or a is None:
+            return None
+        args = dict(dict.fromkeys(("mode", "uid", "gid", "atime_ns", "mtime_ns", "size")),
+                    ino=ino, **changes)
+        try:
+            check_op("setattr", dict(args, vol=self.v.vol))
+        except BadRequest:
+            return None             # the node's own answer says what is wrong
+        now = time.time_ns()
+        since = self.cache.stamp()
+        self.queue.add(QueuedOp("setattr", args, [[ino, epoch]], at_ns=now))
+        # what the node's answer would bring (metastate._op_setattr)
+        new = dict(a, ctime_ns=now, **{k: v for k, v in changes.items() if k != "mode"})
+        if "mode" in changes:
+            new["mode"] = stat.S_IFMT(a["mode"]) | (changes["mode"] & 0o7777)
+        self.cache.touched([ino], [new], since, entries=False, blocks=False)
+        return new
 
     async def truncate(self, ino: int, size: int, changes: dict[str, Any]) -> dict[str, Any]:
         async def commit() -> dict[str, Any]:

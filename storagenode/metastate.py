@@ -333,10 +333,7 @@ class MetaState:
 
     def check(self, method: str, args: Any) -> Args:
         """Validate an op's arguments (BadRequest) without applying it."""
-        entry = OPS.get(method) if isinstance(method, str) else None
-        if entry is None:
-            raise BadRequest(f"unknown op {method!r:.80}")
-        return validate(entry.spec, args)
+        return check_op(method, args)
 
     def apply(self, op: Mapping[str, Any]) -> Any:
         """Execute one op; MetaError (and no change) when it fails."""
@@ -1153,6 +1150,16 @@ def _with_xattr_flags(st: MetaState, vol: int, attrs: list[dict[str, int]]) -> N
 def _flagged(st: MetaState, vol: int, attrs: dict[str, int]) -> dict[str, int]:
     _with_xattr_flags(st, vol, [attrs])
     return attrs
+
+
+def check_op(method: str, args: Any) -> Args:
+    """Validate an op's arguments (BadRequest) without applying it (a
+    mount checks an op it queues so, which the node would otherwise refuse
+    with the whole batch it rides in)."""
+    entry = OPS.get(method) if isinstance(method, str) else None
+    if entry is None:
+        raise BadRequest(f"unknown op {method!r:.80}")
+    return validate(entry.spec, args)
 
 
 def _q_lookup(st: MetaState, a: Args, live: Live) -> Any:

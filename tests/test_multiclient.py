@@ -622,6 +622,35 @@ def test_what_one_mount_made_itself_the_other_sees_at_once_as_made(
         os.close(fd)
 
 
+def test_owner_mode_and_times_set_on_directories_one_mount_made_are_what_the_other_sees(
+        two: tuple[Cluster, Path, Path]) -> None:
+    """tar's way: A makes directories and then sets their owner, mode and
+    times, which A answers itself under its WRITE leases and batches; B
+    sees each directory as A showed it (ctime too), at once."""
+    c, a, b = two
+    (a / "s").mkdir()
+    setattrs = meta_rpcs(c, "setattr")
+    shown = {}
+    for i in range(12):
+        d = a / "s" / f"d{i}"
+        d.mkdir()
+        os.chown(d, 1000 + i, 2000 + i)
+        os.chmod(d, 0o1700 | i)
+        os.utime(d, ns=(1_000_000_007 * i, 2_000_000_011 * i - 5))
+        shown[d.name] = os.stat(d)
+        if i % 4 == 0:
+            assert os.stat(b / "s" / d.name).st_mtime_ns == 2_000_000_011 * i - 5
+    for name, before in shown.items():
+        after = os.stat(b / "s" / name)
+        assert (after.st_mode, after.st_uid, after.st_gid, after.st_atime_ns,
+                after.st_mtime_ns, after.st_ctime_ns) == (
+            before.st_mode, before.st_uid, before.st_gid, before.st_atime_ns,
+            before.st_mtime_ns, before.st_ctime_ns), name
+        i = int(name[1:])
+        assert stat.S_IMODE(after.st_mode) == 0o1700 | i and after.st_uid == 1000 + i
+    assert meta_rpcs(c, "setattr") - setattrs < 6      # most were batched
+
+
 def test_renames_one_mount_answered_itself_are_seen_at_once_by_the_other(
         two: tuple[Cluster, Path, Path]) -> None:
     """Renames within a directory A holds the WRITE lease on (of what it
