@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(a crashed client holds others up at most this long)")
     meta.add_argument("--repair-interval", type=float, default=10.0,
                       help="seconds between repair passes over the block map")
+    meta.add_argument("--repair-rate", type=float, default=2000.0,
+                      help="blocks a repair pass checks per second at most (bounds the "
+                           "CPU it takes from clients)")
     meta.add_argument("--repair-grace", type=float, default=300.0,
                       help="seconds a data node may be silent before its copies are "
                            "rebuilt elsewhere")

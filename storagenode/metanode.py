@@ -686,7 +686,7 @@ async def _background(node: "MetaNode", args: argparse.Namespace, secret: str) -
                     grace=args.orphan_grace, report=node.orphans))
                 nursery.start_soon(functools.partial(
                     repair.repair_forever, meta, data, interval=args.repair_interval,
-                    grace=args.repair_grace, status=node.repair))
+                    grace=args.repair_grace, status=node.repair, rate=args.repair_rate))
         finally:
             await data.aclose()
 

@@ -181,3 +181,45 @@ def test_a_copy_for_a_block_that_changed_meanwhile_is_left_to_the_orphan_scan() 
     trio.run(repairer.run_pass)
     assert back in block_map["holders"]
     assert all(oid in stores[nodes[h].address] for h in block_map["holders"])
+
+
+def test_a_pass_over_many_blocks_keeps_to_its_rate() -> None:
+    """A pass plans at most ``rate`` blocks a second (the metadata node's
+    CPU is the clients'), and still sees every block; a small block map is
+    done at once."""
+    import trio
+    import trio.testing
+    from typing import Any
+    from storagenode.repair import PAGE, Repairer
+
+    nodes = cluster(4)
+    blocks = []
+    for i in range(3 * PAGE + 10):
+        oid = new_object_id()
+        blocks.append([1, 1, i, oid, settled(oid, nodes)])
+
+    class Meta:
+        def __init__(self, rows: list[Any]) -> None:
+            self.rows = rows
+
+        async def call(self, method: str, **args: Any) -> Any:
+            if method == "cluster_map":
+                return {"nodes": [n.__dict__ for n in nodes.values()]}
+            if method == "volumes":
+                return [{"vol": 1, "replicas": 3, "ec_k": 0, "ec_m": 0}]
+            assert method == "scan_blocks"
+            after = args["after"]
+            return [r for r in self.rows if r[:3] > after][:args["limit"]]
+
+    async def timed(rows: list[Any]) -> tuple[float, int]:
+        repairer = Repairer(Meta(rows), None, grace=GRACE, rate=1000.0)  # type: ignore[arg-type]
+        start = trio.current_time()
+        status = await repairer.run_pass()
+        return trio.current_time() - start, status.scanned
+
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    took, scanned = trio.run(timed, blocks, clock=clock)
+    assert scanned == len(blocks)
+    assert 3 * PAGE / 1000.0 <= took < 3 * PAGE / 1000.0 + 0.1
+    took, scanned = trio.run(timed, blocks[:PAGE - 1], clock=clock)
+    assert (took, scanned) == (0.0, PAGE - 1)
