@@ -360,9 +360,18 @@ class BlockStore:
                           send: trio.MemorySendChannel[bytes | memoryview | None]) -> None:
         block: bytes | memoryview | None = None
         try:
-            obj = await self.data.get_buffer(node.address, oid)    # decode verifies
-            block = await trio.to_thread.run_sync(blockformat.decode_view, obj,
-                                                  limiter=self.limiter)
+            try:            # decode verifies: the node need not check it first
+                obj = await self.data.get_buffer(node.address, oid, node_verifies=False)
+                block = await trio.to_thread.run_sync(blockformat.decode_view, obj,
+                                                      limiter=self.limiter)
+            except blockformat.CorruptedObject as exc:
+                # bad on the node's disk (it checks now, and puts it aside)
+                # or on the way (this copy is good)
+                log.warning("%s from %s is corrupt (%s); asking it to check its copy",
+                            oid, node.node_id, exc)
+                obj = await self.data.get_buffer(node.address, oid)
+                block = await trio.to_thread.run_sync(blockformat.decode_view, obj,
+                                                      limiter=self.limiter)
         except (NodeError, blockformat.CorruptedObject) as exc:
             log.warning("reading %s from %s failed: %s", oid, node.node_id, exc)
         send.send_nowait(block)

@@ -133,6 +133,9 @@ async def _verify(address: str, obj: bytes) -> None:
         raise ObjectCorrupted(address, f"received object fails verification: {exc}") from None
 
 
+READER_VERIFIES = "reader_verifies=1"     # a GET's query: see DataClient.get_buffer
+
+
 class DataClient:
     """Async client for the data node API; close with ``aclose()``."""
 
@@ -208,17 +211,21 @@ class DataClient:
             raise NodeRejected(address, f"expected 206 for a range, got {response.status_code}")
         return response.content
 
-    async def get_buffer(self, address: str, oid: ObjectId) -> bytes | Buffer:
-        """The whole stored object, not verified (the caller decodes it, which
-        verifies), received straight into one buffer of the announced length:
-        no list of chunks and no join beside it (a 4 MiB block in flight
-        cost three copies at once: the mount's memory peak)."""
-        answer = await self._fast(b"GET", address, f"/v1/objects/{oid}")
+    async def get_buffer(self, address: str, oid: ObjectId, *,
+                         node_verifies: bool = True) -> bytes | Buffer:
+        """The whole stored object, not verified here (the caller decodes
+        it, which verifies), received straight into one buffer of the
+        announced length: no list of chunks and no join beside it (a 4 MiB
+        block in flight cost three copies at once: the mount's memory peak).
+        ``node_verifies=False``: the node sends its copy without checking it
+        first (the caller checks every byte anyway; if they fail, it asks
+        again with the node checking, which puts a bad copy aside)."""
+        path = f"/v1/objects/{oid}" if node_verifies else f"/v1/objects/{oid}?{READER_VERIFIES}"
+        answer = await self._fast(b"GET", address, path)
         if answer is not None:
             return answer
         try:
-            async with self._http.stream("GET", f"http://{address}/v1/objects/{oid}"
-                                         ) as response:
+            async with self._http.stream("GET", f"http://{address}{path}") as response:
                 length = response.headers.get("content-length", "")
                 if response.status_code >= 400 or not length.isdigit() \
                         or int(length) > WHOLE_MAX:

@@ -404,6 +404,11 @@ class ObjectStore:
         obj, _ = self._load(oid, self._path(oid))
         return obj
 
+    def get_unverified(self, oid: ObjectId) -> Bytes:
+        """The whole object as stored, not checked (for a reader that checks
+        it, see datanode._get); NoSuchObject."""
+        return self._read(self._path(oid))
+
     def verify(self, oid: ObjectId) -> None:
         """Read and verify the whole object (the scrub): as ``get``, without the bytes."""
         self._load(oid, self._path(oid))

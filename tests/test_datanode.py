@@ -240,6 +240,26 @@ def test_corrupt_stored_object_is_reported_and_quarantined(node: NodeProcess, se
     assert with_client(secret, lambda c: c.get(node.address, oid)) == obj
 
 
+def test_a_reader_that_checks_itself_gets_the_copy_unchecked(node: NodeProcess,
+                                                              secret: str) -> None:
+    """reader_verifies=1: the node sends its copy as stored, damaged or
+    not, and keeps it; asked the usual way it refuses a damaged one (422)
+    and puts it aside."""
+    oid, obj = put_new(node, secret, os.urandom(6000))
+    assert with_client(secret, lambda c: c.get_buffer(node.address, oid,
+                                                      node_verifies=False)) == obj
+    damaged = bytearray(obj)
+    damaged[-7] ^= 0x04
+    stored_path(node, oid).write_bytes(bytes(damaged))
+    got = with_client(secret, lambda c: c.get_buffer(node.address, oid, node_verifies=False))
+    assert bytes(got) == bytes(damaged) and stored_path(node, oid).exists()
+    with pytest.raises(ObjectCorrupted):
+        with_client(secret, lambda c: c.get_buffer(node.address, oid))
+    assert not stored_path(node, oid).exists()
+    with pytest.raises(ObjectNotFound):
+        with_client(secret, lambda c: c.get_buffer(node.address, oid, node_verifies=False))
+
+
 def test_corrupt_object_answers_500_corrupt_without_its_bytes(node: NodeProcess,
                                                               secret: str) -> None:
     oid, obj = put_new(node, secret, os.urandom(4000))

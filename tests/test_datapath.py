@@ -154,9 +154,11 @@ def test_a_hung_holder_costs_a_moment_not_a_timeout() -> None:
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.01))
 
 
-def test_a_copy_damaged_on_its_way_is_refused_and_the_next_one_read() -> None:
-    """The mount checks each copy it receives once (while decoding it): a
-    flipped byte, from disk or the wire, makes it read the next holder."""
+def test_a_damaged_copy_is_refused_put_aside_and_the_next_one_read() -> None:
+    """The mount checks each copy it receives (while decoding it; the node
+    sends it unchecked): a flipped byte makes it ask that node again, the
+    checked way, which puts a copy bad on its disk aside, then read the
+    next holder."""
     from storagenode.ids import NodeId
     from .test_erasure import FakeData
 
@@ -170,7 +172,8 @@ def test_a_copy_damaged_on_its_way_is_refused_and_the_next_one_read() -> None:
             damaged[len(damaged) // 2] ^= 1
             data.stores[h][oid] = bytes(damaged)
         assert await store.download(oid, [NodeId(h) for h in holders]) == block
-        assert len(data.gets) == 3
+        assert [a for a, _ in data.gets] == [holders[0]] * 2 + [holders[1]] * 2 + [holders[2]]
+        assert [oid in data.stores[h] for h in holders] == [False, False, True]
     trio.run(main)
 
 

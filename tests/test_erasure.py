@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from fusefront.datapath import (BlockStore, ClusterView, DataUnavailable, NoSpace,
                                 shard_fetch_plan)
 from storagenode import blockformat, erasure, metaschema
-from storagenode.dataclient import NodeFull, NodeUnavailable, ObjectNotFound, Parts
+from storagenode.dataclient import NodeFull, NodeUnavailable, ObjectCorrupted, ObjectNotFound, Parts
 from storagenode.erasure import CorruptShard, NotEnoughShards
 from storagenode.ids import (NodeId, ObjectId, is_block_id, is_object_id, new_object_id,
                              parse_object_id, shard_id, split_shard_id)
@@ -311,8 +311,18 @@ class FakeData:
             raise ObjectNotFound(address, "no such object")
         return store[oid]
 
-    async def get_buffer(self, address: str, oid: ObjectId) -> bytes:
-        return await self.get(address, oid, verify=False)
+    async def get_buffer(self, address: str, oid: ObjectId, *,
+                         node_verifies: bool = True) -> bytes:
+        """As a node answers: checked first unless the reader checks it (a
+        bad copy checked is put aside and refused)."""
+        obj = await self.get(address, oid, verify=False)
+        if node_verifies:
+            try:
+                blockformat.verify(obj)
+            except blockformat.CorruptedObject:
+                del self.stores[address][oid]
+                raise ObjectCorrupted(address, "stored object is corrupt", 422) from None
+        return obj
 
     async def delete(self, address: str, oid: ObjectId) -> bool:
         return self._check(address).pop(oid, None) is not None
