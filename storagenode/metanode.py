@@ -476,19 +476,28 @@ class MetaNode:
         # op's lease; one it made or moved in is not found, and is covered
         # by the lease that op was admitted under.
         known: dict[int, int] = {}
+        # inode -> the fence an op lease taken by an earlier op of this
+        # batch, admitted whole, holds it under until the batch is done: a
+        # later op changing it under the same lease needs no op lease of
+        # its own (a directory's creates took one each, and every release
+        # looked at all the others: quadratic in the batch)
+        pinned: dict[int, int] = {}
         try:
             for method, op_args, fences, at_ns in ops:
                 grants: list[Any] = []
+                pins: dict[int, int] = {}
                 try:
                     for _, ino in op_keys(self._reader, method, op_args):
                         fence = fences.get(ino, 0) or known.get(ino, 0)
+                        if method != "commit_blocks" and pinned.get(ino) == fence:
+                            continue
                         grant = self.leases.admit_write(session, vol, ino, fence)
                         if grant is None:
                             raise MetaError(errno.EIO, (
                                 f"{method} of inode {ino}: no WRITE lease of this mount covers it "
                                 f"(lost or recalled; fence {fence})"))
                         grants.append(grant)
-                        known[ino] = fence
+                        known[ino] = pins[ino] = fence
                     if method == "commit_blocks":
                         op_args["fence"] = grants[0].epoch
                     if method in CREATES:
@@ -498,6 +507,7 @@ class MetaNode:
                     self.leases.unhold(grants)
                     admitted.append((exc, []))
                     continue
+                pinned.update(pins)
                 pending = _Pending({"method": method, "args": op_args, "time_ns": 0},
                                    at_ns if method != "commit_blocks" else 0)
                 admitted.append((pending, grants))
