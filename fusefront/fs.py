@@ -172,6 +172,8 @@ class Operations(pyfuse3.Operations):
             volume.meta, flush=self.flush_inode, invalidate=self.kernel_forget,
             vol=volume.vol, drop=self.cache_drop, busy=self.busy,
             began=self.cache.began, invalidate_attrs=self.kernel_forget_attrs) if leases else None
+        if self.leases is not None:
+            self.cache.valid = self.leases.serves
         self.in_flight: collections.Counter[int] = collections.Counter()  # see DIR_LOCKING
         self.cache_file: CacheFile | None = None       # kept across mounts
         volume.touched = self.cache_touched
@@ -217,7 +219,7 @@ class Operations(pyfuse3.Operations):
         return await self.v.call(method, **args)
 
     def lease_held(self, ino: int) -> bool:
-        return self.leases is not None and self.leases.cache_time(ino) > 0
+        return self.leases is not None and self.leases.serves(ino)
 
     def queue_fence_of(self, ino: int, epoch: int) -> int:
         return self.leases.fence_of(ino, epoch) if self.leases is not None else epoch

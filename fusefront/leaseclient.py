@@ -188,6 +188,11 @@ class Leases:
 
     # ---- what may be cached
 
+    def serves(self, ino: int) -> bool:
+        """May what is known of ``ino`` be served from cache now?  (The
+        test every cache read makes, several per request: kept cheap.)"""
+        return ino in self.held and self.valid_until > trio.current_time()
+
     def cache_time(self, ino: int) -> float:
         if ino not in self.held:
             return 0.0

@@ -47,7 +47,7 @@ from .filedata import Spawn, Volume
 
 log = logging.getLogger(__name__)
 
-DRAIN_DELAY = 0.01          # seconds an op waits for others to share its batch
+DRAIN_DELAY = 0.005         # seconds an op waits for others to share its batch
 RETRY_DELAY = 1.0           # after a drain failed for want of the metadata node
 BATCH_MAX = 256             # ops per batch RPC (the node's limit)
 
@@ -64,6 +64,7 @@ class QueuedOp:
     at_ns: int = 0                  # when it was answered here (the node stamps it so)
     rider: bool = False             # its caller waits for ``answer`` (see ``ride``)
     answer: dict[str, Any] | None = None
+    seq: int = 0                    # its place in the order ops were queued in
 
 
 class NamespaceQueue:
@@ -78,6 +79,7 @@ class NamespaceQueue:
         self._ops: list[QueuedOp] = []
         self._lock = trio.Lock()
         self._timer = False
+        self._seq = 0                   # the last op queued (QueuedOp.seq)
         # the last send found the node unreachable: ops are not answered
         # here until one lands (a restarted node forgets the leases they are
         # sent under, so the fewer wait in the queue, the fewer are refused)
@@ -95,8 +97,13 @@ class NamespaceQueue:
     def __len__(self) -> int:
         return len(self._ops)
 
-    def add(self, op: QueuedOp) -> None:
+    def _append(self, op: QueuedOp) -> None:
+        self._seq += 1
+        op.seq = self._seq
         self._ops.append(op)
+
+    def add(self, op: QueuedOp) -> None:
+        self._append(op)
         if not self._timer:
             self._timer = True
             self._spawn(self._later)
@@ -112,9 +119,13 @@ class NamespaceQueue:
         if not self._ops and not always:
             return None
         op = QueuedOp(method, args, fences, rider=True)
-        self._ops.append(op)
+        self._append(op)
         try:
-            await self.drain()
+            if always:
+                # the commits of other files closed then, started with this
+                # one, join it here before it is sent
+                await trio.sleep(0)
+            await self.drain(op)
         finally:
             if op in self._ops:
                 self._ops.remove(op)
@@ -138,13 +149,18 @@ class NamespaceQueue:
             self._timer = True
             self._spawn(self._later)
 
-    async def drain(self) -> None:
-        """Send everything queued now, in order; MetaUnavailable (the ops
-        stay queued) when the metadata node cannot be reached."""
+    async def drain(self, upto: QueuedOp | None = None) -> None:
+        """Send everything queued now (or up to ``upto``), in order;
+        MetaUnavailable (the ops stay queued) when the metadata node cannot
+        be reached.  Ops queued meanwhile ride along in a batch that is sent
+        anyway, but none is sent for them alone: they wait for the timer (a
+        create loop sent a batch each round trip, one or two creates in
+        each, where ten milliseconds gather a dozen)."""
         if not self._ops:
             return
+        goal = self._seq if upto is None else upto.seq
         async with self._lock:
-            while self._ops:
+            while self._ops and self._ops[0].seq <= goal:
                 ops = self._ops[:BATCH_MAX]
                 with trio.CancelScope(shield=True):
                     try:

@@ -511,7 +511,10 @@ class MetaNode:
                 pending = _Pending({"method": method, "args": op_args, "time_ns": 0},
                                    at_ns if method != "commit_blocks" else 0)
                 admitted.append((pending, grants))
-                await self._send.send(pending)
+                try:        # no checkpoint between a batch's ops: one commit takes them all
+                    self._send.send_nowait(pending)
+                except trio.WouldBlock:
+                    await self._send.send(pending)
             results: list[dict[str, Any]] = []
             for (item, _), (method, op_args, _, _) in zip(admitted, ops):
                 new = made.get(op_args["ino"]) if method in CREATES else None

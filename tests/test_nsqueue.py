@@ -117,3 +117,29 @@ def test_nothing_leaves_the_queue_without_its_answer() -> None:
         assert not queue.stalled
         assert [o["args"]["name"] for b in volume.batches for o in b] == [b"a", b"a"]
     trio.run(main)
+
+
+def test_ops_queued_while_a_batch_is_on_its_way_wait_to_share_the_next() -> None:
+    """A drain sends what was queued when it was asked (and what is queued
+    by the time its batch leaves), not a batch for each op that comes while
+    one is on its way: those wait for the timer, and go together; a rider
+    is sent with everything queued before it."""
+    async def main() -> None:
+        answered: list[bytes] = []
+        volume = FakeVolume(lambda ops: [{"result": {}}] * len(ops))
+        queue = queue_of(volume, lambda o, answer: answered.append(o.name), [])
+        queue.add(op(b"a", 10))
+
+        async def more() -> None:
+            await trio.sleep(0.005)           # while a's batch is on its way
+            for i in range(5):
+                queue.add(op(b"m%d" % i, 20 + i))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(more)
+            await queue.drain()
+        assert [len(b) for b in volume.batches] == [1] and len(queue) == 5
+        answer = await queue.ride("commit_blocks", {"ino": 30}, [[30, 1]])
+        assert answer == {"result": {}}
+        assert [len(b) for b in volume.batches] == [1, 6] and len(queue) == 0
+        assert answered == [b"a", b"m0", b"m1", b"m2", b"m3", b"m4"]
+    trio.run(main)
