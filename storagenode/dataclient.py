@@ -254,9 +254,13 @@ class DataClient:
         return int(response.headers["content-length"])
 
     async def delete(self, address: str, oid: ObjectId) -> bool:
-        """Remove the object; False if the node did not hold it."""
+        """Remove the object; False if the node did not hold it.  (Through
+        ``_Plain`` as reads and writes go: the collector's deletes through
+        httpx cost the metadata node ~1 ms of CPU each.)"""
+        path = f"/v1/objects/{oid}"
         try:
-            await self._send("DELETE", address, f"/v1/objects/{oid}")
+            if await self._fast(b"DELETE", address, path) is None:
+                await self._send("DELETE", address, path)
         except ObjectNotFound:
             return False
         return True
@@ -297,11 +301,12 @@ class _Plain:
 
     async def exchange(self, method: bytes, address: str, path: str, body: Parts = b""
                        ) -> tuple[int, Buffer] | None:
-        """Status and body of the answer to a GET, or a PUT of ``body``, if
-        the answer is plain (``content-length`` framing); None for any other
-        (ask httpx).  On a kept connection that turns out closed by the node
-        meanwhile, the request is sent again on a new one (a GET changes
-        nothing, a PUT of the same object again is fine)."""
+        """Status and body of the answer to a GET, a DELETE, or a PUT of
+        ``body``, if the answer is plain (``content-length`` framing, or a
+        204); None for any other (ask httpx).  On a kept connection that
+        turns out closed by the node meanwhile, the request is sent again on
+        a new one (a GET changes nothing, a PUT of the same object again is
+        fine, a DELETE again finds nothing: "not held")."""
         token = trio.lowlevel.current_trio_token()
         if token is not self.token:
             self.close()              # a new run: the old run's sockets are unusable
@@ -359,6 +364,9 @@ class _Plain:
             head += piece
         fields = head[:end + 2]
         status, length = _STATUS.match(fields), _LENGTH.search(fields)
+        if status is not None and status[1] == b"204" and length is None \
+                and not _NOT_PLAIN.search(fields) and len(head) == end + 4:
+            return 204, bytearray()           # no content, by definition (a DELETE's)
         if status is None or length is None or _NOT_PLAIN.search(fields) \
                 or int(length[1]) > WHOLE_MAX:
             return None

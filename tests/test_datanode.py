@@ -101,6 +101,9 @@ def test_put_get_head_delete(node: NodeProcess, secret: str) -> None:
             await c.get_buffer(node.address, oid)
 
     with_client(secret, scenario)
+    text = raw(node, "GET", "/metrics").text      # each delete was sent once
+    assert 'objfs_data_requests_total{method="DELETE",status="204"} 1.0' in text
+    assert 'objfs_data_requests_total{method="DELETE",status="404"} 1.0' in text
 
 
 def test_put_answers_201_then_200_and_head_has_checksum(node: NodeProcess, secret: str) -> None:
