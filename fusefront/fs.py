@@ -61,6 +61,7 @@ XATTR_CREATE, XATTR_REPLACE = 1, 2
 # close returned (with every other file closed meanwhile, in one batch), or
 # sooner: a recall of the lease, fsync, unmount (``close_behind``).
 COMMIT_DELAY = 0.01
+ATIME_DELAY = 0.02          # a read access waits this long for others to share its op
 COMMIT_RETRY_DELAY = 1.0    # when the metadata node could not be reached
 
 
@@ -1175,11 +1176,14 @@ class Operations(pyfuse3.Operations):
             self.nursery.start_soon(self.send_atimes)
 
     async def send_atimes(self) -> None:
-        """Send the read accesses noted so far, many in one op; those noted
-        while it is on its way go in the next (so a burst of reads, a grep
-        or a build, costs a few round trips, not one per file)."""
+        """Send the read accesses noted so far, many in one op, ``ATIME_DELAY``
+        after the first; those noted while it is on its way go in the next
+        (so a burst of reads, a grep or a build, costs a few round trips,
+        not one per file: reading 10,000 small files one after the other
+        sent 6,267, each a metadata commit)."""
         try:
             while self.atime_unsent:
+                await trio.sleep(ATIME_DELAY)
                 inos = list(itertools.islice(self.atime_unsent, ATIME_BATCH_MAX))
                 self.atime_unsent.difference_update(inos)
                 pending = [self.atime_pending[ino] for ino in inos]

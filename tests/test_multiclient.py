@@ -683,3 +683,24 @@ def test_renames_one_mount_answered_itself_are_seen_at_once_by_the_other(
         assert old.read() == b"v3"
     assert (b / "r" / "doc").read_bytes() == b"new"
     assert sorted(os.listdir(a / "r")) == sorted(os.listdir(b / "r"))
+
+
+def test_reads_of_many_files_record_their_atimes_in_few_ops(
+        two: tuple[Cluster, Path, Path]) -> None:
+    """B reads 150 files A wrote, one after the other (relatime: each
+    first read after a write moves its atime): the read accesses go to
+    the node many to an op, and A then sees every atime B's read set."""
+    c, a, b = two
+    (a / "r").mkdir()
+    for i in range(150):
+        (a / "r" / f"f{i}").write_bytes(b"x" * (i + 1))
+    written = {i: os.stat(a / "r" / f"f{i}") for i in range(150)}
+    touches = meta_rpcs(c, "touch_atimes")
+    started = time.time_ns()
+    for i in range(150):
+        assert (b / "r" / f"f{i}").read_bytes() == b"x" * (i + 1)
+    for i in range(150):
+        seen = os.stat(a / "r" / f"f{i}")
+        assert seen.st_atime_ns >= started > written[i].st_atime_ns, i
+        assert seen.st_mtime_ns == written[i].st_mtime_ns
+    assert meta_rpcs(c, "touch_atimes") - touches < 40
