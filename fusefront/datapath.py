@@ -361,20 +361,22 @@ class BlockStore:
         block: bytes | memoryview | None = None
         try:
             try:            # decode verifies: the node need not check it first
-                obj = await self.data.get_buffer(node.address, oid, node_verifies=False)
-                block = await trio.to_thread.run_sync(blockformat.decode_view, obj,
-                                                      limiter=self.limiter)
+                block = await self._decoded(node, oid, node_verifies=False)
             except blockformat.CorruptedObject as exc:
                 # bad on the node's disk (it checks now, and puts it aside)
                 # or on the way (this copy is good)
                 log.warning("%s from %s is corrupt (%s); asking it to check its copy",
                             oid, node.node_id, exc)
-                obj = await self.data.get_buffer(node.address, oid)
-                block = await trio.to_thread.run_sync(blockformat.decode_view, obj,
-                                                      limiter=self.limiter)
+                block = await self._decoded(node, oid, node_verifies=True)
         except (NodeError, blockformat.CorruptedObject) as exc:
             log.warning("reading %s from %s failed: %s", oid, node.node_id, exc)
         send.send_nowait(block)
+
+    async def _decoded(self, node: DataNode, oid: ObjectId, *,
+                       node_verifies: bool) -> bytes | memoryview:
+        """``node``'s copy of object ``oid``, decoded (which verifies it)."""
+        obj = await self.data.get_buffer(node.address, oid, node_verifies=node_verifies)
+        return await trio.to_thread.run_sync(blockformat.decode_view, obj, limiter=self.limiter)
 
     def _fetch_order(self, oid: ObjectId, holders: Sequence[str]) -> list[DataNode]:
         known = [self.view.nodes[NodeId(h)] for h in holders if h in self.view.nodes]

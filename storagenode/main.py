@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(a crashed client holds others up at most this long)")
     meta.add_argument("--repair-interval", type=float, default=10.0,
                       help="seconds between repair passes over the block map")
-    meta.add_argument("--repair-rate", type=float, default=2000.0,
+    meta.add_argument("--repair-rate", type=_positive(float), default=2000.0,
                       help="blocks a repair pass checks per second at most (bounds the "
                            "CPU it takes from clients)")
     meta.add_argument("--repair-grace", type=float, default=300.0,
@@ -77,14 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _not_negative(kind: Callable[[str], T]) -> Callable[[str], T]:
+def _checked(kind: Callable[[str], T], ok: Callable[[T], bool],
+             says: str) -> Callable[[str], T]:
     def parse(text: str) -> T:
         value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{says}: {text}")
         return value
     parse.__name__ = kind.__name__      # argparse names the type in its error
     return parse
+
+
+def _not_negative(kind: Callable[[str], T]) -> Callable[[str], T]:
+    return _checked(kind, lambda v: v >= 0, "must not be negative")
+
+
+def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
+    return _checked(kind, lambda v: v > 0, "must be positive")
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

@@ -223,3 +223,14 @@ def test_a_pass_over_many_blocks_keeps_to_its_rate() -> None:
     assert 3 * PAGE / 1000.0 <= took < 3 * PAGE / 1000.0 + 0.1
     took, scanned = trio.run(timed, blocks[:PAGE - 1], clock=clock)
     assert (took, scanned) == (0.0, PAGE - 1)
+
+
+def test_a_repair_rate_must_be_positive() -> None:
+    import pytest
+    from storagenode.main import build_parser
+    common = ["meta", "--state", "s", "--listen", "h:1", "--secret-file", "f"]
+    assert build_parser().parse_args(common).repair_rate == 2000.0
+    assert build_parser().parse_args(common + ["--repair-rate", "50"]).repair_rate == 50.0
+    for bad in ("0", "-3", "nan"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(common + ["--repair-rate", bad])
