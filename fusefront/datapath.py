@@ -47,10 +47,11 @@ Only when too few nodes answer does the caller see ``DataUnavailable``
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import AbstractSet, Any, Sequence
+from typing import AbstractSet, Any, Awaitable, Callable, Sequence, TypeVar
 
 import trio
 
@@ -65,7 +66,11 @@ log = logging.getLogger(__name__)
 MAP_REFRESH = 5.0
 HEDGE_AFTER = 1.5           # seconds before a read also asks the next node
 PUT_HEDGE_AFTER = 2.0       # seconds before a piece being stored also goes to a spare node
+DECODE_HERE = 256 * 1024   # pieces received up to this size are checked without a thread
 DISCARD_WITHIN = 2.0        # seconds a best-effort discard may take (then: the orphan scan)
+
+
+T = TypeVar("T")
 
 
 class NoSpace(Exception):
@@ -325,52 +330,93 @@ class BlockStore:
         if self.ec_k:
             block = await self._download_shards(oid, holders)
         else:
-            block = await self._download_copy(oid, holders)
+            block = await self._download_copy(oid, holders, functools.partial(self._whole, oid))
         if block is None:
             await self.view.refresh(force=True)
             raise DataUnavailable(f"no data node returned a good copy of object {oid}")
         return block
 
-    async def _download_copy(self, oid: ObjectId, holders: Sequence[str]
-                             ) -> bytes | memoryview | None:
-        """Ask the nodes in fetch order; a failure moves on at once, a node
-        silent for ``HEDGE_AFTER`` gets company (the next node is asked too:
-        a hung node costs a moment, not a timeout); the first good copy wins."""
+    async def download_pieces(self, oid: ObjectId, holders: Sequence[str], first: int,
+                              last: int) -> tuple[int, bytes | memoryview]:
+        """Pieces ``first`` .. ``last`` of block ``oid`` (``blockformat``),
+        verified and decoded: where they start in the block, and their
+        bytes.  The whole block (from 0) where there are no pieces to read:
+        an erasure-coded volume, an object of format 1, an older node."""
+        if self.ec_k:
+            return 0, await self.download(oid, holders)
+        await self.view.refresh()
+        got = await self._download_copy(
+            oid, holders, functools.partial(self._pieces_of, oid, first, last))
+        if got is None:
+            await self.view.refresh(force=True)
+            raise DataUnavailable(f"no data node returned good pieces of object {oid}")
+        return got
+
+    async def _download_copy(self, oid: ObjectId, holders: Sequence[str],
+                             read: Callable[[DataNode], Awaitable[T]]) -> T | None:
+        """Ask the nodes in fetch order (``read`` one of them); a failure
+        moves on at once, a node silent for ``HEDGE_AFTER`` gets company
+        (the next node is asked too: a hung node costs a moment, not a
+        timeout); the first good answer wins."""
         order = self._fetch_order(oid, holders)
-        send, receive = trio.open_memory_channel[bytes | memoryview | None](len(order))
+        send, receive = trio.open_memory_channel[T | None](len(order))
         async with trio.open_nursery() as nursery:
             running = 0
             for i, node in enumerate(order):
-                nursery.start_soon(self._fetch_copy, node, oid, send)
+                nursery.start_soon(self._fetch_copy, node, oid, read, send)
                 running += 1
                 last = i == len(order) - 1
                 with trio.move_on_after(math.inf if last else HEDGE_AFTER):
                     while running:
-                        block = await receive.receive()
+                        got = await receive.receive()
                         running -= 1
-                        if block is not None:
+                        if got is not None:
                             nursery.cancel_scope.cancel()
-                            return block
+                            return got
                         if not last:
                             break           # that one failed: ask the next now
             nursery.cancel_scope.cancel()
         return None
 
-    async def _fetch_copy(self, node: DataNode, oid: ObjectId,
-                          send: trio.MemorySendChannel[bytes | memoryview | None]) -> None:
-        block: bytes | memoryview | None = None
+    @staticmethod
+    async def _fetch_copy(node: DataNode, oid: ObjectId,
+                          read: Callable[[DataNode], Awaitable[T]],
+                          send: trio.MemorySendChannel[T | None]) -> None:
+        got: T | None = None
         try:
-            try:            # decode verifies: the node need not check it first
-                block = await self._decoded(node, oid, node_verifies=False)
-            except blockformat.CorruptedObject as exc:
-                # bad on the node's disk (it checks now, and puts it aside)
-                # or on the way (this copy is good)
-                log.warning("%s from %s is corrupt (%s); asking it to check its copy",
-                            oid, node.node_id, exc)
-                block = await self._decoded(node, oid, node_verifies=True)
+            got = await read(node)
         except (NodeError, blockformat.CorruptedObject) as exc:
             log.warning("reading %s from %s failed: %s", oid, node.node_id, exc)
-        send.send_nowait(block)
+        send.send_nowait(got)
+
+    async def _whole(self, oid: ObjectId, node: DataNode) -> bytes | memoryview:
+        """``node``'s copy of ``oid``, decoded (which checks every byte: the
+        node need not check it first).  If it is bad, the copy is bad on the
+        node's disk (the node checks it now, and puts it aside) or was
+        damaged on the way (the copy asked for again is good)."""
+        try:
+            return await self._decoded(node, oid, node_verifies=False)
+        except blockformat.CorruptedObject as exc:
+            log.warning("%s from %s is corrupt (%s); asking it to check its copy",
+                        oid, node.node_id, exc)
+            return await self._decoded(node, oid, node_verifies=True)
+
+    async def _pieces_of(self, oid: ObjectId, first: int, last: int, node: DataNode
+                         ) -> tuple[int, bytes | memoryview]:
+        """``node``'s pieces ``first`` .. ``last`` of ``oid``, checked and
+        decoded (in this thread when small: a thread's round trip costs more
+        than checking 64 KiB).  If they are bad, the node is asked for the
+        whole object the checked way, as ``_whole`` does."""
+        body = await self.data.get_pieces(node.address, oid, first, last)
+        try:
+            if len(body) <= DECODE_HERE:
+                return blockformat.decode_range(body, first, last)
+            return await trio.to_thread.run_sync(blockformat.decode_range, body, first, last,
+                                                 limiter=self.limiter)
+        except blockformat.CorruptedObject as exc:
+            log.warning("pieces %d-%d of %s from %s are corrupt (%s); asking it to check "
+                        "its copy", first, last, oid, node.node_id, exc)
+            return 0, await self._decoded(node, oid, node_verifies=True)
 
     async def _decoded(self, node: DataNode, oid: ObjectId, *,
                        node_verifies: bool) -> bytes | memoryview:

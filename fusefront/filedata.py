@@ -48,6 +48,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
+from storagenode.blockformat import PIECE_SHIFT, PIECE_SIZE
 from storagenode.ids import InodeId, ObjectId
 from storagenode.metaclient import MetaClient, MetaUnavailable
 from storagenode.metastate import INLINE_MAX, MetaError
@@ -66,6 +67,10 @@ MAX_PREFETCH = 8        # read-ahead fetches over the whole mount
 COMMIT_BATCH = 256      # uploaded blocks that force a commit
 MAP_SPAN = 65536        # block map entries fetched per request
 MAP_REF_BYTES = 200     # about what one loaded block map entry costs in memory
+STREAMS = 4             # readers of one file told apart as sequential streams
+STREAM_BACK = 128 * 1024     # a read starting this far before a stream's end ...
+STREAM_AHEAD = 512 * 1024    # ... or this far after it continues that stream
+STREAM_AFTER = 2             # continuations that make a stream (then: whole blocks)
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,11 @@ class BlockRef:
         """Block ``idx`` as commit_blocks takes it."""
         entry = [idx, self.oid, self.length, list(self.holders)]
         return entry if self.data is None else entry + [self.data]
+
+
+def piece_key(oid: ObjectId, index: int) -> ObjectId:
+    """The block cache's key for piece ``index`` of object ``oid``."""
+    return ObjectId(f"{oid}/{index}")
 
 
 def atime_due(attrs: dict[str, Any], now: int) -> bool:
@@ -247,6 +257,7 @@ class FileData:
         self.opens = 0
         self.maybe_orphan = False     # lost a name while open here: check at last release
         self.last_read = -2
+        self.read_ends: list[tuple[int, int]] = []   # recent streams: (end, continuations)
 
     # ----- the committed block map
     async def _span(self, idx: int) -> dict[int, BlockRef]:
@@ -276,13 +287,16 @@ class FileData:
         self.spans.clear()
         self.map_gen += 1
 
-    async def _stored(self, idx: int) -> memoryview:
-        """Stored bytes of block ``idx`` up to its valid length (empty for a hole):
-        uploaded and awaiting commit, or committed."""
+    async def _stored_ref(self, idx: int) -> BlockRef | None:
+        """Block ``idx``'s ref: uploaded and awaiting commit, or committed
+        (None: a hole)."""
         if idx in self.uploaded:
-            ref: BlockRef | None = self.uploaded[idx]
-        else:
-            ref = (await self._span(idx)).get(idx)
+            return self.uploaded[idx]
+        return (await self._span(idx)).get(idx)
+
+    async def _stored(self, idx: int) -> memoryview:
+        """Stored bytes of block ``idx`` up to its valid length (empty for a hole)."""
+        ref = await self._stored_ref(idx)
         if ref is None:
             return memoryview(b"")
         return memoryview(await self._fetch(ref))[:ref.length]
@@ -316,31 +330,98 @@ class FileData:
         return self.view != view_of(attrs)
 
     async def read(self, offset: int, length: int, prefetch: Spawn) -> bytes | memoryview:
-        """The bytes at ``offset``: a view of a fetched block where one
-        stored block holds them all (pyfuse3 replies from any buffer, so the
-        mebibyte is copied once, into the kernel, not twice; a fetched
-        block is never changed), else a fresh copy."""
+        """The bytes at ``offset``: a view of a fetched block or piece where
+        one holds them all (pyfuse3 replies from any buffer, so the
+        mebibyte is copied once, into the kernel, not twice; fetched data
+        is never changed), else a fresh copy.  A read that continues a
+        stream of reads fetches whole blocks and reads ahead; any other
+        (random access) fetches only the pieces it touches."""
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
+        streaming = self._streaming(offset, end)
         first, last = offset // self.bs, (end - 1) // self.bs
         if first == last and first not in self.dirty:
             start = first * self.bs
-            stored = await self._stored(first)
-            if first not in self.dirty and len(stored) >= end - start:
-                self._read_ahead(first, last, prefetch)
-                return stored[offset - start:end - start]
+            if streaming:
+                stored = (await self._stored(first))[offset - start:end - start]
+            else:
+                stored = await self._stored_span(first, offset - start, end - start)
+            if first not in self.dirty and len(stored) == end - offset:
+                self._read_ahead(first, last, prefetch, streaming)
+                return stored
         parts = []
         for idx in range(first, last + 1):
             start = idx * self.bs
             lo, hi = max(offset, start) - start, min(end, start + self.bs) - start
             piece = bytes((await self._content(idx))[lo:hi])
             parts.append(piece + bytes(hi - lo - len(piece)))
-        self._read_ahead(first, last, prefetch)
+        self._read_ahead(first, last, prefetch, streaming)
         return b"".join(parts)
 
-    def _read_ahead(self, first: int, last: int, prefetch: Spawn) -> None:
-        sequential = first in (self.last_read, self.last_read + 1)
+    def _streaming(self, offset: int, end: int) -> bool:
+        """Does a read of [offset, end) start at 0, or continue one of the
+        last ``STREAMS`` streams of reads of this file that had already
+        continued once (``STREAM_AFTER``)?  Noted either way.  (A random
+        reader lands near the end of some earlier read now and then; one
+        such read fetching a whole 4 MiB block cost more than all the
+        64 KiB pieces around it.)"""
+        ends = self.read_ends
+        for i, (at, run) in enumerate(ends):
+            if at - STREAM_BACK <= offset <= at + STREAM_AHEAD:
+                ends[i] = (max(at, end), run + 1)
+                return run + 1 >= STREAM_AFTER or offset == 0
+        ends.append((end, 0))
+        if len(ends) > STREAMS:
+            del ends[0]
+        return offset == 0
+
+    async def _stored_span(self, idx: int, lo: int, hi: int) -> memoryview:
+        """Stored bytes [lo, hi) of block ``idx`` (fewer past its valid
+        length): from its cached block or pieces, else by fetching just the
+        pieces they lie in."""
+        ref = await self._stored_ref(idx)
+        if ref is None:
+            return memoryview(b"")
+        hi = min(hi, ref.length)
+        oid = ref.oid
+        if oid is None or lo >= hi or self.v.cache.peek(oid) is not None \
+                or self.v.cache.fetching(oid):
+            return memoryview(await self._fetch(ref))[lo:hi]
+        first, last = lo >> PIECE_SHIFT, (hi - 1) >> PIECE_SHIFT
+        if first == last:
+            piece = await self.v.cache.get(piece_key(oid, first),
+                                           lambda: self._fetch_piece(ref, first))
+            return memoryview(piece)[lo - (first << PIECE_SHIFT):hi - (first << PIECE_SHIFT)]
+        start, data = await self.v.store.download_pieces(oid, ref.holders, first, last)
+        self._cache_pieces(oid, start, data)
+        if not (start <= lo and hi <= start + len(data)):
+            return memoryview(await self._fetch(ref))[lo:hi]
+        return memoryview(data)[lo - start:hi - start]
+
+    async def _fetch_piece(self, ref: BlockRef, index: int) -> Block:
+        """Piece ``index`` of ``ref``'s object, fetched on its own (or cut
+        from the whole block where that came instead)."""
+        assert ref.oid is not None
+        start, data = await self.v.store.download_pieces(ref.oid, ref.holders, index, index)
+        self._cache_pieces(ref.oid, start, data)
+        at = (index << PIECE_SHIFT) - start
+        if at < 0 or at >= len(data):
+            return memoryview(await self._fetch(ref))[index << PIECE_SHIFT:][:PIECE_SIZE]
+        return memoryview(data)[at:at + PIECE_SIZE]
+
+    def _cache_pieces(self, oid: ObjectId, start: int, data: Block) -> None:
+        """Keep what ``download_pieces`` brought: the whole block, or its pieces."""
+        if start == 0 and len(data) > PIECE_SIZE:
+            self.v.cache.put(oid, data)
+            return
+        view = memoryview(data)
+        for at in range(0, len(view), PIECE_SIZE):
+            self.v.cache.put(piece_key(oid, (start + at) >> PIECE_SHIFT),
+                             view[at:at + PIECE_SIZE])
+
+    def _read_ahead(self, first: int, last: int, prefetch: Spawn, streaming: bool) -> None:
+        sequential = streaming and first in (self.last_read, self.last_read + 1)
         self.last_read = last
         if not sequential:
             return

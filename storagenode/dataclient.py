@@ -245,6 +245,18 @@ class DataClient:
         except httpx.TransportError as exc:
             raise NodeUnavailable(address, f"{type(exc).__name__}: {exc}") from None
 
+    async def get_pieces(self, address: str, oid: ObjectId, first: int, last: int
+                         ) -> bytes | Buffer:
+        """The object's header and piece table and the stored bytes of its
+        pieces ``first`` .. ``last``, not checked (``blockformat.decode_range``
+        checks and decodes them); the whole object from a node or an object
+        without pieces."""
+        path = f"/v1/objects/{oid}?pieces={first}-{last}"
+        answer = await self._fast(b"GET", address, path)
+        if answer is not None:
+            return answer
+        return (await self._send("GET", address, path)).content
+
     async def head(self, address: str, oid: ObjectId) -> int | None:
         """The stored size of the object, None if the node does not hold it."""
         try:

@@ -102,7 +102,7 @@ def slice_size(length: int, k: int) -> int:
 def encode_block(block: bytes | bytearray | memoryview, k: int, m: int) -> list[bytes]:
     """The k + m shard objects of ``block``, shard i at position i."""
     check_code(k, m)
-    framed = blockformat.encode(block)
+    framed = blockformat.encode(block, pieced=False)     # read whole: one checksum
     shards = _shards_of(framed, k, m, range(k + m))
     return [shards[i] for i in range(k + m)]
 
@@ -130,7 +130,7 @@ def _shards_of(framed: bytes, k: int, m: int, wanted: Iterable[int]) -> dict[int
 def _frame(k: int, m: int, index: int, length: int, digest: bytes,
            data: bytes | memoryview) -> bytes:
     head = _HEAD.pack(MAGIC, VERSION, k, m, index, length, digest)
-    return blockformat.encode(b"".join((head, data)), compress=False)
+    return blockformat.encode(b"".join((head, data)), compress=False, pieced=False)
 
 
 # ---------------------------------------------------------------- verifying

@@ -74,6 +74,10 @@ class NoSuchObject(StoreError):
     """No object is stored under that id."""
 
 
+class NoSuchPieces(StoreError):
+    """The object has fewer pieces than the first one asked for."""
+
+
 class ObjectExists(StoreError):
     """A different object is already stored under that id."""
 
@@ -230,6 +234,17 @@ def _direct(path: Path, view: memoryview, mode: int,
     finally:
         os.close(fd)
     return done
+
+
+def _pread_all(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset``; CorruptedObject if the file ends first."""
+    data = os.pread(fd, length, offset)
+    while len(data) < length:
+        more = os.pread(fd, length - len(data), offset + len(data))
+        if not more:
+            raise CorruptedObject(f"object file ends at {offset + len(data)}")
+        data += more
+    return data
 
 
 def _sorted_entries(path: Path) -> list[os.DirEntry[str]]:
@@ -409,6 +424,38 @@ class ObjectStore:
         it, see datanode._get); NoSuchObject."""
         return self._read(self._path(oid))
 
+    def get_pieces(self, oid: ObjectId, first: int, last: int) -> Bytes:
+        """Header, piece table and the stored bytes of pieces ``first`` ..
+        ``last`` (or the last there is) of a format 2 object, the pieces
+        not checked: the reader checks them (``blockformat.decode_range``).
+        A format 1 object comes whole, not checked either.  A header or
+        table that fails its check is checked the full way (``get``), which
+        puts a bad object aside.  NoSuchObject, NoSuchPieces."""
+        path = self._path(oid)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise NoSuchObject(oid) from None
+        try:
+            head = os.pread(fd, blockformat.HEAD_BYTES, 0)
+            try:
+                header = blockformat.parse_header(head)
+                if header.version != blockformat.VERSION_PIECES:
+                    return self._read(path)
+                if os.fstat(fd).st_size != header.stored_length:
+                    raise CorruptedObject("object file length differs from its header")
+                head += _pread_all(fd, header.payload_offset - len(head), len(head))
+                table = blockformat.read_table(header, head)
+            except CorruptedObject:
+                return self.get(oid)
+            if not 0 <= first < header.pieces:
+                raise NoSuchPieces(f"{oid} has {header.pieces} pieces, not {first}")
+            start, end = blockformat.piece_span(header, table, first,
+                                                min(last, header.pieces - 1))
+            return head[:header.payload_offset] + _pread_all(fd, end - start, start)
+        finally:
+            os.close(fd)
+
     def verify(self, oid: ObjectId) -> None:
         """Read and verify the whole object (the scrub): as ``get``, without the bytes."""
         self._load(oid, self._path(oid))
@@ -451,7 +498,7 @@ class ObjectStore:
         try:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
-                head = f.read(blockformat.HEADER_SIZE)
+                head = f.read(blockformat.HEAD_BYTES)
         except FileNotFoundError:
             raise NoSuchObject(oid) from None
         try:

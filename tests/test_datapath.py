@@ -4,11 +4,13 @@ objects on the data nodes: inspected in the nodes' own stores."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 import trio.testing
 
@@ -66,6 +68,38 @@ def test_random_file_raw_blocks_on_three_distinct_nodes(cluster: Cluster, mnt: P
             assert header.codec == blockformat.CODEC_RAW
             assert header.raw_length == 4 * MiB
     assert (mnt / "random").read_bytes() == data
+
+
+def bytes_sent(cluster: Cluster) -> float:
+    """Bytes the data nodes have sent so far (their metrics)."""
+    total = 0.0
+    for node in cluster.data:
+        text = httpx.get(f"http://{node.address}/metrics", timeout=10).text
+        total += sum(float(line.split()[1]) for line in text.splitlines()
+                     if line.startswith("objfs_data_bytes_out_total "))
+    return total
+
+
+def test_random_reads_fetch_the_pieces_they_touch_not_blocks(cluster: Cluster, mnt: Path,
+                                                             tmp_path: Path) -> None:
+    """4 KiB read at random places of a big file cost about a 64 KiB piece
+    each from the data nodes, not their 4 MiB block; every byte is right."""
+    data = os.urandom(32 * MiB)
+    (mnt / "big").write_bytes(data)
+    fresh = tmp_path / "fresh"           # nothing of the file cached there
+    cluster.mount(fresh)
+    rng = random.Random(7)
+    before = bytes_sent(cluster)
+    fd = os.open(fresh / "big", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for _ in range(40):
+            at = rng.randrange(len(data) // 4096) * 4096
+            assert os.pread(fd, 4096, at) == data[at:at + 4096]
+    finally:
+        os.close(fd)
+    assert bytes_sent(cluster) - before < 40 * 80 * 1024
+    assert (fresh / "big").read_bytes() == data
 
 
 def test_text_is_compressed_and_checksummed(cluster: Cluster, mnt: Path) -> None:
@@ -174,6 +208,35 @@ def test_a_damaged_copy_is_refused_put_aside_and_the_next_one_read() -> None:
         assert await store.download(oid, [NodeId(h) for h in holders]) == block
         assert [a for a, _ in data.gets] == [holders[0]] * 2 + [holders[1]] * 2 + [holders[2]]
         assert [oid in data.stores[h] for h in holders] == [False, False, True]
+    trio.run(main)
+
+
+def test_pieces_are_read_alone_and_a_damaged_one_is_put_aside() -> None:
+    """A reader of a few KiB asks for the pieces they lie in, not the block;
+    a damaged piece makes it ask that node for the whole copy the checked
+    way (which puts it aside), then the next holder."""
+    from storagenode.ids import NodeId
+    from .test_erasure import FakeData
+
+    async def main() -> None:
+        data = FakeData()
+        store = fake_store(data)
+        block = os.urandom(10 * blockformat.PIECE_SIZE)
+        oid, holders = await store.upload(block)
+        nodes = [NodeId(h) for h in holders]
+        start, got = await store.download_pieces(oid, nodes, 3, 4)
+        assert (start, bytes(got)) == (3 * blockformat.PIECE_SIZE,
+                                       block[start:5 * blockformat.PIECE_SIZE])
+        stored = data.stores[holders[0]][oid]
+        damaged = bytearray(stored)
+        damaged[len(stored) - 4 * blockformat.PIECE_SIZE] ^= 1      # in piece 6
+        data.stores[holders[0]][oid] = bytes(damaged)
+        data.gets.clear()
+        start, got = await store.download_pieces(oid, nodes, 6, 6)
+        assert (start, bytes(got)) == (6 * blockformat.PIECE_SIZE,
+                                       block[start:start + blockformat.PIECE_SIZE])
+        assert [a for a, _ in data.gets] == [holders[0]] * 2 + [holders[1]]
+        assert oid not in data.stores[holders[0]]
     trio.run(main)
 
 

@@ -324,6 +324,14 @@ class FakeData:
                 raise ObjectCorrupted(address, "stored object is corrupt", 422) from None
         return obj
 
+    async def get_pieces(self, address: str, oid: ObjectId, first: int, last: int) -> bytes:
+        """As a node answers: header, table and those pieces, unchecked."""
+        obj = await self.get(address, oid, verify=False)
+        header = blockformat.parse_header(obj)
+        table = blockformat.read_table(header, obj)
+        start, end = blockformat.piece_span(header, table, first, min(last, len(table) - 1))
+        return obj[:header.payload_offset] + obj[start:end]
+
     async def delete(self, address: str, oid: ObjectId) -> bool:
         return self._check(address).pop(oid, None) is not None
 
