@@ -138,6 +138,10 @@ class Volume:
         # set by the mount: sends the namespace ops it answered already
         # (nsqueue), so that the node sees every change in the mount's order
         self.before_rpc: Callable[[], Awaitable[None]] | None = None
+        # set by the mount: hand a fetched piece, the file's bytes at an
+        # offset, to the kernel's page cache if this mount may (pagepush)
+        self.offer_pages: Callable[[InodeId, int, Block], None] = \
+            lambda ino, offset, data: None
         # set by the mount: sends a commit with the queued ops, at the end
         # of their batch (None: nothing queued), and the epoch to send for a
         # WRITE lease held provisionally (a file whose create is queued)
@@ -391,30 +395,46 @@ class FileData:
         first, last = lo >> PIECE_SHIFT, (hi - 1) >> PIECE_SHIFT
         if first == last:
             piece = await self.v.cache.get(piece_key(oid, first),
-                                           lambda: self._fetch_piece(ref, first))
+                                           lambda: self._fetch_piece(idx, ref, first))
             return memoryview(piece)[lo - (first << PIECE_SHIFT):hi - (first << PIECE_SHIFT)]
-        start, data = await self.v.store.download_pieces(oid, ref.holders, first, last)
-        self._cache_pieces(oid, start, data)
+        start, data = await self._fetch_pieces(idx, ref, first, last)
         if not (start <= lo and hi <= start + len(data)):
             return memoryview(await self._fetch(ref))[lo:hi]
         return memoryview(data)[lo - start:hi - start]
 
-    async def _fetch_piece(self, ref: BlockRef, index: int) -> Block:
-        """Piece ``index`` of ``ref``'s object, fetched on its own (or cut
-        from the whole block where that came instead)."""
-        assert ref.oid is not None
-        start, data = await self.v.store.download_pieces(ref.oid, ref.holders, index, index)
-        self._cache_pieces(ref.oid, start, data)
+    async def _fetch_piece(self, idx: int, ref: BlockRef, index: int) -> Block:
+        """Piece ``index`` of block ``idx`` (``ref``), fetched on its own (or
+        cut from the whole block where that came instead)."""
+        start, data = await self._fetch_pieces(idx, ref, index, index)
         at = (index << PIECE_SHIFT) - start
         if at < 0 or at >= len(data):
             return memoryview(await self._fetch(ref))[index << PIECE_SHIFT:][:PIECE_SIZE]
         return memoryview(data)[at:at + PIECE_SIZE]
 
+    async def _fetch_pieces(self, idx: int, ref: BlockRef, first: int, last: int
+                            ) -> tuple[int, Block]:
+        """Pieces ``first`` .. ``last`` of block ``idx`` (``ref``): where they
+        start in the block, and their bytes (or the whole block).  Kept in
+        the block cache, and offered to the kernel's page cache when no
+        write or commit here overtook the fetch."""
+        assert ref.oid is not None
+        gen = self.map_gen
+        start, data = await self.v.store.download_pieces(ref.oid, ref.holders, first, last)
+        if start == 0 and len(data) > (last + 1 - first) * PIECE_SIZE:
+            self.v.cache.put(ref.oid, data)         # the whole block came
+            return start, data
+        if start != first << PIECE_SHIFT:
+            return start, data                      # pieces of another size: not kept
+        self._cache_pieces(ref.oid, start, data)
+        if gen == self.map_gen and not self.pending() and not self.lock.locked():
+            base = idx * self.bs
+            end = min(start + len(data), ref.length, self.size - base)
+            if end > start:
+                self.v.offer_pages(self.ino, base + start, memoryview(data)[:end - start])
+        return start, data
+
     def _cache_pieces(self, oid: ObjectId, start: int, data: Block) -> None:
-        """Keep what ``download_pieces`` brought: the whole block, or its pieces."""
-        if start == 0 and len(data) > PIECE_SIZE:
-            self.v.cache.put(oid, data)
-            return
+        """Keep the pieces ``download_pieces`` brought, each on its own."""
         view = memoryview(data)
         for at in range(0, len(view), PIECE_SIZE):
             self.v.cache.put(piece_key(oid, (start + at) >> PIECE_SHIFT),

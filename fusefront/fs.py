@@ -44,7 +44,9 @@ from .datapath import DataUnavailable, NoSpace
 from .leaseclient import Leases
 from .metacache import CacheFile, MetaCache
 from .nsqueue import NamespaceQueue, QueuedOp
+from .blockcache import Block
 from .filedata import FileData, Volume, atime_due, view_of
+from .pagepush import PagePush
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -188,6 +190,9 @@ class Operations(pyfuse3.Operations):
         self.relatime = relatime
         self.files: dict[int, FileData] = {}
         self.handles: dict[int, FileData] = {}
+        self.writing: set[int] = set()          # handles open for writing
+        self.pages = PagePush(self.spawn)
+        volume.offer_pages = self.offer_pages
         self.dirs: dict[int, DirHandle] = {}
         self.xattr_names: dict[int, tuple[float, frozenset[bytes]]] = {}
         # read accesses on their way to the metadata node: inode -> (atime, sent)
@@ -322,6 +327,13 @@ class Operations(pyfuse3.Operations):
         """Is a request holding ``ino``'s lock in the kernel in flight here?"""
         return self.in_flight[ino] > 0 if ino in self.in_flight else False
 
+    def offer_pages(self, ino: int, offset: int, data: Block) -> None:
+        """A piece fetched for a random read, for the kernel's page cache:
+        pushed if a lease here covers the file (a writer elsewhere recalls
+        it first, which drops the pages; see pagepush)."""
+        if self.leases is not None and self.leases.serves(ino):
+            self.pages.push(ino, offset, data)
+
     @staticmethod
     def kernel_forget_attrs(ino: int) -> None:
         """Drop the kernel's cached attributes of ``ino`` (a recalled lease):
@@ -342,7 +354,8 @@ class Operations(pyfuse3.Operations):
             except OSError:
                 pass                # the kernel did not cache it
         try:
-            pyfuse3.invalidate_inode(ino, False)
+            with self.pages.fenced(ino):      # no piece pushed before lands after
+                pyfuse3.invalidate_inode(ino, False)
         except OSError:
             pass
 
@@ -595,6 +608,14 @@ class Operations(pyfuse3.Operations):
         return new
 
     async def truncate(self, ino: int, size: int, changes: dict[str, Any]) -> dict[str, Any]:
+        self.pages.stop(ino)            # a piece read before would undo it in the kernel
+        try:
+            await self.pages.fence(ino)
+            return await self._truncate(ino, size, changes)
+        finally:
+            self.pages.resume(ino)
+
+    async def _truncate(self, ino: int, size: int, changes: dict[str, Any]) -> dict[str, Any]:
         async def commit() -> dict[str, Any]:
             attrs: dict[str, Any] = await self.call("setattr", ino=ino, size=size, **changes)
             return attrs
@@ -1097,11 +1118,15 @@ class Operations(pyfuse3.Operations):
             f.refresh(a)
         return f
 
-    def new_handle(self, f: FileData, *, direct: bool = False) -> pyfuse3.FileInfo:
+    def new_handle(self, f: FileData, *, direct: bool = False,
+                   writing: bool = True) -> pyfuse3.FileInfo:
         fh = self.next_fh
         self.next_fh += 1
         self.handles[fh] = f
         f.opens += 1
+        if writing:
+            self.writing.add(fh)
+            self.pages.stop(f.ino)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=direct)
 
     @fuse_op
@@ -1117,13 +1142,14 @@ class Operations(pyfuse3.Operations):
         f = self.file(a)
         direct = self.direct_writes(a, flags) and \
             CAPABILITY not in await self.names_of(ino)
-        info = self.new_handle(f, direct=direct)
-        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
-            try:
+        info = self.new_handle(f, direct=direct, writing=writing)
+        try:
+            await self.pages.fence(ino)     # no piece read before lands after this open
+            if flags & os.O_TRUNC and writing:
                 await self.truncate(ino, 0, {})
-            except BaseException:
-                await self._drop_handle(info.fh)
-                raise
+        except BaseException:
+            await self._drop_handle(info.fh)
+            raise
         return info
 
     @fuse_op
@@ -1138,7 +1164,8 @@ class Operations(pyfuse3.Operations):
             # a new file has no xattrs, and nobody can add one without recalling us
             self.xattr_names[a["ino"]] = (trio.current_time() + self.attr_time(a["ino"]),
                                           frozenset())
-        return (self.new_handle(self.file(a), direct=self.direct_writes(a, flags)),
+        return (self.new_handle(self.file(a), direct=self.direct_writes(a, flags),
+                                writing=(flags & os.O_ACCMODE) != os.O_RDONLY),
                 self.entry(a, parent, name))
 
     @staticmethod
@@ -1370,6 +1397,9 @@ class Operations(pyfuse3.Operations):
     async def _drop_handle(self, fh: int) -> None:
         f = self.handles.pop(fh)
         f.opens -= 1
+        if fh in self.writing:
+            self.writing.discard(fh)
+            self.pages.resume(f.ino)
         if f.opens > 0:
             return
         try:

@@ -3,6 +3,8 @@ objects on the data nodes: inspected in the nodes' own stores."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import random
 import subprocess
@@ -100,6 +102,63 @@ def test_random_reads_fetch_the_pieces_they_touch_not_blocks(cluster: Cluster, m
         os.close(fd)
     assert bytes_sent(cluster) - before < 40 * 80 * 1024
     assert (fresh / "big").read_bytes() == data
+
+
+def resident_pages(fd: int, size: int) -> list[bool]:
+    """Which pages of the open file the kernel's page cache holds (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    try:
+        vec = ctypes.create_string_buffer(-(-size // 4096))
+        assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+        return [bool(b & 1) for b in vec.raw]
+    finally:
+        libc.munmap(addr, size)
+
+
+def test_a_random_read_fills_the_kernel_cache_with_its_piece_and_changes_win(
+        cluster: Cluster, mnt: Path, tmp_path: Path) -> None:
+    """A random 4 KiB read that fetches its 64 KiB piece hands all of it to
+    the kernel's page cache (the next reads there cost no request); a write
+    or a truncate here afterwards is what later reads see, and the file
+    does not grow back."""
+    data = bytearray(os.urandom(8 * MiB))
+    (mnt / "f").write_bytes(data)
+    fresh = tmp_path / "fresh"
+    cluster.mount(fresh)
+    path = fresh / "f"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        at = 3 * MiB + 5 * 4096
+        assert os.pread(fd, 4096, at) == data[at:at + 4096]
+        piece = range(3 * MiB // 4096, (3 * MiB + 65536) // 4096)
+        deadline = time.monotonic() + 5
+        while not all(resident_pages(fd, len(data))[i] for i in piece):
+            assert time.monotonic() < deadline, "the piece never reached the page cache"
+            time.sleep(0.05)
+        assert sum(resident_pages(fd, len(data))) == len(piece)
+        assert os.pread(fd, 65536, 3 * MiB) == data[3 * MiB:3 * MiB + 65536]
+
+        with open(path, "r+b") as w:                # a writer here, then more reads
+            w.seek(at + 100)
+            w.write(b"new bytes")
+        data[at + 100:at + 109] = b"new bytes"
+        for off in range(0, len(data), 64 * 1024 + 4096):
+            assert os.pread(fd, 4096, off) == data[off:off + 4096]
+        os.truncate(path, 2 * MiB + 10)
+        time.sleep(0.3)
+        assert os.fstat(fd).st_size == 2 * MiB + 10 == path.stat().st_size
+        assert os.pread(fd, 8192, 2 * MiB) == data[2 * MiB:2 * MiB + 10]
+    finally:
+        os.close(fd)
+    assert (mnt / "f").read_bytes() == data[:2 * MiB + 10]
 
 
 def test_text_is_compressed_and_checksummed(cluster: Cluster, mnt: Path) -> None:
