@@ -105,6 +105,10 @@ def atime_due(attrs: dict[str, Any], now: int) -> bool:
             or now - attrs["atime_ns"] >= RELATIME_NS)
 
 
+async def _no_small_map(ino: InodeId, view: tuple[int, int, int]) -> list[Any] | None:
+    return None
+
+
 class Volume:
     """What every file of the mount shares."""
 
@@ -138,6 +142,10 @@ class Volume:
         # set by the mount: sends the namespace ops it answered already
         # (nsqueue), so that the node sees every change in the mount's order
         self.before_rpc: Callable[[], Awaitable[None]] | None = None
+        # set by the mount: the block map rows of a small file if its view
+        # is ``view``, fetched with those of files likely read next (or None)
+        self.small_map: Callable[[InodeId, tuple[int, int, int]],
+                                 Awaitable[list[Any] | None]] = _no_small_map
         # set by the mount: hand a fetched piece, the file's bytes at an
         # offset, to the kernel's page cache if this mount may (pagepush)
         self.offer_pages: Callable[[InodeId, int, Block], None] = \
@@ -272,8 +280,12 @@ class FileData:
         while number not in self.spans:
             gen = self.map_gen
             first = number * MAP_SPAN
-            rows = await self.v.call("get_blocks", ino=self.ino, first=first,
-                                     last=first + MAP_SPAN - 1)
+            rows = None
+            if number == 0 and self.committed_size <= INLINE_MAX:
+                rows = await self.v.small_map(self.ino, self.view)
+            if rows is None:
+                rows = await self.v.call("get_blocks", ino=self.ino, first=first,
+                                         last=first + MAP_SPAN - 1)
             if gen == self.map_gen:       # else a commit overtook the answer: ask again
                 self.spans[number] = {r[0]: BlockRef.from_row(r) for r in rows}
         return self.spans[number]

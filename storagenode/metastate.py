@@ -67,6 +67,7 @@ LIST_MAX = 10000            # most rows one readdir / pending_deletes answers
 REVALIDATE_MAX = 4096       # most inodes one revalidate checks
 BLOCK_SPAN_MAX = 65536      # most blocks one get_blocks or commit_blocks covers
 INLINE_MAX = 16384          # most bytes of a small file kept inline in its block map
+SMALL_MAPS_MAX = 256        # most inodes one small_maps asks about
 OPEN_INOS_MAX = 65536
 ATIME_BATCH_MAX = 1024       # most read accesses one touch_atimes records
 INT64_MAX = 2**63 - 1
@@ -1273,6 +1274,28 @@ def _q_get_blocks(st: MetaState, a: Args, live: Live) -> Any:
     return [_block_row(*row) for row in rows]
 
 
+def _q_small_maps(st: MetaState, a: Args, live: Live) -> Any:
+    """The block maps of those of ``inos`` that are regular files of at most
+    ``INLINE_MAX`` bytes, each with its view (size, mtime, ctime, read in
+    the same transaction): [[ino, view, rows], ...] (get_blocks' rows).  A
+    mount reading many small files one after the other asks for a few
+    dozen at a time instead of one round trip each."""
+    inos = sorted(set(a["inos"]))
+    marks = ", ".join("?" * len(inos))
+    found: dict[int, list[Any]] = {
+        ino: [ino, [size, mtime, ctime], []] for ino, size, mtime, ctime in st._exec(
+            f"SELECT ino, size, mtime_ns, ctime_ns FROM inodes WHERE vol = ? AND ino IN "
+            f"({marks}) AND (mode & ?) = ? AND size <= ?",
+            a["vol"], *inos, _IFMT, stat.S_IFREG, INLINE_MAX)}
+    if found:
+        for ino, *row in st._exec(
+                f"SELECT ino, idx, oid, length, nodes, data FROM blocks WHERE vol = ? AND "
+                f"ino IN ({', '.join('?' * len(found))}) ORDER BY ino, idx",
+                a["vol"], *found):
+            found[ino][2].append(_block_row(*row))
+    return list(found.values())
+
+
 def _block_row(idx: int, oid: str | None, length: int, nodes: str,
                data: bytes | None) -> list[Any]:
     """A block as get_blocks answers: [idx, oid, length, holders] for an
@@ -1395,6 +1418,8 @@ QUERIES: dict[str, Method] = {
     "listxattr": Method(_q_listxattr, {"vol": VOL, "ino": INO}),
     "get_blocks": Method(_q_get_blocks, {"vol": VOL, "ino": INO, "first": (_int(0), REQUIRED),
                                          "last": (_int(0), REQUIRED)}),
+    "small_maps": Method(_q_small_maps, {"vol": VOL, "inos": (_list(_int(1), SMALL_MAPS_MAX),
+                                                                REQUIRED)}),
     "scan_blocks": Method(_q_scan_blocks, {"after": (_list(_int(-1), 3), REQUIRED),
                                            "limit": LIMIT}),
     "object_refs": Method(_q_object_refs, {"oids": (_list(_oid, LIST_MAX), REQUIRED)}),

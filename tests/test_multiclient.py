@@ -704,3 +704,24 @@ def test_reads_of_many_files_record_their_atimes_in_few_ops(
         assert seen.st_atime_ns >= started > written[i].st_atime_ns, i
         assert seen.st_mtime_ns == written[i].st_mtime_ns
     assert meta_rpcs(c, "touch_atimes") - touches < 40
+
+
+def test_small_files_read_in_a_row_cost_few_round_trips_and_changes_still_show(
+        two: tuple[Cluster, Path, Path]) -> None:
+    """A knows of 200 small files B wrote (it listed them) and reads them one
+    after the other: their contents come a few dozen files to a round trip.
+    A file B changes after A fetched it that way is read as changed."""
+    c, a, b = two
+    (b / "s").mkdir()
+    expect = {i: b"%d " % i * (i + 1) for i in range(200)}
+    for i, data in expect.items():
+        (b / "s" / f"f{i:03}").write_bytes(data)
+    assert len([os.stat(p) for p in sorted((a / "s").iterdir())]) == 200
+    asked = meta_rpcs(c, "get_blocks") + meta_rpcs(c, "small_maps")
+    assert (a / "s" / "f000").read_bytes() == expect[0]
+    for i in (5, 30):
+        expect[i] = b"changed by B %d" % i
+        (b / "s" / f"f{i:03}").write_bytes(expect[i])
+    for i, data in expect.items():
+        assert (a / "s" / f"f{i:03}").read_bytes() == data, i
+    assert meta_rpcs(c, "get_blocks") + meta_rpcs(c, "small_maps") - asked < 20
