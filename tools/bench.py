@@ -17,7 +17,9 @@ first.
 How it works: the workloads run one after another; each runs on every
 directory in turn before the next starts (so slow drift of the machine
 spreads over all of them), after an ``os.sync()`` that flushes what the
-previous directory left dirty.  Timing is ``time.perf_counter()`` around the
+previous directory left dirty and once the CPUs are quiet again
+(``settle``: background work of one filesystem, MooseFS deleting chunks
+lazily, objfs collecting objects, is not timed as the next one's).  Timing is ``time.perf_counter()`` around the
 real system calls (``os.write``/``os.read``/``os.pread``/``os.stat``/...,
 ``tar``/``du``/``find``/``rm`` as subprocesses).  "Caches dropped" means
 ``sync; echo 3 > /proc/sys/vm/drop_caches`` (root only; noted if it fails).
@@ -579,10 +581,38 @@ class MooseFS:
 
 
 # --------------------------------------------------------------- running
+SETTLE_IDLE = 0.85          # a phase starts once the CPUs are this idle over ...
+SETTLE_WINDOW = 0.5         # ... one window of this many seconds
+SETTLE_MAX = 30.0           # or after this long anyway (noted)
+
+
+def cpu_idle(window: float) -> float:
+    """The fraction of CPU time spent idle (idle + iowait) over ``window`` seconds."""
+    def snap() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)
+    idle0, total0 = snap()
+    time.sleep(window)
+    idle1, total1 = snap()
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def settle() -> None:
+    """Wait until the machine is quiet: what one filesystem still does in
+    the background after its phase (MooseFS deletes chunks lazily, objfs's
+    collector and repair do too) must not be timed as the next one's."""
+    deadline = time.monotonic() + SETTLE_MAX
+    while cpu_idle(SETTLE_WINDOW) < SETTLE_IDLE:
+        if time.monotonic() > deadline:
+            note(f"the machine was still busy {SETTLE_MAX:.0f} s after a phase")
+            return
+
+
 def run_one(run: Run, target: Target, name: str, fn: Callable[[Path, Sizes], Metrics],
             sizes: Sizes) -> None:
     d = target.work / name
     os.sync()                                   # what the previous directory left dirty
+    settle()
     try:
         d.mkdir(parents=True)
         m = fn(d, sizes)
