@@ -42,7 +42,7 @@ from storagenode.metastate import (ATIME_BATCH_MAX, INLINE_MAX, LINK_MAX, MAX_FI
                                    SMALL_MAPS_MAX, check_op, version_of)
 
 from .datapath import DataUnavailable, NoSpace
-from .leaseclient import Leases
+from .leaseclient import TRIM_AT, Leases
 from .metacache import CacheFile, MetaCache
 from .nsqueue import NamespaceQueue, QueuedOp
 from .blockcache import Block
@@ -169,14 +169,16 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, volume: Volume, *, attr_timeout: float, entry_timeout: float,
-                 replicas: int, relatime: bool = True, leases: bool = True) -> None:
+                 replicas: int, relatime: bool = True, leases: bool = True,
+                 max_leases: int = TRIM_AT) -> None:
         super().__init__()
         # what this mount holds leases for, answered without a round trip
         self.cache = MetaCache(self.lease_held)
         self.leases: Leases | None = Leases(
             volume.meta, flush=self.flush_inode, invalidate=self.kernel_forget,
             vol=volume.vol, drop=self.cache_drop, busy=self.busy,
-            began=self.cache.began, invalidate_attrs=self.kernel_forget_attrs) if leases else None
+            began=self.cache.began, invalidate_attrs=self.kernel_forget_attrs,
+            idle=self.lease_idle, trim_at=max_leases) if leases else None
         if self.leases is not None:
             self.cache.valid = self.leases.serves
         self.in_flight: collections.Counter[int] = collections.Counter()  # see DIR_LOCKING
@@ -325,6 +327,12 @@ class Operations(pyfuse3.Operations):
         for ino in dirs:
             if self.in_flight[ino] <= 0:
                 del self.in_flight[ino]
+
+    def lease_idle(self, ino: int) -> bool:
+        """May the lease on ``ino`` be given back unasked: nothing here has
+        the file open or buffered, no request on it is in flight, no queued
+        op names it?"""
+        return ino not in self.files and not self.busy(ino) and not self.queue.names(ino)
 
     def busy(self, ino: int) -> bool:
         """Is a request holding ``ino``'s lock in the kernel in flight here?"""

@@ -54,6 +54,8 @@ BUSY_INVALIDATE_WAIT = 0.02     # ... while a request holds the directory's lock
 BUSY_POLL = 0.005               # how often a recall looks for such a request
 EVENTS_WAIT = 20.0          # long-poll length
 LATE_INVALIDATIONS = (0.005, 0.05)    # after a release, the kernel's attributes again
+TRIM_AT = 40_000            # leases held past which the oldest idle ones are given back
+TRIM_BATCH = 256            # leases given back per release call
 
 
 @dataclass
@@ -72,8 +74,13 @@ class Leases:
                  vol: int, drop: Drop | None = None,
                  busy: Callable[[int], bool] | None = None,
                  began: Callable[[int], None] | None = None,
-                 invalidate_attrs: Callable[[int], None] | None = None) -> None:
+                 invalidate_attrs: Callable[[int], None] | None = None,
+                 idle: Callable[[int], bool] | None = None, trim_at: int = TRIM_AT) -> None:
         self.meta = meta
+        self.trim_at, self.trim_to = trim_at, trim_at * 3 // 4
+        self._idle = idle or (lambda ino: True)     # may its lease be given back?
+        self._trimming = False
+        self.trimmed = 0                            # leases given back unasked
         self._began = began or (lambda ino: None)
         self._busy = busy or (lambda ino: False)
         self.vol = vol
@@ -190,8 +197,14 @@ class Leases:
 
     def serves(self, ino: int) -> bool:
         """May what is known of ``ino`` be served from cache now?  (The
-        test every cache read makes, several per request: kept cheap.)"""
-        return ino in self.held and self.valid_until > trio.current_time()
+        test every cache read makes, several per request: kept cheap.)
+        ``held`` is kept in the order of last use (what ``_trim`` gives
+        back first is what was used longest ago)."""
+        held = self.held.pop(ino, None)
+        if held is None:
+            return False
+        self.held[ino] = held
+        return self.valid_until > trio.current_time()
 
     def cache_time(self, ino: int) -> float:
         if ino not in self.held:
@@ -215,6 +228,7 @@ class Leases:
         if held is not None and held.mode != "read" and grant["mode"] == "read":
             return
         self.held[ino] = Held(grant["epoch"], grant["mode"])
+        self._trim_soon()
         if held is None or held.epoch != grant["epoch"]:
             if held is not None and held.mode == grant["mode"]:
                 self._drop(ino)
@@ -237,6 +251,7 @@ class Leases:
         epoch until then, -ino, is what fences this mount's writes to the
         new file; ``fence_of`` turns it into the granted one."""
         self.held[ino] = Held(-ino, "write")
+        self._trim_soon()
         self._began(ino)
         return -ino
 
@@ -311,11 +326,30 @@ class Leases:
         finally:
             self._recalling.discard(epoch)
 
-    async def _recall(self, ino: int, epoch: int) -> None:
+    def _recalled(self, epochs: Iterable[int]) -> None:
+        """Never take these epochs as held again: a grant can arrive after
+        the recall (they travel on different paths), and a lease given back
+        unasked is granted again as it is (the node still holds it for this
+        session) until the release lands, which would then end it under
+        the ops fenced by it."""
         now = trio.current_time()
-        self.recalled[epoch] = now
         for old in [e for e, t in self.recalled.items() if t < now - 2 * self.lease_time - 5]:
             del self.recalled[old]
+        for epoch in epochs:
+            self.recalled[epoch] = now
+
+    async def _recall(self, ino: int, epoch: int) -> None:
+        self._recalled([epoch])
+        mine = await self._give_up(ino, epoch)
+        await self.release([epoch])
+        if mine and self._nursery is not None:       # see _kernel_forget
+            self._nursery.start_soon(self._invalidate_attrs_later, ino)
+
+    async def _give_up(self, ino: int, epoch: int, flush: bool = True) -> bool:
+        """A recall's work before the release: flush (a WRITE lease, unless
+        not ``flush``: nothing is buffered or queued under it), stop
+        holding, drop what the mount and the kernel cache of ``ino``.  Was
+        ``epoch`` the lease held?"""
         held = self.held.get(ino)
         if held is not None and held.epoch < 0:     # recalled before its create's answer
             await self._flush(ino)                  # came: sending the queue brings it
@@ -324,7 +358,7 @@ class Leases:
         if held is not None and mine:
             self.recalls += 1
             self._drop(ino)
-            if held.mode == "write":
+            if held.mode == "write" and flush:
                 # from now on a write takes a new lease: what the flush below
                 # does not commit must not be buffered under this one
                 held = self.held[ino] = Held(epoch, "recalled")
@@ -338,9 +372,52 @@ class Leases:
                 del self.created[ino]
             self._drop(ino)
             await self._kernel_forget(ino, sorted(self.names.pop(ino, ())))
-        await self.release([epoch])
-        if mine and self._nursery is not None:       # see _kernel_forget
-            self._nursery.start_soon(self._invalidate_attrs_later, ino)
+        return mine
+
+    # ---- giving leases back
+
+    def _trim_soon(self) -> None:
+        if len(self.held) > self.trim_at and not self._trimming and self._nursery is not None:
+            self._trimming = True
+            self._nursery.start_soon(self._trim)
+
+    async def _trim(self) -> None:
+        """Give back the leases used longest ago of inodes nothing here uses, as if
+        they had been recalled, until three quarters of ``trim_at`` are held.  Without this a
+        mount that made 50,000 files held a lease on each for as long as it
+        lived: past ``HELD_MAX_HERE`` (and the node's limit per session) its
+        creates went one round trip each, an untar 60 % slower."""
+        try:
+            while len(self.held) > self.trim_to:
+                batch = []
+                for ino, held in self.held.items():
+                    if held.epoch > 0 and held.mode in ("read", "write") \
+                            and held.epoch not in self._recalling and self._idle(ino):
+                        batch.append((ino, held.epoch))
+                        if len(batch) == TRIM_BATCH:
+                            break
+                if not batch:
+                    return
+                self._recalled(())
+                for ino, epoch in batch:
+                    self._recalling.add(epoch)
+                try:
+                    given = []
+                    for ino, epoch in batch:
+                        # idle (looked at again: a write may have begun
+                        # meanwhile): nothing buffered or queued under it
+                        if self._idle(ino):
+                            self.recalled[epoch] = trio.current_time()
+                            if await self._give_up(ino, epoch, flush=False):
+                                given.append(epoch)
+                    self.trimmed += len(given)
+                    await self.release(given)
+                finally:
+                    self._recalling.difference_update(epoch for _, epoch in batch)
+        except (MetaUnavailable, MetaError, BadRequest) as exc:
+            log.warning("giving leases back failed (they run out by themselves): %s", exc)
+        finally:
+            self._trimming = False
 
     async def _kernel_forget(self, ino: int, names: list[bytes]) -> None:
         """The kernel's attributes of ``ino`` at once, here (that never waits:

@@ -133,7 +133,8 @@ def build(cfg: MountConfig, secret: str, volume: dict[str, Any]) -> Operations:
                  dirty_limit=cfg.dirty_limit)
     ops = Operations(vol, attr_timeout=cfg.attr_timeout,
                      entry_timeout=cfg.entry_timeout, replicas=volume["replicas"],
-                     relatime="noatime" not in cfg.fuse_options, leases=not cfg.noleases)
+                     relatime="noatime" not in cfg.fuse_options, leases=not cfg.noleases,
+                     max_leases=cfg.max_leases)
     if ops.leases is not None:
         vol.lost_session = ops.leases.lost_session
     return ops

@@ -97,6 +97,11 @@ class NamespaceQueue:
     def __len__(self) -> int:
         return len(self._ops)
 
+    def names(self, ino: int) -> bool:
+        """Does a queued op change ``ino`` or its entries, or go under its lease?"""
+        return any(ino in (op.parent, op.child, op.made) or any(f[0] == ino for f in op.fences)
+                   for op in self._ops)
+
     def _append(self, op: QueuedOp) -> None:
         self._seq += 1
         op.seq = self._seq

@@ -32,6 +32,8 @@ OWN_OPTIONS: dict[str, str] = {
     "cache_size": "bytes of clean file data kept in memory (default 96 MiB)",
     "dirty_limit": "bytes of unwritten file data buffered per mount before writers wait (default 64 MiB)",
     "readahead": "blocks fetched ahead of a sequential reader (default 4)",
+    "max_leases": "leases held before the oldest unused ones are given back, down to three "
+                  "quarters (default 40000)",
     "timeout": "seconds one request to a node may take before it counts as failed (default 10)",
     "foreground": "stay in the foreground instead of detaching (also -f)",
     "debug": "log every request at debug level",
@@ -66,6 +68,7 @@ class MountConfig:
     cache_size: int = 96 * 1024 * 1024
     dirty_limit: int = 64 * 1024 * 1024
     readahead: int = 4
+    max_leases: int = 40_000
     timeout: float = 10.0
     foreground: bool = False
     debug: bool = False
@@ -113,7 +116,7 @@ def apply_option(cfg: MountConfig, item: str) -> None:
         setattr(cfg, name, Path(value).absolute())
     elif name in ("attr_timeout", "entry_timeout", "timeout"):
         setattr(cfg, name, _number(name, value, float))
-    elif name in ("cache_size", "dirty_limit", "readahead"):
+    elif name in ("cache_size", "dirty_limit", "readahead", "max_leases"):
         setattr(cfg, name, int(_number(name, value, int)))
     elif name in ("foreground", "debug", "nonempty", "noleases"):
         setattr(cfg, name, True)

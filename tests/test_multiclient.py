@@ -725,3 +725,33 @@ def test_small_files_read_in_a_row_cost_few_round_trips_and_changes_still_show(
     for i, data in expect.items():
         assert (a / "s" / f"f{i:03}").read_bytes() == data, i
     assert meta_rpcs(c, "get_blocks") + meta_rpcs(c, "small_maps") - asked < 20
+
+
+def test_a_mount_gives_back_leases_it_no_longer_uses_and_stays_fast_and_right(
+        tmp_path: Path) -> None:
+    """A mount that may hold 200 leases makes 900 files in 30 directories:
+    it gives back the leases it used longest ago (release calls), its
+    creates stay batched (none sent alone), and every file reads back right
+    there and on another mount, also after the other mount changed some."""
+    with checked_cluster(tmp_path / "cluster", meta_args=["--lease-time", str(LEASE_TIME)]) as c:
+        c.create_volume("vol")
+        a, b = tmp_path / "a", tmp_path / "b"
+        c.mount(a, options="max_leases=200")
+        c.mount(b)
+        released = meta_rpcs(c, "release")
+        alone = meta_rpcs(c, "mknod") + meta_rpcs(c, "mkdir")
+        expect = {}
+        for d in range(30):
+            (a / f"d{d}").mkdir()
+            for i in range(30):
+                expect[f"d{d}/f{i}"] = b"%d/%d " % (d, i) * (i + 1)
+                (a / f"d{d}" / f"f{i}").write_bytes(expect[f"d{d}/f{i}"])
+        assert meta_rpcs(c, "release") - released >= 2
+        assert meta_rpcs(c, "mknod") + meta_rpcs(c, "mkdir") - alone < 20
+        for name in ("d0/f0", "d3/f7", "d29/f29"):
+            expect[name] = b"changed on b " + name.encode()
+            (b / name).write_bytes(expect[name])
+        for name, data in expect.items():
+            assert (a / name).read_bytes() == data, name
+            assert (b / name).read_bytes() == data, name
+        assert sorted(p.name for p in (a / "d5").iterdir()) == sorted(f"f{i}" for i in range(30))
