@@ -26,7 +26,9 @@ chain (pipeline) would buy nothing here and cost latency and mid-chain
 failure handling.  ``download`` tries the nodes recorded in the
 block map, then the rest in rank order, and returns the first copy whose
 checksum verifies; a refused connection, a timeout, a missing or a corrupt
-copy all fall through to the next.
+copy all fall through to the next.  A node that did not answer a read
+(refused, failed, or silent past ``HEDGE_AFTER``) is asked last for
+``SUSPECT_FOR`` seconds, before the cluster map says it is down.
 
 Erasure-coded volumes (``ec = (k, m)``): ``upload`` encodes the block into
 k + m shards (``storagenode.erasure``, in a worker thread) and PUTs shard i,
@@ -56,7 +58,7 @@ from typing import AbstractSet, Any, Awaitable, Callable, Sequence, TypeVar
 import trio
 
 from storagenode import blockformat, erasure
-from storagenode.dataclient import DataClient, NodeError, NodeFull, Parts
+from storagenode.dataclient import DataClient, NodeError, NodeFull, NodeUnavailable, Parts
 from storagenode.ids import NodeId, ObjectId, new_object_id, shard_id
 from storagenode.metaclient import MetaClient
 from storagenode.placement import NodeSlot, rank
@@ -65,6 +67,7 @@ log = logging.getLogger(__name__)
 
 MAP_REFRESH = 5.0
 HEDGE_AFTER = 1.5           # seconds before a read also asks the next node
+SUSPECT_FOR = 10.0          # seconds a node that failed a read is asked last
 PUT_HEDGE_AFTER = 2.0       # seconds before a piece being stored also goes to a spare node
 DECODE_HERE = 256 * 1024   # pieces received up to this size are checked without a thread
 DISCARD_WITHIN = 2.0        # seconds a best-effort discard may take (then: the orphan scan)
@@ -108,6 +111,7 @@ class ClusterView:
     def __init__(self, meta: MetaClient) -> None:
         self.meta = meta
         self.nodes: dict[NodeId, DataNode] = {}
+        self.suspect: dict[NodeId, float] = {}     # node -> until when reads ask it last
         self.epoch = -1
         self._fetched_at = -1e9
         self._lock = trio.Lock()
@@ -126,6 +130,22 @@ class ClusterView:
         slots = [NodeSlot(n.node_id, n.weight, n.domain) for n in self.nodes.values()
                  if n.writable or not writable]
         return [self.nodes[s.node_id] for s in rank(oid, slots)]
+
+    def suspected(self, node_id: NodeId) -> bool:
+        """Did ``node_id`` fail a read of this mount, or stay silent, in the
+        last ``SUSPECT_FOR`` seconds?  (Until the cluster map says it is
+        down, every read that named it first asked it first: a dead node
+        cost each read a refused connection, a silent one ``HEDGE_AFTER``.)"""
+        until = self.suspect.get(node_id)
+        if until is None:
+            return False
+        if until <= trio.current_time():
+            del self.suspect[node_id]
+            return False
+        return True
+
+    def suspect_node(self, node_id: NodeId) -> None:
+        self.suspect[node_id] = trio.current_time() + SUSPECT_FOR
 
     def active_count(self) -> int:
         return sum(n.active for n in self.nodes.values())
@@ -366,7 +386,7 @@ class BlockStore:
                 nursery.start_soon(self._fetch_copy, node, oid, read, send)
                 running += 1
                 last = i == len(order) - 1
-                with trio.move_on_after(math.inf if last else HEDGE_AFTER):
+                with trio.move_on_after(math.inf if last else HEDGE_AFTER) as waiting:
                     while running:
                         got = await receive.receive()
                         running -= 1
@@ -375,17 +395,20 @@ class BlockStore:
                             return got
                         if not last:
                             break           # that one failed: ask the next now
+                if waiting.cancelled_caught:
+                    self.view.suspect_node(node.node_id)     # silent: ask it last a while
             nursery.cancel_scope.cancel()
         return None
 
-    @staticmethod
-    async def _fetch_copy(node: DataNode, oid: ObjectId,
+    async def _fetch_copy(self, node: DataNode, oid: ObjectId,
                           read: Callable[[DataNode], Awaitable[T]],
                           send: trio.MemorySendChannel[T | None]) -> None:
         got: T | None = None
         try:
             got = await read(node)
         except (NodeError, blockformat.CorruptedObject) as exc:
+            if isinstance(exc, NodeUnavailable):
+                self.view.suspect_node(node.node_id)
             log.warning("reading %s from %s failed: %s", oid, node.node_id, exc)
         send.send_nowait(got)
 
@@ -426,7 +449,7 @@ class BlockStore:
 
     def _fetch_order(self, oid: ObjectId, holders: Sequence[str]) -> list[DataNode]:
         known = [self.view.nodes[NodeId(h)] for h in holders if h in self.view.nodes]
-        first = [n for n in known if n.up] + [n for n in known if not n.up]
+        first = sorted(known, key=lambda n: (not n.up, self.view.suspected(n.node_id)))
         rest = [n for n in self.view.ranked(oid, writable=False) if n not in first]
         return first + rest
 

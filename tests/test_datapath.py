@@ -299,6 +299,28 @@ def test_pieces_are_read_alone_and_a_damaged_one_is_put_aside() -> None:
     trio.run(main)
 
 
+def test_a_node_that_failed_a_read_is_asked_last_for_a_while() -> None:
+    """Until the cluster map says a node is down, every read named it
+    first: a dead node cost each read a refused connection (3,000 of them
+    in 9 s of random reads).  Once it fails a read it is asked last."""
+    from storagenode.ids import NodeId
+    from .test_erasure import FakeData
+
+    async def main() -> None:
+        data = FakeData()
+        store = fake_store(data)
+        blocks = [os.urandom(1000 + i) for i in range(5)]
+        placed = [await store.upload(b) for b in blocks]
+        dead = placed[0][1][0]
+        data.dead.add(dead)
+        data.gets.clear()
+        for block, (oid, holders) in zip(blocks, placed):
+            first = [dead] + [h for h in holders if h != dead]     # the map names it first
+            assert await store.download(oid, [NodeId(h) for h in first]) == block
+        assert [a for a, _ in data.gets].count(dead) == 1
+    trio.run(main)
+
+
 def test_placing_replaces_failures_hedges_silence_and_keeps_holders_distinct() -> None:
     from storagenode.ids import NodeId
     from fusefront.datapath import DataNode, Placing
