@@ -93,6 +93,12 @@ class BlockRef:
         return entry if self.data is None else entry + [self.data]
 
 
+def spans_bytes(spans: dict[int, dict[int, BlockRef]]) -> int:
+    """About what a block map (span number -> its refs) holds in memory."""
+    return sum(MAP_REF_BYTES + len(ref.data or b"")
+               for span in spans.values() for ref in span.values())
+
+
 def piece_key(oid: ObjectId, index: int) -> ObjectId:
     """The block cache's key for piece ``index`` of object ``oid``."""
     return ObjectId(f"{oid}/{index}")
@@ -292,8 +298,7 @@ class FileData:
 
     def map_bytes(self) -> int:
         """About what the loaded block map holds in memory."""
-        return sum(MAP_REF_BYTES + len(ref.data or b"")
-                   for span in self.spans.values() for ref in span.values())
+        return spans_bytes(self.spans)
 
     def _known_ref(self, idx: int) -> BlockRef | None:
         """Block ``idx``'s committed ref if its span is loaded (no fetching)."""

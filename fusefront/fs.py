@@ -46,7 +46,7 @@ from .leaseclient import TRIM_AT, Leases
 from .metacache import CacheFile, MetaCache
 from .nsqueue import NamespaceQueue, QueuedOp
 from .blockcache import Block
-from .filedata import MAP_REF_BYTES, BlockRef, FileData, Volume, atime_due, view_of
+from .filedata import BlockRef, FileData, Volume, atime_due, spans_bytes, view_of
 from .pagepush import PagePush
 
 log = logging.getLogger(__name__)
@@ -363,9 +363,8 @@ class Operations(pyfuse3.Operations):
             if n == ino:
                 mine = rows if node_view == view else None
             elif n not in self.files:
-                refs = {row[0]: BlockRef.from_row(row) for row in rows}
-                self.cache.put_map(n, node_view, {0: refs}, sum(
-                    MAP_REF_BYTES + len(ref.data or b"") for ref in refs.values()))
+                spans = {0: {row[0]: BlockRef.from_row(row) for row in rows}}
+                self.cache.put_map(n, node_view, spans, spans_bytes(spans))
         return mine
 
     def small_without_map(self, ino: int) -> bool:
