@@ -41,6 +41,7 @@ import errno
 import functools
 import stat
 import time
+import uuid
 from dataclasses import dataclass
 import logging
 from contextlib import asynccontextmanager
@@ -111,6 +112,10 @@ def atime_due(attrs: dict[str, Any], now: int) -> bool:
             or now - attrs["atime_ns"] >= RELATIME_NS)
 
 
+async def _no_retake(ino: InodeId, fence: int) -> tuple[int, tuple[int, int, int]] | None:
+    return None
+
+
 async def _no_small_map(ino: InodeId, view: tuple[int, int, int]) -> list[Any] | None:
     return None
 
@@ -134,6 +139,10 @@ class Volume:
         self.dirty_blocks = 0         # dirty block buffers over all files of the mount
         self.inflight = trio.Semaphore(MAX_INFLIGHT)
         self.prefetching = 0
+        # this mount's names for the ops it sends in batches: one sent again
+        # after its answer was lost gets its first outcome (MetaState.request)
+        self.client_id = uuid.uuid4().hex
+        self._requests = 0
         # set by the lease client: the metadata node forgot our session
         self.lost_session: Callable[[str | None], Awaitable[None]] | None = None
         # set by the mount: op ``method`` sent at ``stamp()`` changed these
@@ -159,12 +168,22 @@ class Volume:
         # set by the mount: sends a commit with the queued ops, at the end
         # of their batch (None: nothing queued), and the epoch to send for a
         # WRITE lease held provisionally (a file whose create is queued)
-        self.ride: Callable[[str, dict[str, Any], list[list[int]], bool],
+        self.ride: Callable[[str, dict[str, Any], list[list[int]], bool, str | None],
                             Awaitable[dict[str, Any] | None]] | None = None
         self.fence_of: Callable[[int, int], int] = lambda ino, epoch: epoch
+        # set by the mount: the node refused a commit fenced by ``fence``;
+        # take a new WRITE lease on the inode: its epoch and the node's view
+        # of the file now (None: not to be had, or the file is gone)
+        self.retake: Callable[[InodeId, int], Awaitable[tuple[int, tuple[int, int, int]] | None]] \
+            = _no_retake
         # the metadata node was out of reach at the last try of an RPC that
         # is still being retried, or has not answered one since
         self.unreachable = False
+
+    def new_request(self) -> str:
+        """A name for an op, never given before by any mount."""
+        self._requests += 1
+        return f"{self.client_id}:{self._requests}"
 
     def over_dirty_limit(self) -> bool:
         """Do buffered writes of all files exceed the mount's budget?"""
@@ -174,11 +193,12 @@ class Volume:
         """One metadata RPC about this volume, retried while the metadata node
         is unreachable (a restart): queries always, operations only when the
         request surely never arrived, so that no outcome is guessed."""
+        req = args.pop("req", None)
         if method == "commit_blocks" and self.ride is not None:
             since = self.stamp()
             # a closed file's commit (it has the ctime shown) goes with the others
             answer = await self.ride(method, args, [[args["ino"], args.get("fence") or 0]],
-                                     "ctime_ns" in args)
+                                     "ctime_ns" in args, req)
             if answer is not None:
                 if "errno" in answer:
                     raise MetaError(answer["errno"], str(answer.get("error", "")))
@@ -268,6 +288,12 @@ class FileData:
         self.inflight: dict[int, trio.Event] = {}         # background uploads running
         self.stale: list[BlockRef] = []        # uploaded, then rewritten: never committed
         self.fence: int | None = None          # epoch of the WRITE lease the buffers are under
+        # the last commit sent whose answer was lost (its args and request
+        # name: sent again unchanged, it is named the same), and the objects
+        # any such commit named: the node may refer to them, so they are
+        # never deleted from here (the node's orphan scan collects them)
+        self.unanswered: tuple[dict[str, Any], str] | None = None
+        self.unsure: set[str] = set()
         self.changed = False          # size or mtime differ from the metadata node
         self.due = False              # closed: its commit is due (store_behind)
         self.attr_changes: dict[str, int] = {}   # setattrs' mode, uid, gid, atime, to commit
@@ -729,22 +755,6 @@ class FileData:
             self.due = True
             return True
 
-    async def reclaim(self, fence: int, view: tuple[int, int, int]) -> bool:
-        """Commit what is buffered under the new WRITE lease ``fence``, the
-        one it went under having been lost (a restart of the metadata node
-        forgets every lease), if the node's file, ``view`` now, still has
-        the size and mtime of the one this mount's writes were made on:
-        nobody wrote it meanwhile (a write elsewhere moves its mtime), and
-        the commit lands as it would have.  (Not the ctime: this mount's own
-        changes since, an xattr, a rename, move it.)  False (nothing
-        committed) when it was written, or nothing is buffered any more."""
-        async with self.lock:
-            if not self.pending() or view[:2] != self.view[:2]:
-                return False
-            self.fence = fence
-            await self._flush_all()
-            return True
-
     async def _flush_all(self) -> dict[str, Any]:
         await self._store_all()
         return await self._commit()
@@ -775,9 +785,10 @@ class FileData:
         try:
             attrs = await self._send_commit()
         except MetaError as exc:
-            if exc.errno != errno.ESTALE:
+            if exc.errno == errno.ESTALE:
+                await self._store_again()     # uploaded too long ago (see metastate._check_fresh)
+            elif exc.errno != errno.EIO or not await self._retake():
                 raise
-            await self._store_again()     # uploaded too long ago (see metastate._check_fresh)
             attrs = await self._send_commit()
         self.committed_size = attrs["size"]
         self.view = view_of(attrs)
@@ -800,8 +811,37 @@ class FileData:
         return attrs
 
     async def _discard(self, ref: BlockRef) -> None:
-        if ref.oid is not None:
+        if ref.oid is not None and ref.oid not in self.unsure:
             await self.v.store.discard(ref.oid, ref.holders)
+
+    async def _retake(self) -> bool:
+        """The node refused the commit under the WRITE lease it went under:
+        lost (a restart of the metadata node forgets every lease, and an
+        answer lost on the way may have been a create's that was applied).
+        Take a new one and commit under it if the node's file still has the
+        size and mtime of the one this mount's writes were made on: nobody
+        wrote it meanwhile (a write elsewhere moves its mtime), and the
+        commit lands as it would have.  (Not the ctime: this mount's own
+        changes since, an xattr, a rename, move it.)  Every commit path
+        comes here (a close's, a later open's, fsync's, unmount's, a write
+        under the new lease's), so none drops data another could commit.
+        False (the refusal stands) when the file was written or is gone."""
+        if self.fence is None:
+            return False
+        got = await self.v.retake(self.ino, self.fence)
+        sent = self.unanswered
+        if got is None or (got[1][:2] != self.view[:2] and (
+                sent is None or got[1][:2] != (sent[0]["size"], sent[0]["mtime_ns"]))):
+            log.warning("inode %d: its WRITE lease (fence %s) was lost, and the file is %s on "
+                        "the metadata node (size and mtime %s here, %s in a commit whose "
+                        "answer was lost)", self.ino, self.fence,
+                        "gone" if got is None else f"changed ({got[1][:2]})", self.view[:2],
+                        None if sent is None else (sent[0]["size"], sent[0]["mtime_ns"]))
+            return False
+        log.warning("inode %d: committed under a new WRITE lease, the old one was lost "
+                    "(the file was unchanged on the metadata node)", self.ino)
+        self.fence = got[0]
+        return True
 
     async def _send_commit(self) -> dict[str, Any]:
         blocks = [r.as_entry(i) if r else [i, None, 0, []]
@@ -809,9 +849,23 @@ class FileData:
         keep = self.v.keeper(self.ino)
         # a closed file's ctime as this mount showed it after the close
         ctime = {"ctime_ns": self.ctime_ns} if self.due else {}
-        attrs: dict[str, Any] = await self.v.call(
-            "commit_blocks", ino=self.ino, size=self.size, blocks=blocks, mtime_ns=self.mtime_ns,
-            fence=self.fence, **self.attr_changes, **ctime)
+        args = dict(ino=self.ino, size=self.size, blocks=blocks, mtime_ns=self.mtime_ns,
+                    fence=self.fence, **self.attr_changes, **ctime)
+        sent = self.unanswered
+        req = sent[1] if sent is not None and sent[0] == args else self.v.new_request()
+        try:
+            attrs: dict[str, Any] = await self.v.call("commit_blocks", req=req, **args)
+        except MetaUnavailable:
+            # its outcome is not known: it may have landed
+            log.info("commit %s of inode %d (fence %s): no answer", req, self.ino, args["fence"])
+            self.unanswered = (args, req)
+            self.unsure.update(r.oid for r in self.uploaded.values()
+                               if r is not None and r.oid is not None)
+            raise
+        except MetaError:
+            self.unanswered = None
+            raise
+        self.unanswered = None
         keep(attrs)               # a stat after close needs no round trip
         return attrs
 

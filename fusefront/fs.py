@@ -198,6 +198,8 @@ class Operations(pyfuse3.Operations):
         self.pages = PagePush(self.spawn)
         volume.offer_pages = self.offer_pages
         volume.small_map = self.small_map
+        if leases is not None:
+            volume.retake = self.retake
         self.dirs: dict[int, DirHandle] = {}
         self.xattr_names: dict[int, tuple[float, frozenset[bytes]]] = {}
         # read accesses on their way to the metadata node: inode -> (atime, sent)
@@ -1373,17 +1375,11 @@ class Operations(pyfuse3.Operations):
 
     async def commit_behind(self, f: FileData, again: dict[int, FileData]) -> None:
         """Commit ``f``, closed here; a failure is logged and reported by
-        the next fsync or close of it.  A lease lost meanwhile (the metadata
-        node restarted) is taken again if nobody changed the file since."""
+        the next fsync or close of it.  (A lease lost meanwhile, the
+        metadata node restarted, is taken again if nobody changed the file
+        since: ``FileData._retake``.)"""
         try:
-            try:
-                await f.flush()
-            except MetaError as exc:
-                if exc.errno != errno.EIO or self.leases is None or f.fence is None:
-                    raise
-                self.leases.lost(f.ino, f.fence)     # the node said so
-                if not await self.reclaim(f):
-                    raise
+            await f.flush()
         except Exception as exc:
             cause = first_cause(exc)
             if isinstance(cause, MetaUnavailable):
@@ -1414,26 +1410,26 @@ class Operations(pyfuse3.Operations):
                 except Exception as exc:        # commit_behind reports it
                     log.info("commit of inode %d before a change of its names: %s", ino, exc)
 
-    async def reclaim(self, f: FileData) -> bool:
-        """Take a WRITE lease on ``f`` again and commit under it, if the
-        node's file is still the one this mount's writes were made on."""
+    async def retake(self, ino: int, fence: int) -> tuple[int, tuple[int, int, int]] | None:
+        """The node refused a commit to ``ino`` fenced by ``fence``: take a
+        new WRITE lease on it; its epoch and the node's view of the file
+        (None: no lease to be had, or the file is gone).  The caller holds
+        the file's lock: a recall of the new lease waits for the commit."""
         assert self.leases is not None
-        if not await self.leases.acquire(f.ino, "write"):
-            return False
-        fence = self.leases.write_epoch(f.ino)
-        if fence is None:
-            return False
+        self.leases.lost(ino, self.leases.fence_of(ino, fence))   # the node said so
+        self.leases.lost(ino, fence)
+        if not await self.leases.acquire(ino, "write"):
+            return None
+        epoch = self.leases.write_epoch(ino)
+        if epoch is None or epoch <= 0:
+            return None
         try:
-            a = await self.call("getattr", ino=f.ino)
+            a = await self.call("getattr", ino=ino)
         except MetaError as exc:
             if exc.errno == errno.ENOENT:
-                return False
+                return None
             raise
-        if not await f.reclaim(fence, view_of(a)):
-            return False
-        log.warning("inode %d: committed under a new WRITE lease, the old one was lost "
-                    "(the file was unchanged on the metadata node)", f.ino)
-        return True
+        return epoch, view_of(a)
 
     @fuse_op
     async def release(self, fh: int) -> None:

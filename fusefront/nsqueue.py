@@ -65,6 +65,7 @@ class QueuedOp:
     rider: bool = False             # its caller waits for ``answer`` (see ``ride``)
     answer: dict[str, Any] | None = None
     seq: int = 0                    # its place in the order ops were queued in
+    req: str = ""                   # the mount's name for it (the same when sent again)
 
 
 class NamespaceQueue:
@@ -105,6 +106,7 @@ class NamespaceQueue:
     def _append(self, op: QueuedOp) -> None:
         self._seq += 1
         op.seq = self._seq
+        op.req = op.req or self.v.new_request()
         self._ops.append(op)
 
     def add(self, op: QueuedOp) -> None:
@@ -114,7 +116,7 @@ class NamespaceQueue:
             self._spawn(self._later)
 
     async def ride(self, method: str, args: dict[str, Any], fences: list[list[int]],
-                   always: bool = False) -> dict[str, Any] | None:
+                   always: bool = False, req: str | None = None) -> dict[str, Any] | None:
         """Send the op ``method`` at the end of the queue's next batch and
         wait for its answer (one round trip for the queued ops and this one:
         a new file's create and the commit of its data); None when nothing is
@@ -123,7 +125,7 @@ class NamespaceQueue:
         outcome is not known (it no longer waits in the queue)."""
         if not self._ops and not always:
             return None
-        op = QueuedOp(method, args, fences, rider=True)
+        op = QueuedOp(method, args, fences, rider=True, req=req or "")
         self._append(op)
         try:
             if always:
@@ -194,7 +196,7 @@ class NamespaceQueue:
                 args = dict(args, open_inos=[op.child] if op.child in open_now else [])
             if (args.get("fence") or 0) < 0:
                 args = dict(args, fence=self._fence_of(args["ino"], args["fence"]))
-            batch.append({"method": op.method, "args": args, "time_ns": op.at_ns,
+            batch.append({"method": op.method, "args": args, "time_ns": op.at_ns, "req": op.req,
                           "fences": [[ino, self._fence_of(ino, epoch)]
                                      for ino, epoch in op.fences]})
         answers: list[Any] = await self.v.call("batch", ops=batch)

@@ -53,7 +53,8 @@ from .leaseserver import LeaseServer, grant_map
 from .metaclient import MetaClient
 from .retry import retrying
 from .metastate import (HEARTBEAT_SPEC, LEASE_SPECS, LIVENESS_QUERIES, OPS, QUERIES, VOL,
-                        BadRequest, Liveness, MetaError, MetaState, Outcome, op_keys, validate)
+                        BadRequest, Liveness, MetaError, MetaState, Outcome, check_request, op_keys,
+                        validate)
 
 log = logging.getLogger(__name__)
 
@@ -461,12 +462,12 @@ class MetaNode:
         vol = validate({"vol": VOL}, {"vol": args.get("vol")})["vol"]
         ops = []            # every op is checked (BadRequest) before any is applied
         for op in args["ops"]:
-            method, op_args, fences, at_ns = _batched(op)
+            method, op_args, fences, at_ns, req = _batched(op)
             op_args = dict(op_args, vol=vol)
             self._reader.check(method, op_args)
             if method in CREATES and op_args.get("ino") is None:
                 raise BadRequest("a batched create names its reserved inode")
-            ops.append((method, op_args, fences, at_ns))
+            ops.append((method, op_args, fences, at_ns, req))
         admitted: list[tuple[_Pending | MetaError, list[Any]]] = []
         made: dict[int, Any] = {}       # new inode -> the WRITE cache lease its create got
         # inode -> the WRITE lease an earlier op of this batch was admitted
@@ -483,9 +484,17 @@ class MetaNode:
         # looked at all the others: quadratic in the batch)
         pinned: dict[int, int] = {}
         try:
-            for method, op_args, fences, at_ns in ops:
+            for method, op_args, fences, at_ns, req in ops:
                 grants: list[Any] = []
                 pins: dict[int, int] = {}
+                done = self._reader.request(req) if req is not None else None
+                if done is not None:
+                    # sent again, its answer lost: the first outcome, under
+                    # no lease (a restart forgot the ones it went under)
+                    ready = _Pending({}, 0, outcome=done)
+                    ready.done.set()
+                    admitted.append((ready, []))
+                    continue
                 try:
                     for _, ino in op_keys(self._reader, method, op_args):
                         fence = fences.get(ino, 0) or known.get(ino, 0)
@@ -508,7 +517,8 @@ class MetaNode:
                     admitted.append((exc, []))
                     continue
                 pinned.update(pins)
-                pending = _Pending({"method": method, "args": op_args, "time_ns": 0},
+                named = {"req": req} if req is not None else {}
+                pending = _Pending({"method": method, "args": op_args, "time_ns": 0, **named},
                                    at_ns if method != "commit_blocks" else 0)
                 admitted.append((pending, grants))
                 try:        # no checkpoint between a batch's ops: one commit takes them all
@@ -516,7 +526,7 @@ class MetaNode:
                 except trio.WouldBlock:
                     await self._send.send(pending)
             results: list[dict[str, Any]] = []
-            for (item, _), (method, op_args, _, _) in zip(admitted, ops):
+            for (item, _), (method, op_args, _, _, _) in zip(admitted, ops):
                 new = made.get(op_args["ino"]) if method in CREATES else None
                 try:
                     if isinstance(item, MetaError):
@@ -640,9 +650,9 @@ class MetaNode:
         return live
 
 
-def _batched(op: Any) -> tuple[str, dict[str, Any], dict[int, int], int]:
+def _batched(op: Any) -> tuple[str, dict[str, Any], dict[int, int], int, str | None]:
     """One op of a ``batch``: method, args, fences by inode, the mount's
-    time for it (0: none; BadRequest)."""
+    time for it (0: none), the mount's name for it (BadRequest)."""
     if not isinstance(op, dict) or op.get("method") not in BATCHABLE \
             or not isinstance(op.get("args"), dict) or type(op.get("fences")) is not list \
             or len(op["fences"]) > 8:
@@ -655,7 +665,10 @@ def _batched(op: Any) -> tuple[str, dict[str, Any], dict[int, int], int]:
         if type(pair) is not list or len(pair) != 2 or not all(type(x) is int for x in pair):
             raise BadRequest("a fence is an [ino, epoch] pair")
         fences[pair[0]] = pair[1]
-    return op["method"], op["args"], fences, at_ns
+    req = op.get("req")
+    if req is not None:
+        check_request(req)
+    return op["method"], op["args"], fences, at_ns, req
 
 
 def _decode(body: bytes) -> tuple[str, Any, str | None, bool]:

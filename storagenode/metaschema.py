@@ -13,7 +13,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class SchemaError(Exception):
@@ -48,6 +48,20 @@ _BLOCKS_TABLE = """CREATE TABLE {name} (
         CHECK ((oid IS NULL) != (data IS NULL))
     ) STRICT, WITHOUT ROWID"""
 _BLOCKS_INDEX = "CREATE INDEX blocks_by_oid ON blocks (oid)"
+
+# Ops a client named, applied already, with their outcomes: an op sent again
+# because its answer was lost (a metadata node killed between commit and
+# answer) gets the first outcome instead of being applied twice or refused
+# under a lease the restart forgot.  Trimmed with the log.
+#   req:     the client's name for the op ("<mount id>:<n>");
+#   idx:     the oplog index of its first application;
+#   outcome: msgpack {"result"} or {"errno", "error"}
+_REQUESTS_TABLE = """CREATE TABLE requests (
+    req     TEXT PRIMARY KEY,
+    idx     INTEGER NOT NULL,
+    outcome BLOB NOT NULL
+) STRICT, WITHOUT ROWID"""
+_REQUESTS_INDEX = "CREATE INDEX requests_by_idx ON requests (idx)"
 
 TABLES = [
     # Key/value settings of the database itself.
@@ -200,6 +214,8 @@ TABLES = [
         idx INTEGER PRIMARY KEY,
         op  BLOB NOT NULL
     ) STRICT""",
+    _REQUESTS_TABLE,
+    _REQUESTS_INDEX,
 ]
 
 
@@ -251,6 +267,8 @@ UPGRADES = {
         "DROP TABLE blocks",
         "ALTER TABLE blocks_v3 RENAME TO blocks",
         _BLOCKS_INDEX],
+    # 3 -> 4: outcomes of ops by the client's name for them
+    3: [_REQUESTS_TABLE, _REQUESTS_INDEX],
 }
 
 

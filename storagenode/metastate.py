@@ -310,6 +310,14 @@ class Outcome:
     error: MetaError | None = None
 
 
+REQUEST_MAX = 80            # longest name a client gives an op (see MetaState.request)
+
+
+def check_request(req: Any) -> None:
+    if type(req) is not str or not 0 < len(req) <= REQUEST_MAX:
+        raise BadRequest(f"an op's request name is a string of 1..{REQUEST_MAX} characters")
+
+
 def encode_op(op: Mapping[str, Any]) -> bytes:
     return msgpack.packb(dict(op), use_bin_type=True)
 
@@ -346,7 +354,15 @@ class MetaState:
             return OPS[op["method"]].fn(self, args, now)
 
     def append(self, op: Mapping[str, Any]) -> Outcome:
-        """Apply ``op`` and write it to the log, in the caller's transaction."""
+        """Apply ``op`` and write it to the log, in the caller's transaction.
+        An op its client named (``req``, see ``request``) that was applied
+        already is not applied again: its first outcome is the answer."""
+        req = op.get("req")
+        if req is not None:
+            check_request(req)
+            done = self.request(req)
+            if done is not None:
+                return done
         outcome = Outcome(0)
         try:
             outcome.result = self.apply(op)
@@ -354,7 +370,23 @@ class MetaState:
             outcome.error = exc
         cur = self.conn.execute("INSERT INTO oplog (op) VALUES (?)", (encode_op(op),))
         outcome.index = int(cur.lastrowid or 0)
+        if req is not None:
+            told = {"result": outcome.result} if outcome.error is None else \
+                {"errno": outcome.error.errno, "error": outcome.error.message}
+            self.conn.execute("INSERT INTO requests VALUES (?, ?, ?)",
+                              (req, outcome.index, msgpack.packb(told, use_bin_type=True)))
         return outcome
+
+    def request(self, req: str) -> Outcome | None:
+        """The outcome of the op its client named ``req``, if applied (and
+        not trimmed with the log yet)."""
+        row = self._one("SELECT idx, outcome FROM requests WHERE req = ?", req)
+        if row is None:
+            return None
+        told = msgpack.unpackb(row[1], raw=False)
+        if "errno" in told:
+            return Outcome(row[0], error=MetaError(told["errno"], told["error"]))
+        return Outcome(row[0], result=told["result"])
 
     def query(self, method: str, args: Any,
               live: Mapping[str, Liveness] | None = None) -> Any:
@@ -370,6 +402,8 @@ class MetaState:
         """Drop all but the newest ``keep`` log entries."""
         self.conn.execute(
             "DELETE FROM oplog WHERE idx <= (SELECT MAX(idx) FROM oplog) - ?", (keep,))
+        self.conn.execute(
+            "DELETE FROM requests WHERE idx <= (SELECT MAX(idx) FROM oplog) - ?", (keep,))
 
     def has_node(self, node_id: str) -> bool:
         return self._one("SELECT 1 FROM nodes WHERE node_id = ?", node_id) is not None

@@ -120,12 +120,14 @@ def test_schema_upgrade_from_2_adds_inline_data(tmp_path: Path) -> None:
         DROP TABLE blocks;
         ALTER TABLE old RENAME TO blocks;
         CREATE INDEX blocks_by_oid ON blocks (oid);
+        DROP TABLE requests;
         UPDATE meta SET value = 2 WHERE key = 'schema_version';
         COMMIT;""")
     conn.close()
     conn = metaschema.open_db(path)
-    assert metaschema.schema_version(conn) == 3
+    assert metaschema.schema_version(conn) == 4       # through 3 -> 4 (requests) too
     assert "data" in [r[1] for r in conn.execute("PRAGMA table_info(blocks)")]
+    assert "outcome" in [r[1] for r in conn.execute("PRAGMA table_info(requests)")]
     st = MetaState(conn)
     key = {"vol": fs.vol, "ino": f["ino"], "first": 0, "last": 0}
     assert st.query("get_blocks", key) == [[0, OID[0], 4096, ["n1"]]]

@@ -345,3 +345,60 @@ def test_a_lookup_waits_until_another_mount_with_the_directory_leased_has_sent_i
             await a.call("release", epochs=[dl])
         assert seen[0]["result"] is None         # the name is gone
     two_sessions(meta, secret_file, main)
+
+
+def test_a_batch_sent_again_after_its_answer_was_lost_gets_its_first_answers(
+        tmp_path: Path, secret_file: Path) -> None:
+    """A mount whose batch's answer was lost (the metadata node killed
+    between the commit and the answer) sends it again under the same names
+    (``req``): the ops are not applied twice, nor refused under the leases
+    the restart forgot; their first answers come back.  An op under a new
+    name and a lost lease is refused; a malformed name is a bad request."""
+    node = NodeProcess("meta", tmp_path / "meta", secret_file)
+    secret = secret_file.read_text().strip()
+    try:
+        node.start()
+
+        async def first(a: MetaClient) -> tuple[int, list[Any], list[Any]]:
+            vol = (await a.call("create_volume", name="v", block_size=4096, replicas=1))["vol"]
+            a.session = (await a.call("open_session"))["session"]
+            root = (await a.call("acquire", vol=vol, ino=1, mode="write", wait=1))["epoch"]
+            f = (await a.call("reserve_inodes", vol=vol, count=4))["first"]
+            ops = [
+                {"method": "mknod", "args": {"parent": 1, "name": b"f", "ino": f, "rdev": 0,
+                                             "uid": 0, "gid": 0, "mode": 0o100644},
+                 "fences": [[1, root]], "time_ns": 5, "req": "m1:1"},
+                {"method": "commit_blocks", "args": {
+                    "ino": f, "size": 3, "fence": 0, "mtime_ns": 7,
+                    "blocks": [[0, None, 3, [], b"abc"]]}, "fences": [[f, 0]], "req": "m1:2"},
+                {"method": "unlink", "args": {"parent": 1, "name": b"nothing",
+                                              "open_inos": []},
+                 "fences": [[1, root]], "req": "m1:3"}]
+            answers = await a.call("batch", vol=vol, ops=ops)
+            for bad in (7, "", "x" * 81):
+                with pytest.raises(BadRequest):
+                    await a.call("batch", vol=vol, ops=[dict(ops[2], req=bad)])
+            return vol, ops, answers
+        vol, ops, answers = with_client(node, secret_file, lambda a: first(a))
+        assert [x.get("errno") for x in answers] == [None, None, errno.ENOENT]
+        node.kill()
+        node.start()
+
+        async def again(a: MetaClient) -> None:
+            a.session = (await a.call("open_session"))["session"]
+            resent = await a.call("batch", vol=vol, ops=ops)
+            assert [x.get("result") for x in resent] == [x.get("result") for x in answers]
+            assert [x.get("errno") for x in resent] == [None, None, errno.ENOENT]
+            assert "lease" not in resent[0]          # the restart forgot it
+            renamed = await a.call("batch", vol=vol, ops=[dict(ops[1], req="m1:4")])
+            assert renamed[0]["errno"] == errno.EIO   # a new op, under a lost lease
+            entries = await a.call("readdir", vol=vol, ino=1, after=0, limit=10)
+            assert [e[1] for e in entries] == [b"f"]
+            attrs = await a.call("getattr", vol=vol, ino=answers[0]["result"]["ino"])
+            assert (attrs["size"], attrs["mtime_ns"], attrs["nlink"]) == (3, 7, 1)
+        async def run() -> None:
+            async with MetaClient(node.address, secret) as a:
+                await again(a)
+        trio.run(run)
+    finally:
+        node.stop()

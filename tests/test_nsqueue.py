@@ -19,6 +19,11 @@ class FakeVolume:
         self.answer = answer
         self.batches: list[list[dict[str, Any]]] = []
         self.unreachable = False
+        self.requests = 0
+
+    def new_request(self) -> str:
+        self.requests += 1
+        return f"m:{self.requests}"
 
     async def call(self, method: str, **args: Any) -> Any:
         assert method == "batch"
@@ -116,6 +121,8 @@ def test_nothing_leaves_the_queue_without_its_answer() -> None:
         assert len(queue) == 0 and not failed        # it landed, and was answered
         assert not queue.stalled
         assert [o["args"]["name"] for b in volume.batches for o in b] == [b"a", b"a"]
+        # sent again under the same name: the node answers it as the first time
+        assert volume.batches[0][0]["req"] == volume.batches[1][0]["req"]
     trio.run(main)
 
 
