@@ -852,7 +852,10 @@ class FileData:
         args = dict(ino=self.ino, size=self.size, blocks=blocks, mtime_ns=self.mtime_ns,
                     fence=self.fence, **self.attr_changes, **ctime)
         sent = self.unanswered
-        req = sent[1] if sent is not None and sent[0] == args else self.v.new_request()
+        # the same commit if only the fence differs (the lease it goes under
+        # now: the one a create's answer named, or one taken again)
+        same = sent is not None and {**sent[0], "fence": None} == {**args, "fence": None}
+        req = sent[1] if sent is not None and same else self.v.new_request()
         try:
             attrs: dict[str, Any] = await self.v.call("commit_blocks", req=req, **args)
         except MetaUnavailable:
@@ -862,10 +865,7 @@ class FileData:
             self.unsure.update(r.oid for r in self.uploaded.values()
                                if r is not None and r.oid is not None)
             raise
-        except MetaError:
-            self.unanswered = None
-            raise
-        self.unanswered = None
+        self.unanswered = None        # (a refusal of another one says nothing of it)
         keep(attrs)               # a stat after close needs no round trip
         return attrs
 

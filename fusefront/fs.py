@@ -211,7 +211,8 @@ class Operations(pyfuse3.Operations):
         # namespace ops answered here, on their way to the node (see
         # remove_here, make_here, rename_here)
         self.queue = NamespaceQueue(volume, answered=self.queued_op_answered, spawn=self.spawn,
-                                    open_inos=self.open_inos, fence_of=self.queue_fence_of)
+                                    open_inos=self.open_inos, fence_of=self.queue_fence_of,
+                                    ctime_of=self.cached_ctime)
         volume.before_rpc = self.queue.drain
         volume.ride = self.queue.ride
         volume.fence_of = self.queue_fence_of
@@ -329,6 +330,10 @@ class Operations(pyfuse3.Operations):
         for ino in dirs:
             if self.in_flight[ino] <= 0:
                 del self.in_flight[ino]
+
+    def cached_ctime(self, ino: int) -> int | None:
+        a = self.cache.attr(ino)
+        return None if a is None else int(a["ctime_ns"])
 
     def lease_idle(self, ino: int) -> bool:
         """May the lease on ``ino`` be given back unasked: nothing here has
@@ -818,10 +823,15 @@ class Operations(pyfuse3.Operations):
         self.queue.add(QueuedOp(method, dict(args, ino=ino), [[parent, dir_epoch]],
                                 parent=parent, name=name, made=ino, at_ns=now))
         leases.provisional(ino)
+        rows, grand = self.cache.listings.get(parent), self.cache.parents.get(parent)
         self.cache.touched([parent], [changed], since)
         stamp = self.cache.stamp()
         self.cache.put_attr(ino, a, stamp, True)
         self.cache.put_entry(parent, name, ino, stamp)
+        # what a create leaves as it was (rm -rf lists the directory, "..")
+        self.cache.grow_listing(parent, rows, name, ino)
+        if grand is not None:
+            self.cache.put_parent(parent, grand, stamp)
         if method == "mkdir":
             self.cache.put_new_directory(ino)
             self.cache.put_parent(ino, parent, stamp)
@@ -877,6 +887,8 @@ class Operations(pyfuse3.Operations):
                 f.fence = epoch         # the same lease: what is buffered stays so
             if code is not None:
                 self.cache.forget(op.made)
+            elif type(answer.get("cursor")) is int:
+                self.cache.place_entry(op.parent, op.name, op.made, answer["cursor"])
         if code is None or (code == errno.ENOENT and not op.made):
             return
         self.queued_op_failed(op, str(answer.get("error", code)))

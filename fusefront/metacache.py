@@ -170,9 +170,29 @@ class MetaCache:
     def listing(self, ino: int) -> list[Row] | None:
         """Every entry of directory ``ino`` in cursor order, if known."""
         rows = self.listings.get(ino)
-        if rows is None or not self.valid(ino):
+        if rows is None or not self.valid(ino) or any(c == 0 for c, _, _ in rows):
             return None
         return rows
+
+    def grow_listing(self, parent: int, rows: list[Row] | None, name: bytes, ino: int) -> None:
+        """This mount added ``name`` (``ino``) to ``parent``, whose listing was
+        ``rows`` (None: not known) before: the listing stays known, the new
+        entry's cursor unknown (0: not served) until the node's answer
+        brings it (``place_entry``).  Only under the lease on ``parent``."""
+        if rows is not None and self.valid(parent) and len(rows) < self.max_names // 4:
+            self.listings[parent] = rows + [(0, name, ino)]
+
+    def place_entry(self, parent: int, name: bytes, ino: int, cursor: int) -> None:
+        """The node gave ``name`` in ``parent`` this ``cursor``."""
+        rows = self.listings.get(parent)
+        if rows is None:
+            return
+        for i, (c, n, child) in enumerate(rows):
+            if c == 0 and n == name and child == ino:
+                rows[i] = (cursor, name, ino)
+                if i and rows[i - 1][0] > cursor:
+                    rows.sort(key=lambda row: row[0] if row[0] else 1 << 62)
+                return
 
     def take_map(self, ino: int, view: Any) -> Any | None:
         """The block map kept for file ``ino`` if it still holds (the lease
@@ -337,7 +357,8 @@ class MetaCache:
     def save(self, store: "CacheFile") -> int:
         """Write what is valid now; the number of inodes written."""
         attrs = [(ino, a) for ino, a in self.attrs.items() if self.valid(ino)]
-        listings = [(ino, rows) for ino, rows in self.listings.items() if self.valid(ino)]
+        listings = [(ino, rows) for ino, rows in self.listings.items()
+                    if self.valid(ino) and all(c for c, _, _ in rows)]
         store.write(attrs, listings)
         return len(attrs)
 

@@ -71,9 +71,11 @@ class QueuedOp:
 class NamespaceQueue:
     def __init__(self, volume: Volume, *, answered: Callable[[QueuedOp, dict[str, Any]], None],
                  spawn: Spawn, open_inos: Callable[[], list[int]],
-                 fence_of: Callable[[int, int], int]) -> None:
+                 fence_of: Callable[[int, int], int],
+                 ctime_of: Callable[[int], int | None] = lambda ino: None) -> None:
         self.v = volume
         self._answered = answered
+        self._ctime_of = ctime_of
         self._spawn = spawn
         self._open_inos = open_inos
         self._fence_of = fence_of
@@ -110,6 +112,14 @@ class NamespaceQueue:
         self._ops.append(op)
 
     def add(self, op: QueuedOp) -> None:
+        """Queue ``op``, before the mount applies it to its cache: each lease
+        it goes under carries the inode's ctime now, what the op was made on
+        (a restarted node takes such a lease back if that is still so:
+        ``MetaNode._reclaim``)."""
+        for fence in op.fences:
+            ctime = self._ctime_of(fence[0]) if fence[1] > 0 and len(fence) == 2 else None
+            if ctime is not None:
+                fence.append(ctime)
         self._append(op)
         if not self._timer:
             self._timer = True
@@ -197,7 +207,7 @@ class NamespaceQueue:
             if (args.get("fence") or 0) < 0:
                 args = dict(args, fence=self._fence_of(args["ino"], args["fence"]))
             batch.append({"method": op.method, "args": args, "time_ns": op.at_ns, "req": op.req,
-                          "fences": [[ino, self._fence_of(ino, epoch)]
-                                     for ino, epoch in op.fences]})
+                          "fences": [[f[0], self._fence_of(f[0], f[1]), *f[2:]]
+                                     for f in op.fences]})
         answers: list[Any] = await self.v.call("batch", ops=batch)
         return answers

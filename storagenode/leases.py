@@ -269,14 +269,28 @@ class LeaseTable:
     ``first_epoch`` must exceed every epoch an earlier table handed out
     (persist a high-water mark); ``not_before`` holds back every grant until
     then (a new primary waits out the leases of the old one).
+
+    Until ``reclaim_until``, a session may take back a WRITE lease of the
+    node's earlier life for one change (``reclaim_write``): the ops a mount
+    queued under it, refused otherwise once a restart forgot it.  Only on
+    a key no other session was granted anything on in this life (so
+    nobody saw or changed it since the restart); the caller checks that
+    nothing changed it before (the inode's ctime is the one the op was
+    made on).
     """
 
     def __init__(self, config: LeaseConfig | None = None, *, now: float,
-                 first_epoch: int = 1, not_before: float = -NEVER) -> None:
+                 first_epoch: int = 1, not_before: float = -NEVER,
+                 reclaim_until: float = -NEVER) -> None:
         self.config = config or LeaseConfig()
         self._now = now
         self._quiet_until = not_before
+        self._first_epoch = first_epoch
         self._next_epoch = first_epoch
+        self._reclaim_until = reclaim_until
+        # while reclaims are taken: the one session granted a lease on a
+        # key in this life, or None once several were
+        self._life: dict[LeaseKey, SessionId | None] = {}
         self._next_ticket = 1
         self._sessions: dict[SessionId, _Session] = {}
         self._leases: dict[Epoch, _Lease] = {}
@@ -427,8 +441,28 @@ class LeaseTable:
                 found = found or lease
         return found
 
+    def reclaim_write(self, session: SessionId, key: LeaseKey, epoch: Epoch,
+                      now: float) -> Grant | None:
+        """An op lease for a change carried under WRITE lease ``epoch`` of
+        the node's earlier life (see the class), or None."""
+        self._advance(now)
+        if now >= self._reclaim_until or not 0 < epoch < self._first_epoch \
+                or session not in self._sessions \
+                or self._life.get(key, session) != session:
+            return None
+        ks = self._keys.setdefault(key, _Key())
+        if any(lease.session != session for lease in ks.leases.values()):
+            self._forget_if_idle(key)
+            return None
+        return self._grant(session, key, Mode.WRITE, cache=False)
+
     def _grant(self, session: SessionId, key: LeaseKey, mode: Mode,
                cache: bool) -> Grant:
+        if self._now < self._reclaim_until:
+            if self._life.setdefault(key, session) != session:
+                self._life[key] = None
+        elif self._life:
+            self._life.clear()
         cache = cache and self._may_cache(session)
         lease = _Lease(Epoch(self._next_epoch), session, key, mode, cache)
         self._next_epoch += 1

@@ -82,8 +82,11 @@ class LeaseServer:
         self._clock = clock
         now = clock()
         not_before = now + self.config.lease_time + self.config.skew_margin if quiet else -math.inf
+        # a mount's ops queued under leases of this node's earlier life are
+        # sent again within a second or two of the restart (reclaim_write)
         self.table = LeaseTable(self.config, now=now, first_epoch=time.time_ns() // 1000,
-                                not_before=not_before)
+                                not_before=not_before,
+                                reclaim_until=now + self.config.lease_time)
         self.table.open_session(INTERNAL, now)
         self._mail: dict[SessionId, _Mailbox] = {}
         self._waiting: dict[Ticket, _Waiting] = {}
@@ -239,6 +242,14 @@ class LeaseServer:
         with trio.move_on_after(limit):
             return await self.acquire(session, key, Mode.READ, cache=True, wait=True)
         return None
+
+    def reclaim_write(self, session: str, vol: int, ino: int, epoch: int) -> Grant | None:
+        """``admit_write`` for a WRITE lease of the node's earlier life, if it
+        may be taken back (``LeaseTable.reclaim_write``)."""
+        grant = self.table.reclaim_write(SessionId(session), LeaseKey(VolumeId(vol), InodeId(ino)),
+                                         Epoch(epoch), self._clock())
+        self._deliver()
+        return grant
 
     def admit_write(self, session: str, vol: int, ino: int, epoch: int) -> Grant | None:
         """An op lease for a commit carried under WRITE cache lease ``epoch``,

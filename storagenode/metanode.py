@@ -153,6 +153,10 @@ class MetaNode:
         self.leases = LeaseServer(lease_config, clock=monotonic, quiet=lease_quiet)
         # session -> [next unused, end) ranges of inode numbers it reserved
         self._reserved: dict[str, list[list[int]]] = {}
+        # volume -> the first inode number not handed out before this start
+        # (a create reclaimed after a restart names one reserved before it)
+        self._earlier_inos = dict(self._reader.conn.execute(
+            "SELECT vol, next_ino FROM volumes").fetchall())
         self.repair = repair.RepairStatus()
         self.orphans = collector.OrphanReport()
         self.metrics = _Metrics(self)
@@ -460,14 +464,18 @@ class MetaNode:
                 or len(args["ops"]) > BATCH_MAX:
             raise BadRequest(f"batch needs a list of at most {BATCH_MAX} ops")
         vol = validate({"vol": VOL}, {"vol": args.get("vol")})["vol"]
+        if self.leases.table.session_expires(SessionId(session)) is None:
+            # (a restart forgot it): refused whole, so that the mount opens
+            # a new session and sends it again, its leases taken back then
+            raise NoSession()
         ops = []            # every op is checked (BadRequest) before any is applied
         for op in args["ops"]:
-            method, op_args, fences, at_ns, req = _batched(op)
+            method, op_args, fences, made_on, at_ns, req = _batched(op)
             op_args = dict(op_args, vol=vol)
             self._reader.check(method, op_args)
             if method in CREATES and op_args.get("ino") is None:
                 raise BadRequest("a batched create names its reserved inode")
-            ops.append((method, op_args, fences, at_ns, req))
+            ops.append((method, op_args, fences, made_on, at_ns, req))
         admitted: list[tuple[_Pending | MetaError, list[Any]]] = []
         made: dict[int, Any] = {}       # new inode -> the WRITE cache lease its create got
         # inode -> the WRITE lease an earlier op of this batch was admitted
@@ -483,10 +491,12 @@ class MetaNode:
         # its own (a directory's creates took one each, and every release
         # looked at all the others: quadratic in the batch)
         pinned: dict[int, int] = {}
+        taken_back: set[int] = set()    # of those, leases of before a restart (_reclaim)
         try:
-            for method, op_args, fences, at_ns, req in ops:
+            for method, op_args, fences, made_on, at_ns, req in ops:
                 grants: list[Any] = []
                 pins: dict[int, int] = {}
+                reclaimed = False
                 done = self._reader.request(req) if req is not None else None
                 if done is not None:
                     # sent again, its answer lost: the first outcome, under
@@ -499,8 +509,14 @@ class MetaNode:
                     for _, ino in op_keys(self._reader, method, op_args):
                         fence = fences.get(ino, 0) or known.get(ino, 0)
                         if method != "commit_blocks" and pinned.get(ino) == fence:
+                            reclaimed = reclaimed or ino in taken_back
                             continue
                         grant = self.leases.admit_write(session, vol, ino, fence)
+                        if grant is None and ino in made_on:
+                            grant = self._reclaim(session, vol, ino, fence, made_on[ino])
+                            if grant is not None:
+                                reclaimed = True
+                                taken_back.add(ino)
                         if grant is None:
                             raise MetaError(errno.EIO, (
                                 f"{method} of inode {ino}: no WRITE lease of this mount covers it "
@@ -510,7 +526,8 @@ class MetaNode:
                     if method == "commit_blocks":
                         op_args["fence"] = grants[0].epoch
                     if method in CREATES:
-                        new = made[op_args["ino"]] = self._lease_new(session, vol, op_args["ino"])
+                        new = made[op_args["ino"]] = self._lease_new(session, vol, op_args["ino"],
+                                                                     reclaimed)
                         known[op_args["ino"]] = new.epoch
                 except MetaError as exc:
                     self.leases.unhold(grants)
@@ -526,7 +543,7 @@ class MetaNode:
                 except trio.WouldBlock:
                     await self._send.send(pending)
             results: list[dict[str, Any]] = []
-            for (item, _), (method, op_args, _, _, _) in zip(admitted, ops):
+            for (item, _), (method, op_args, _, _, _, _) in zip(admitted, ops):
                 new = made.get(op_args["ino"]) if method in CREATES else None
                 try:
                     if isinstance(item, MetaError):
@@ -534,6 +551,12 @@ class MetaNode:
                     answer = {"result": await self._outcome(item)}
                     if new is not None:
                         answer["lease"] = grant_map(new, self._monotonic())
+                    if method in CREATES:
+                        # its place in the listing: the mount keeps the
+                        # listing of a directory it fills (rm -rf reads it)
+                        entry = self._reader.entry(vol, op_args["parent"], op_args["name"])
+                        if entry is not None and entry.ino == op_args["ino"]:
+                            answer["cursor"] = entry.cursor
                     results.append(answer)
                 except MetaError as exc:
                     if new is not None:
@@ -544,10 +567,33 @@ class MetaNode:
                 self.leases.unhold(grants)
         return {"result": results}
 
-    def _lease_new(self, session: str, vol: int, ino: int) -> Any:
+    def _reclaim(self, session: str, vol: int, ino: int, epoch: int, ctime: int) -> Any:
+        """An op lease for an op a mount queued under WRITE lease ``epoch``
+        of this node's earlier life (its restart forgot it), made on the
+        inode as it was with ``ctime``: taken back if the inode still has
+        that ctime (nothing changed it since: every change sets it) and no
+        other session was granted anything on it since the restart
+        (``LeaseTable.reclaim_write``); else None.  Without it a mount's
+        creates and closes of the last moments before a restart were
+        refused, and their files lost."""
+        try:
+            if self._reader.inode(vol, ino).ctime_ns != ctime:
+                return None
+        except MetaError:
+            return None
+        grant = self.leases.reclaim_write(session, vol, ino, epoch)
+        if grant is not None:
+            log.info("session %s took back its WRITE lease %d on inode %d/%d of before "
+                     "the restart", session[:8], epoch, vol, ino)
+        return grant
+
+    def _lease_new(self, session: str, vol: int, ino: int, reclaimed: bool = False) -> Any:
         """The WRITE cache lease on an inode a batched create will make with
-        a number reserved for this session (nobody else can know it yet)."""
-        if not self._take_reserved(session, ino):
+        a number reserved for this session (nobody else can know it yet);
+        one reserved before this node's restart when the create's directory
+        lease was taken back (``_reclaim``)."""
+        if not self._take_reserved(session, ino) and not (
+                reclaimed and type(ino) is int and ino < self._earlier_inos.get(vol, 0)):
             raise MetaError(errno.EINVAL, f"inode number {ino} is not one reserved for "
                                           "this mount, or was used already")
         grant = self.leases.try_acquire(session, LeaseKey(VolumeId(vol), InodeId(ino)),
@@ -650,9 +696,12 @@ class MetaNode:
         return live
 
 
-def _batched(op: Any) -> tuple[str, dict[str, Any], dict[int, int], int, str | None]:
-    """One op of a ``batch``: method, args, fences by inode, the mount's
-    time for it (0: none), the mount's name for it (BadRequest)."""
+def _batched(op: Any) -> tuple[str, dict[str, Any], dict[int, int], dict[int, int], int,
+                               str | None]:
+    """One op of a ``batch``: method, args, fences by inode, the ctimes the
+    mount made it on by inode (a fence may carry one: [ino, epoch, ctime]),
+    the mount's time for it (0: none), the mount's name for it
+    (BadRequest)."""
     if not isinstance(op, dict) or op.get("method") not in BATCHABLE \
             or not isinstance(op.get("args"), dict) or type(op.get("fences")) is not list \
             or len(op["fences"]) > 8:
@@ -660,15 +709,18 @@ def _batched(op: Any) -> tuple[str, dict[str, Any], dict[int, int], int, str | N
     at_ns = op.get("time_ns", 0)
     if type(at_ns) is not int or not 0 <= at_ns < 1 << 63:
         raise BadRequest("a batched op's time_ns is an integer of nanoseconds")
-    fences = {}
+    fences, made_on = {}, {}
     for pair in op["fences"]:
-        if type(pair) is not list or len(pair) != 2 or not all(type(x) is int for x in pair):
-            raise BadRequest("a fence is an [ino, epoch] pair")
+        if type(pair) is not list or len(pair) not in (2, 3) \
+                or not all(type(x) is int for x in pair):
+            raise BadRequest("a fence is an [ino, epoch] pair or [ino, epoch, ctime]")
         fences[pair[0]] = pair[1]
+        if len(pair) == 3:
+            made_on[pair[0]] = pair[2]
     req = op.get("req")
     if req is not None:
         check_request(req)
-    return op["method"], op["args"], fences, at_ns, req
+    return op["method"], op["args"], fences, made_on, at_ns, req
 
 
 def _decode(body: bytes) -> tuple[str, Any, str | None, bool]:

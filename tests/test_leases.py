@@ -53,6 +53,31 @@ def grants(events: list[Event]) -> dict[Ticket, Grant]:
 
 # ---- the rules, one by one -------------------------------------------------
 
+def test_a_write_lease_of_the_earlier_life_is_taken_back_only_if_nobody_had_the_key() -> None:
+    """After a restart (a new table, epochs from ``first_epoch`` on), a
+    session may take back a WRITE lease of the earlier life for one change,
+    during the reclaim window, on a key nobody else was granted anything
+    on since; again and again for its queued ops; never an epoch of this
+    life, nor after another session held the key, nor after the window."""
+    t = LeaseTable(CFG, now=0.0, first_epoch=1000, reclaim_until=10.0)
+    for s in (A, B):
+        t.open_session(s, 0.0)
+    first = t.reclaim_write(A, D, Epoch(7), 1.0)
+    assert first is not None and first.mode is W and not first.cache
+    assert t.reclaim_write(B, D, Epoch(8), 1.0) is None         # A holds it now
+    t.release(A, first.epoch, 1.0)
+    assert t.reclaim_write(A, D, Epoch(7), 1.5) is not None     # A's next queued op
+    assert t.reclaim_write(B, D, Epoch(8), 1.5) is None         # A had it in this life
+    assert t.reclaim_write(A, F, Epoch(1000), 1.5) is None      # not an earlier life's
+    granted(t.acquire(B, G, R, 2.0))
+    t.release(B, t.holders(G)[0].epoch, 2.0)
+    assert t.reclaim_write(A, G, Epoch(7), 2.0) is None         # B saw it since
+    assert t.reclaim_write(A, F, Epoch(7), 10.0) is None        # the window is over
+    plain = LeaseTable(CFG, now=0.0, first_epoch=1000)
+    plain.open_session(A, 0.0)
+    assert plain.reclaim_write(A, D, Epoch(7), 0.0) is None     # no window: none
+
+
 def test_a_read_request_of_a_writer_answers_with_its_write_lease() -> None:
     """A session holding a READ and then a WRITE lease on one file is told
     of the WRITE one when it asks to read (its buffered writes are under it)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -419,3 +420,41 @@ def test_a_closed_files_block_map_is_kept_only_while_it_surely_holds() -> None:
     cache.put_map(6, 10, "map6", 600)                # over the budget: the oldest goes
     assert cache.take_map(5, 10) is None and cache.take_map(6, 10) == "map6"
     assert cache.map_bytes == 0
+
+
+def test_a_directory_this_mount_filled_is_listed_without_asking_the_node(
+        cluster: Cluster, mnt: Path, tmp_path: Path) -> None:
+    """A directory made and filled here (creates answered by the mount)
+    keeps its listing, with the places the node gave its entries: `rm -rf`
+    of an untarred tree read every directory again.  The listing is the
+    node's, in the node's order (another mount lists the same), and a
+    change by another mount is seen at once."""
+    tree = mnt / "made"
+    tree.mkdir()
+    for d in range(3):
+        (tree / f"d{d}").mkdir()
+        for f in range(40):
+            (tree / f"d{d}" / f"f{f}").write_bytes(b"x" * f)
+    time.sleep(0.2)                  # the batches are answered (their cursors known)
+    before = rpc_counts(cluster)
+    names = {d: sorted(os.listdir(tree / f"d{d}")) for d in range(3)}
+    assert listing(tree).count(" f") == 120
+    after = rpc_counts(cluster)
+    assert after.get("readdir", 0) == before.get("readdir", 0), "listed by the node"
+    assert all(names[d] == sorted(f"f{f}" for f in range(40)) for d in range(3))
+
+    # in the node's order (its cursors are the positions the kernel is told)
+    other = tmp_path / "other"
+    cluster.mount(other)
+    dirfd = os.open(tree / "d0", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with os.scandir(dirfd) as it:
+            first = [next(it).name for _ in range(10)]
+        assert first == [e.name for e in list(os.scandir(other / "made" / "d0"))[:10]]
+    finally:
+        os.close(dirfd)
+    (other / "made" / "d1" / "new").write_bytes(b"n")
+    (other / "made" / "d2" / "f7").unlink()
+    assert "new" in os.listdir(tree / "d1") and "f7" not in os.listdir(tree / "d2")
+    assert listing(tree).replace(str(tree), "") == \
+        listing(other / "made").replace(str(other / "made"), "")

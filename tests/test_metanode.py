@@ -402,3 +402,69 @@ def test_a_batch_sent_again_after_its_answer_was_lost_gets_its_first_answers(
         trio.run(run)
     finally:
         node.stop()
+
+
+def test_ops_queued_under_a_lease_the_restart_forgot_are_taken_back_if_nothing_changed(
+        tmp_path: Path, secret_file: Path) -> None:
+    """Ops a mount queued under its WRITE lease on a directory, sent only
+    after a restart of the node (which forgot the lease), are admitted if
+    they say what the inode was made on (its ctime, in the fence) and it is
+    still so: a create naming an inode number reserved before the restart,
+    and the new file's data.  A fence whose ctime is not the inode's, or
+    one nobody gave a ctime for, is refused, as is a directory another
+    mount looked at since the restart."""
+    node = NodeProcess("meta", tmp_path / "meta", secret_file)
+    secret = secret_file.read_text().strip()
+    new = {"uid": 0, "gid": 0, "mode": 0o100644, "rdev": 0}
+    try:
+        node.start()
+
+        async def before(a: MetaClient) -> tuple[int, int, int, int, int]:
+            vol = (await a.call("create_volume", name="v", block_size=4096, replicas=1))["vol"]
+            await a.call("mkdir", vol=vol, parent=1, name=b"other", uid=0, gid=0, mode=0o755)
+            a.session = (await a.call("open_session"))["session"]
+            root = (await a.call("acquire", vol=vol, ino=1, mode="write", wait=1))["epoch"]
+            other = (await a.call("lookup", vol=vol, parent=1, name=b"other"))["ino"]
+            sub = (await a.call("acquire", vol=vol, ino=other, mode="write", wait=1))["epoch"]
+            f = (await a.call("reserve_inodes", vol=vol, count=4))["first"]
+            return vol, root, other, sub, f
+        vol, root, other, sub, f = with_client(node, secret_file, before)
+        node.kill()
+        node.start()
+
+        async def after(a: MetaClient, b: MetaClient) -> None:
+            a.session = (await a.call("open_session"))["session"]
+            b.session = (await b.call("open_session"))["session"]
+            ctime = (await b.call("getattr", vol=vol, ino=1))["ctime_ns"]
+            sub_ctime = (await b.call("getattr", vol=vol, ino=other))["ctime_ns"]
+            await b.call("acquire", vol=vol, ino=other, mode="read", wait=1)   # B looks
+            create = {"method": "mknod", "args": {"parent": 1, "name": b"f", "ino": f, **new},
+                      "fences": [[1, root, ctime]], "time_ns": 5}
+            commit = {"method": "commit_blocks", "args": {
+                "ino": f, "size": 3, "fence": 0, "mtime_ns": 7,
+                "blocks": [[0, None, 3, [], b"abc"]]}, "fences": [[f, 0]]}
+            refused = await a.call("batch", vol=vol, ops=[
+                dict(create, fences=[[1, root, ctime + 1]]),          # changed since
+                dict(create, fences=[[1, root]]),                     # made on what?
+                {"method": "mknod", "args": {"parent": other, "name": b"g", "ino": f + 1,
+                                             **new},
+                 "fences": [[other, sub, sub_ctime]]}])                 # B looked at it
+            assert [x.get("errno") for x in refused] == [errno.EIO] * 3
+            second = {"method": "mknod", "args": {"parent": 1, "name": b"f2", "ino": f + 2,
+                                                  **new},
+                      "fences": [[1, root, 5]], "time_ns": 6}    # made after the first
+            answers = await a.call("batch", vol=vol, ops=[create, second, commit])
+            assert [x.get("errno") for x in answers] == [None, None, None]
+            assert answers[0]["lease"]["mode"] == answers[1]["lease"]["mode"] == "write"
+            attrs = await b.call("getattr", vol=vol, ino=f)
+            assert (attrs["size"], attrs["mtime_ns"], attrs["nlink"]) == (3, 7, 1)
+            assert [e[1] for e in await b.call("readdir", vol=vol, ino=1, after=0,
+                                               limit=10)] == [b"other", b"f", b"f2"]
+
+        async def run() -> None:
+            async with MetaClient(node.address, secret) as a, \
+                    MetaClient(node.address, secret) as b:
+                await after(a, b)
+        trio.run(run)
+    finally:
+        node.stop()
