@@ -56,6 +56,7 @@ keeps two mounts sharing a cache folder from using one file at once.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
 import os
 import sqlite3
@@ -89,6 +90,7 @@ class MetaCache:
         self.attrs: OrderedDict[int, dict[str, Any]] = OrderedDict()
         self.entries: dict[int, dict[bytes, int]] = {}
         self.listings: dict[int, list[Row]] = {}
+        self.placed: dict[int, int] = {}    # listing -> its first row without a cursor
         self.whole: set[int] = set()    # directories whose every name is in entries
         self.parents: dict[int, int] = {}   # directory -> its parent (for "..")
         self.names = 0
@@ -180,18 +182,28 @@ class MetaCache:
         entry's cursor unknown (0: not served) until the node's answer
         brings it (``place_entry``).  Only under the lease on ``parent``."""
         if rows is not None and self.valid(parent) and len(rows) < self.max_names // 4:
-            self.listings[parent] = rows + [(0, name, ino)]
+            if not rows or rows[-1][0]:
+                self.placed[parent] = len(rows)         # the first without a cursor
+            rows.append((0, name, ino))           # (no one else holds the list)
+            self.listings[parent] = rows
 
     def place_entry(self, parent: int, name: bytes, ino: int, cursor: int) -> None:
-        """The node gave ``name`` in ``parent`` this ``cursor``."""
+        """The node gave ``name`` in ``parent`` this ``cursor``.  Answers come
+        in the order the creates were queued, so it is the first entry still
+        without one (looked for from there on otherwise: a listing of
+        thousands of entries made here was quadratic)."""
         rows = self.listings.get(parent)
         if rows is None:
             return
-        for i, (c, n, child) in enumerate(rows):
+        first = min(self.placed.get(parent, 0), len(rows))
+        for i in itertools.chain(range(first, len(rows)), range(first)):
+            c, n, child = rows[i]
             if c == 0 and n == name and child == ino:
                 rows[i] = (cursor, name, ino)
                 if i and rows[i - 1][0] > cursor:
                     rows.sort(key=lambda row: row[0] if row[0] else 1 << 62)
+                if i == first:
+                    self.placed[parent] = first + 1
                 return
 
     def take_map(self, ino: int, view: Any) -> Any | None:
