@@ -117,7 +117,9 @@ class NamespaceQueue:
         (a restarted node takes such a lease back if that is still so:
         ``MetaNode._reclaim``)."""
         for fence in op.fences:
-            ctime = self._ctime_of(fence[0]) if fence[1] > 0 and len(fence) == 2 else None
+            # (a provisional lease too: the inode's attrs are those its
+            # queued create makes)
+            ctime = self._ctime_of(fence[0]) if fence[1] and len(fence) == 2 else None
             if ctime is not None:
                 fence.append(ctime)
         self._append(op)

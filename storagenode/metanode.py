@@ -504,6 +504,15 @@ class MetaNode:
                     ready = _Pending({}, 0, outcome=done)
                     ready.done.set()
                     admitted.append((ready, []))
+                    if method in CREATES and done.error is None:
+                        # the ops queued after it on the new inode (fence 0)
+                        # go under a WRITE lease on it, as after a create
+                        grant = self.leases.try_acquire(
+                            session, LeaseKey(VolumeId(vol), InodeId(op_args["ino"])),
+                            Mode.WRITE, cache=True)
+                        if grant is not None:
+                            made[op_args["ino"]] = grant
+                            known[op_args["ino"]] = grant.epoch
                     continue
                 try:
                     for _, ino in op_keys(self._reader, method, op_args):

@@ -386,16 +386,22 @@ def test_a_batch_sent_again_after_its_answer_was_lost_gets_its_first_answers(
 
         async def again(a: MetaClient) -> None:
             a.session = (await a.call("open_session"))["session"]
-            resent = await a.call("batch", vol=vol, ops=ops)
-            assert [x.get("result") for x in resent] == [x.get("result") for x in answers]
-            assert [x.get("errno") for x in resent] == [None, None, errno.ENOENT]
-            assert "lease" not in resent[0]          # the restart forgot it
-            renamed = await a.call("batch", vol=vol, ops=[dict(ops[1], req="m1:4")])
+            later = {"method": "commit_blocks", "args": {      # queued after the first send
+                "ino": ops[0]["args"]["ino"], "size": 5, "fence": 0, "mtime_ns": 9,
+                "blocks": [[0, None, 5, [], b"abcde"]]}, "fences": [[ops[0]["args"]["ino"], 0]],
+                "req": "m1:5"}
+            resent = await a.call("batch", vol=vol, ops=ops + [later])
+            assert [x.get("result") for x in resent[:3]] == [x.get("result") for x in answers]
+            assert [x.get("errno") for x in resent] == [None, None, errno.ENOENT, None]
+            # the new file's lease is granted again: what was queued after it lands
+            assert resent[0]["lease"]["mode"] == "write"
+            assert resent[3]["result"]["size"] == 5
+            renamed = await a.call("batch", vol=vol, ops=[dict(ops[2], req="m1:4")])
             assert renamed[0]["errno"] == errno.EIO   # a new op, under a lost lease
             entries = await a.call("readdir", vol=vol, ino=1, after=0, limit=10)
             assert [e[1] for e in entries] == [b"f"]
             attrs = await a.call("getattr", vol=vol, ino=answers[0]["result"]["ino"])
-            assert (attrs["size"], attrs["mtime_ns"], attrs["nlink"]) == (3, 7, 1)
+            assert (attrs["size"], attrs["mtime_ns"], attrs["nlink"]) == (5, 9, 1)
         async def run() -> None:
             async with MetaClient(node.address, secret) as a:
                 await again(a)
