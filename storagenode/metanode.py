@@ -35,7 +35,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import msgpack
 import trio
@@ -470,12 +470,12 @@ class MetaNode:
             raise NoSession()
         ops = []            # every op is checked (BadRequest) before any is applied
         for op in args["ops"]:
-            method, op_args, fences, made_on, at_ns, req = _batched(op)
-            op_args = dict(op_args, vol=vol)
-            self._reader.check(method, op_args)
-            if method in CREATES and op_args.get("ino") is None:
+            checked = _batched(op)
+            checked = checked._replace(args=dict(checked.args, vol=vol))
+            self._reader.check(checked.method, checked.args)
+            if checked.method in CREATES and checked.args.get("ino") is None:
                 raise BadRequest("a batched create names its reserved inode")
-            ops.append((method, op_args, fences, made_on, at_ns, req))
+            ops.append(checked)
         admitted: list[tuple[_Pending | MetaError, list[Any]]] = []
         made: dict[int, Any] = {}       # new inode -> the WRITE cache lease its create got
         # inode -> the WRITE lease an earlier op of this batch was admitted
@@ -552,7 +552,7 @@ class MetaNode:
                 except trio.WouldBlock:
                     await self._send.send(pending)
             results: list[dict[str, Any]] = []
-            for (item, _), (method, op_args, _, _, _, _) in zip(admitted, ops):
+            for (item, _), (method, op_args, *_) in zip(admitted, ops):
                 new = made.get(op_args["ino"]) if method in CREATES else None
                 try:
                     if isinstance(item, MetaError):
@@ -705,12 +705,18 @@ class MetaNode:
         return live
 
 
-def _batched(op: Any) -> tuple[str, dict[str, Any], dict[int, int], dict[int, int], int,
-                               str | None]:
-    """One op of a ``batch``: method, args, fences by inode, the ctimes the
-    mount made it on by inode (a fence may carry one: [ino, epoch, ctime]),
-    the mount's time for it (0: none), the mount's name for it
-    (BadRequest)."""
+class _BatchedOp(NamedTuple):
+    """One op of a ``batch``, checked."""
+    method: str
+    args: dict[str, Any]
+    fences: dict[int, int]          # inode -> the WRITE lease epoch it goes under
+    made_on: dict[int, int]         # inode -> its ctime the op was made on ([ino, epoch, ctime])
+    at_ns: int                      # the mount's time for it (0: none)
+    req: str | None                 # the mount's name for it (MetaState.request)
+
+
+def _batched(op: Any) -> _BatchedOp:
+    """One op of a ``batch`` (BadRequest if malformed)."""
     if not isinstance(op, dict) or op.get("method") not in BATCHABLE \
             or not isinstance(op.get("args"), dict) or type(op.get("fences")) is not list \
             or len(op["fences"]) > 8:
@@ -729,7 +735,7 @@ def _batched(op: Any) -> tuple[str, dict[str, Any], dict[int, int], dict[int, in
     req = op.get("req")
     if req is not None:
         check_request(req)
-    return op["method"], op["args"], fences, made_on, at_ns, req
+    return _BatchedOp(op["method"], op["args"], fences, made_on, at_ns, req)
 
 
 def _decode(body: bytes) -> tuple[str, Any, str | None, bool]:
