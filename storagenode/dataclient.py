@@ -39,7 +39,7 @@ import trio
 
 from . import blockformat
 from .auth import auth_header
-from .buffers import Buffer, zeroed
+from .buffers import Buffer, scratch
 from .ids import ObjectId
 
 WHOLE_MAX = 1 << 30         # an object answer larger than this is read the plain way
@@ -231,7 +231,7 @@ class DataClient:
                         or int(length) > WHOLE_MAX:
                     await response.aread()
                     return _check(address, response).content
-                buf = zeroed(int(length))
+                buf = scratch(int(length))
                 view, pos = memoryview(buf), 0
                 async for chunk in response.aiter_raw():
                     if pos + len(chunk) > len(buf):
@@ -382,7 +382,7 @@ class _Plain:
         if status is None or length is None or _NOT_PLAIN.search(fields) \
                 or int(length[1]) > WHOLE_MAX:
             return None
-        buf = zeroed(int(length[1]))
+        buf = scratch(int(length[1]))
         got = head[end + 4:]
         if len(got) > len(buf):
             return None               # more than announced: not an answer to trust

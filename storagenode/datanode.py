@@ -539,4 +539,4 @@ async def run(args: argparse.Namespace, secret: str) -> None:
             await h11serve.serve(
                 node.handle, args.listen, body_max=args.max_object_bytes,
                 admit=lambda fields: authorized(fields.get("authorization"), secret),
-                buffer=buffers.zeroed)
+                buffer=buffers.scratch)

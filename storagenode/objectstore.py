@@ -469,7 +469,7 @@ class ObjectStore:
             raise self._quarantine_file(oid, path, exc) from exc
 
     def _read(self, path: Path) -> Bytes:
-        """The whole file, read into a fresh buffer (``buffers.zeroed``):
+        """The whole file, read into a buffer (``buffers.scratch``, overwritten whole):
         its whole pages with O_DIRECT where the filesystem allows (objects
         are written so too: through the page cache a cold read cost a data
         node as much CPU per MiB as a write did), the rest through the page
@@ -480,7 +480,7 @@ class ObjectStore:
             raise NoSuchObject(path.name) from None
         try:
             size = os.fstat(fd).st_size
-            buf = buffers.zeroed(size)
+            buf = buffers.scratch(size)
             with memoryview(buf) as view:
                 done = _read_direct(path, view) if isinstance(buf, mmap.mmap) else 0
                 while done < size:

@@ -30,3 +30,40 @@ def test_a_block_received_into_a_buffer_decodes_as_a_view_of_it() -> None:
         buf = buffers.zeroed(len(obj))
         buf[:] = obj
         assert bytes(blockformat.decode_view(buf)) == block == blockformat.decode(obj)
+
+
+def test_a_recycled_buffer_is_handed_out_again_only_when_nothing_refers_to_it() -> None:
+    """A block fetched into a recycled buffer and cached as a view of it
+    must never be overwritten by the next fetch: the buffer comes back only
+    once the view and the buffer itself are dropped."""
+    recycler = buffers.Recycler(kept_max=8, idle_max=2)
+    length = (4 << 20) + 1400
+    first = recycler.take(length)
+    first[:] = b"a" * length
+    cached = memoryview(first)[64:]             # what a cache would hold
+    del first
+    second = recycler.take(length)
+    assert bytes(cached[:3]) == b"aaa"
+    assert len(second) == length
+    second[:] = b"b" * length
+    assert bytes(cached[-3:]) == b"aaa"         # untouched by the second's use
+    cached.release()
+    del cached
+    third = recycler.take(length)               # the first one, now free
+    assert recycler.reused == 1
+    assert bytes(third[:1]) == b"a"             # not zeroed: its user overwrites it
+    assert len(recycler.take(buffers.MAPPED_FROM - 1)) == buffers.MAPPED_FROM - 1
+    assert isinstance(recycler.take(buffers.MAPPED_FROM - 1), bytearray)   # small: plain
+    del second, third
+
+
+def test_a_recycler_lets_go_of_unused_buffers_beyond_its_idle_limit() -> None:
+    recycler = buffers.Recycler(kept_max=8, idle_max=2)
+    held = [recycler.take(buffers.MAPPED_FROM + i) for i in range(6)]
+    assert len(recycler.kept) == 6
+    del held
+    recycler.take(buffers.MAPPED_FROM + 100)    # a length none has: a new one
+    assert len(recycler.kept) == 3              # 2 idle kept, and the new one
+    many = [recycler.take(buffers.MAPPED_FROM) for _ in range(12)]
+    assert len(recycler.kept) == 8              # beyond kept_max: made, not kept
+    assert len({id(b) for b in many}) == 12
