@@ -58,7 +58,7 @@ from .ids import NodeId, ObjectId, parse_object_id
 from .metaclient import BadRequest, MetaClient, MetaError, MetaUnavailable
 from .objectstore import (BadFraming, NodeIdMismatch, NoSuchObject, NoSuchPieces,
                           ObjectExists, ObjectStore, QuarantinedObject, StoreError,
-                          StoreFull, load_node_id)
+                          StoreFull, check_object, load_node_id)
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,11 @@ class DataNode:
             body = await request.body_buffer(self.max_object_bytes)
             self.metrics.bytes_in.inc(len(body))
             started = time.perf_counter()
-            created = await self._disk_call(self.store.put, oid, body)
+            try:        # hashing it here, not in the disk thread: see blockformat.decoding_is_checking
+                header = check_object(body)
+            except (BadFraming, blockformat.CorruptedObject) as exc:
+                raise _http_error(exc) from None
+            created = await self._disk_call(self.store.put, oid, body, header)
         self.metrics.put_seconds.observe(time.perf_counter() - started)
         return Response.json({"oid": oid, "created": created}, 201 if created else 200)
 

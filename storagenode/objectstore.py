@@ -339,10 +339,12 @@ class ObjectStore:
 
     # -- writing ---------------------------------------------------------
 
-    def put(self, oid: ObjectId, obj: Bytes) -> bool:
-        """Store ``obj`` durably; True if created, False if already identical."""
+    def put(self, oid: ObjectId, obj: Bytes, header: blockformat.Header | None = None) -> bool:
+        """Store ``obj`` durably; True if created, False if already identical.
+        ``header``: what ``check_object(obj)`` gave, if the caller checked it."""
         path = self._path(oid)
-        header = _check_object(obj)
+        if header is None:
+            header = check_object(obj)
         if self._holds_same(oid, path, header):
             return False
         self._ensure_space(len(obj))
@@ -556,7 +558,7 @@ class ObjectStore:
         return QuarantinedObject(f"{oid}: {cause}")
 
 
-def _check_object(obj: Bytes) -> blockformat.Header:
+def check_object(obj: Bytes) -> blockformat.Header:
     """Header of a whole object; BadFraming if it does not parse,
     CorruptedObject if its length or checksum does not match."""
     try:

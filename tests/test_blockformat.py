@@ -115,3 +115,17 @@ def test_an_object_without_pieces_comes_whole() -> None:
     new = bf.encode(data)
     start, got = bf.decode_range(new, 2, 2)
     assert (start, bytes(got)) == (0, data)
+
+
+def test_what_decoding_only_checks_and_what_encoding_only_hashes() -> None:
+    """Random data is stored raw, so decoding it is only checking it and
+    encoding it only hashing it; data zstd shrinks is neither."""
+    raw = os.urandom(4 << 20)
+    packed = bytes(range(256)) * 16384
+    assert bf.incompressible(raw) and not bf.incompressible(packed)
+    assert not bf.incompressible(raw[:1000])        # too short to probe: tried
+    assert bf.decoding_is_checking(bf.encode(raw))
+    assert not bf.decoding_is_checking(bf.encode(packed))
+    assert bf.decoding_is_checking(bf.encode(packed, compress=False))
+    with pytest.raises(bf.CorruptedObject):
+        bf.decoding_is_checking(b"not an object")
