@@ -243,6 +243,7 @@ class BlockStore:
     async def upload(self, block: bytes | bytearray | memoryview) -> tuple[ObjectId, list[NodeId]]:
         """Store one block; returns its object id and the nodes holding it
         (for an erasure-coded volume, the holder of each shard in order)."""
+        objs: list[Parts]
         if not self.ec_k and blockformat.incompressible(block):
             objs = [blockformat.encode_parts(block, compress=False)]     # hashing: here
         else:
@@ -448,7 +449,7 @@ class BlockStore:
                        node_verifies: bool) -> bytes | memoryview:
         """``node``'s copy of object ``oid``, decoded (which verifies it)."""
         obj = await self.data.get_buffer(node.address, oid, node_verifies=node_verifies)
-        if blockformat.decoding_is_checking(obj):
+        if blockformat.decoding_is_checking(memoryview(obj)):
             return blockformat.decode_view(obj)                  # hashing: here
         return await trio.to_thread.run_sync(blockformat.decode_view, obj, limiter=self.limiter)
 
