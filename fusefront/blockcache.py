@@ -18,6 +18,7 @@ from typing import Awaitable, Callable
 
 import trio
 
+from storagenode import buffers
 from storagenode.ids import ObjectId
 
 Block = bytes | bytearray | memoryview      # never changed once cached
@@ -37,9 +38,12 @@ class BlockCache:
             return
         self._lru[oid] = data
         self.size += len(data)
-        while self.size > self.capacity:
-            _, old = self._lru.popitem(last=False)
-            self.size -= len(old)
+        if self.size > self.capacity:
+            while self.size > self.capacity:
+                _, old = self._lru.popitem(last=False)
+                self.size -= len(old)
+            del old
+            buffers.trim()      # a fetched block's buffer, unused now, is let go
 
     def peek(self, oid: ObjectId) -> Block | None:
         data = self._lru.get(oid)

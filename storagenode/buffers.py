@@ -68,17 +68,7 @@ class Recycler:
         if length < MAPPED_FROM:
             return bytearray(length)
         with self.lock:
-            found = None
-            idle = []
-            for i in range(len(self.kept)):
-                # referred to by the list and getrefcount's argument alone
-                if sys.getrefcount(self.kept[i]) == 2:
-                    if found is None and len(self.kept[i]) == length:
-                        found = self.kept[i]        # now referred to here too
-                    else:
-                        idle.append(i)
-            for i in reversed(idle[self.idle_max:]):
-                del self.kept[i]
+            found = self._trim(length)
             if found is not None:
                 self.reused += 1
                 return found
@@ -87,6 +77,29 @@ class Recycler:
                 assert isinstance(fresh, mmap.mmap)
                 self.kept.append(fresh)
             return fresh
+
+    def trim(self) -> None:
+        """Let go of unused buffers beyond ``idle_max`` now (a cache that
+        dropped some calls this: otherwise they wait for the next ``take``)."""
+        with self.lock:
+            self._trim(-1)
+
+    def _trim(self, length: int) -> mmap.mmap | None:
+        """With the lock held: an unused buffer of ``length`` bytes if there
+        is one (then referred to by the caller too), after letting go of the
+        other unused ones beyond ``idle_max``."""
+        found = None
+        idle = []
+        for i in range(len(self.kept)):
+            # referred to by the list and getrefcount's argument alone
+            if sys.getrefcount(self.kept[i]) == 2:
+                if found is None and len(self.kept[i]) == length:
+                    found = self.kept[i]
+                else:
+                    idle.append(i)
+        for i in reversed(idle[self.idle_max:]):
+            del self.kept[i]
+        return found
 
 
 _RECYCLER = Recycler()
@@ -97,3 +110,8 @@ def scratch(length: int) -> Buffer:
     that overwrites all of it before anyone reads it (see the module's
     text); large ones are recycled within the process."""
     return _RECYCLER.take(length)
+
+
+def trim() -> None:
+    """Let go of the process's unused recycled buffers beyond a few."""
+    _RECYCLER.trim()

@@ -67,3 +67,12 @@ def test_a_recycler_lets_go_of_unused_buffers_beyond_its_idle_limit() -> None:
     many = [recycler.take(buffers.MAPPED_FROM) for _ in range(12)]
     assert len(recycler.kept) == 8              # beyond kept_max: made, not kept
     assert len({id(b) for b in many}) == 12
+
+
+def test_trimming_lets_go_of_unused_buffers_without_waiting_for_a_take() -> None:
+    recycler = buffers.Recycler(kept_max=8, idle_max=1)
+    held = [recycler.take(buffers.MAPPED_FROM) for _ in range(5)]
+    del held[1:]                                # four dropped, one still in use
+    recycler.trim()
+    assert len(recycler.kept) == 2              # the one in use and one unused
+    assert held[0] in recycler.kept
