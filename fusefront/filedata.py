@@ -741,17 +741,19 @@ class FileData:
                 return None
             return await self._flush_all()
 
-    async def store_behind(self) -> bool:
-        """Store what is buffered on the data nodes (their failures are the
-        caller's: close reports them) and leave its commit to ``flush``,
-        called soon by the mount (``Operations.commit_due``), or by a recall
-        of the lease, fsync, unmount, whichever comes first.  The commit
-        then carries this file's ctime as the mount showed it.  False when
+    async def store_behind(self, store: bool = True) -> bool:
+        """Leave the commit of what is buffered to ``flush``, called soon by
+        the mount (``Operations.commit_due``), or by a recall of the lease,
+        fsync, unmount, whichever comes first; the commit then carries this
+        file's ctime as the mount showed it.  With ``store``, first store
+        it on the data nodes (their failures are the caller's: close
+        reports them); without, that ``flush`` stores it too.  False when
         nothing is buffered."""
         async with self.lock:
             if not self.pending():
                 return False
-            await self._store_all()
+            if store:
+                await self._store_all()
             self.due = True
             return True
 

@@ -66,7 +66,12 @@ XATTR_CREATE, XATTR_REPLACE = 1, 2
 COMMIT_DELAY = 0.01
 SMALL_MAPS_AHEAD = min(64, SMALL_MAPS_MAX)   # inode numbers looked at by small_map
 ATIME_DELAY = 0.02          # a read access waits this long for others to share its op
-COMMIT_RETRY_DELAY = 1.0    # when the metadata node could not be reached
+COMMIT_RETRY_DELAY = 1.0    # when the metadata or data nodes could not be reached
+# A close leaves storing its data to the commit only while the volume has
+# this much free (``room_behind``), as seen at most SPACE_STALE seconds ago;
+# the free space is asked again when SPACE_EVERY old.
+ROOM_BEHIND = 4 << 30
+SPACE_EVERY, SPACE_STALE = 2.0, 10.0
 
 
 # Requests the kernel sends while it holds a directory's lock, and where
@@ -227,6 +232,8 @@ class Operations(pyfuse3.Operations):
         self.due: dict[int, FileData] = {}
         self.committing = False
         self.commit_failed: dict[int, int] = {}
+        # the volume's free data bytes when last asked (room_behind)
+        self.space_free, self.space_at, self.space_asking = 0, -1e9, False
 
     # ----- helpers
     async def call(self, method: str, **args: Any) -> Any:
@@ -1350,17 +1357,19 @@ class Operations(pyfuse3.Operations):
             and self.lease_held(f.ino) and not f.maybe_orphan and not self.queue.stalled
 
     async def close_behind(self, f: FileData) -> None:
-        """What ``close`` does with ``f``'s buffered writes: stores them on
-        the data nodes (so their failures are still the close's), and
-        commits them to the metadata node after it returned, when it may
+        """What ``close`` does with ``f``'s buffered writes: commits them to
+        the metadata node after it returned, when it may
         (``may_close_behind``; a tar or cp then waits for no commit), else
-        before.  So a close promises what it promises on a local
+        before.  Storing them on the data nodes follows the close too while
+        the volume has room to spare and the mount's buffers are under their
+        limit (``room_behind``); else the close stores them, and reports
+        what failed.  So a close promises what it promises on a local
         filesystem: others see the data from now on; it is durable after
         fsync.  A crash of this mount loses at most what was closed in the
-        last ``COMMIT_DELAY``."""
+        last ``COMMIT_DELAY`` (and the time to store it)."""
         if not f.pending():
             return
-        if self.may_close_behind(f) and await f.store_behind():
+        if self.may_close_behind(f) and await f.store_behind(store=not self.room_behind()):
             self.due[f.ino] = f
             if not self.committing and self.nursery is not None:
                 self.committing = True
@@ -1394,9 +1403,10 @@ class Operations(pyfuse3.Operations):
             await f.flush()
         except Exception as exc:
             cause = first_cause(exc)
-            if isinstance(cause, MetaUnavailable):
-                log.warning("commit of inode %d, closed here, waits for the metadata node: %s",
-                            f.ino, cause)
+            if isinstance(cause, (MetaUnavailable, DataUnavailable)):
+                log.warning("commit of inode %d, closed here, waits for the %s: %s", f.ino,
+                            "metadata node" if isinstance(cause, MetaUnavailable)
+                            else "data nodes", cause)
                 again[f.ino] = f
             else:
                 log.error("data of inode %d, closed here, could not be committed and is "
@@ -1408,6 +1418,29 @@ class Operations(pyfuse3.Operations):
                 await self.settle(f)
             except Exception as exc:      # nothing here may end the mount
                 log.warning("after the commit of inode %d: %s", f.ino, exc)
+
+    def room_behind(self) -> bool:
+        """May a close leave the storing of its data to the commit after
+        it?  Only while the mount's buffered data is under its limit and
+        the volume's free space, as last seen (``statfs``, at most
+        ``SPACE_EVERY`` old, refreshed in the background), is at least
+        ``ROOM_BEHIND``: a full volume's ``ENOSPC`` is reported by the close
+        that met it, not dropped after it."""
+        now = trio.current_time()
+        if now - self.space_at > SPACE_EVERY and not self.space_asking \
+                and self.nursery is not None:
+            self.space_asking = True
+            self.nursery.start_soon(self.ask_space)
+        return not self.v.over_dirty_limit() and now - self.space_at <= SPACE_STALE \
+            and self.space_free >= ROOM_BEHIND
+
+    async def ask_space(self) -> None:
+        try:
+            await self.statfs_data()
+        except Exception as exc:        # nothing here may end the mount
+            log.info("free space of the volume: %s", first_cause(exc))
+        finally:
+            self.space_asking = False
 
     async def commit_first(self, *inos: int) -> None:
         """Commit these inodes first if their commits follow a close here:
@@ -1488,6 +1521,10 @@ class Operations(pyfuse3.Operations):
     # ----- the file system
     @fuse_op
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        return await self.statfs_data()
+
+    async def statfs_data(self) -> pyfuse3.StatvfsData:
+        """The volume's sizes as ``statfs`` reports them (noted for ``room_behind``)."""
         s = await self.call("statfs")
         out = pyfuse3.StatvfsData()
         frsize = 4096
@@ -1495,6 +1532,7 @@ class Operations(pyfuse3.Operations):
 
         def usable(raw: int) -> int:       # raw bytes -> data: / copies, or * k / (k + m)
             return raw * k // (k + m) if k else raw // max(1, s["replicas"])
+        self.space_free, self.space_at = usable(s["free"]), trio.current_time()
         out.f_bsize = 128 * 1024
         out.f_frsize = frsize
         out.f_blocks = usable(s["capacity"]) // frsize

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,16 @@ def stored_objects(cluster: Cluster) -> int:
                for p in (node.state / "objects").rglob("*") if p.is_file())
 
 
+def objects_settle_at(cluster: Cluster, count: int, timeout: float = 10.0) -> int:
+    """The data nodes' object count once it is ``count`` (a closed file's
+    data may be stored just after its close returned), or as it is after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (n := stored_objects(cluster)) != count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return n
+
+
 SMALL = {"empty": b"", "one": b"x", "hundred": os.urandom(100), "max": os.urandom(INLINE_MAX)}
 
 
@@ -162,15 +173,16 @@ def test_small_files_are_inline(mnt: Path, cluster: Cluster) -> None:
 def test_larger_files_are_objects(mnt: Path, cluster: Cluster) -> None:
     over = os.urandom(INLINE_MAX + 1)
     (mnt / "over").write_bytes(over)
-    assert stored_objects(cluster) == 3                 # one block, three copies
+    assert objects_settle_at(cluster, 3) == 3           # one block, three copies
     grown = mnt / "grown"
     start = os.urandom(100)
     grown.write_bytes(start)
+    time.sleep(0.5)                                     # its commit is done
     assert stored_objects(cluster) == 3
     rest = os.urandom((1 << 20) - 100)
     with open(grown, "ab") as f:
         f.write(rest)
-    assert stored_objects(cluster) == 6
+    assert objects_settle_at(cluster, 6) == 6
     cluster.umount(mnt)
     cluster.mount(mnt)
     assert (mnt / "over").read_bytes() == over
@@ -204,7 +216,7 @@ def test_small_files_with_blocks_of_inline_max(cluster: Cluster, tmp_path: Path)
     assert stored_objects(cluster) == 0
     two = os.urandom(3 * INLINE_MAX + 5)
     (mnt / "g").write_bytes(two)
-    assert stored_objects(cluster) == 12
+    assert objects_settle_at(cluster, 12) == 12     # g's 4 blocks; f is inline
     cluster.umount(mnt)
     cluster.mount(mnt, volume="small")
     assert (mnt / "f").read_bytes() == data and (mnt / "g").read_bytes() == two
@@ -218,7 +230,7 @@ def test_a_small_file_over_several_small_blocks(cluster: Cluster, tmp_path: Path
     cluster.mount(mnt, volume="tiny")
     data = os.urandom(2 * 4096 + 5)
     (mnt / "f").write_bytes(data)
-    assert stored_objects(cluster) == 2 * 3          # blocks 1 and 2, 3 copies each
+    assert objects_settle_at(cluster, 2 * 3) == 2 * 3     # blocks 1 and 2, 3 copies each
     cluster.umount(mnt)
     cluster.mount(mnt, volume="tiny")
     assert (mnt / "f").read_bytes() == data
