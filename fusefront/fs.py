@@ -1362,14 +1362,17 @@ class Operations(pyfuse3.Operations):
         (``may_close_behind``; a tar or cp then waits for no commit), else
         before.  Storing them on the data nodes follows the close too while
         the volume has room to spare and the mount's buffers are under their
-        limit (``room_behind``); else the close stores them, and reports
-        what failed.  So a close promises what it promises on a local
+        limit (``room_behind``), or when an earlier close left the file's
+        commit behind; else the close stores them, and reports what failed.  So a close promises what it promises on a local
         filesystem: others see the data from now on; it is durable after
         fsync.  A crash of this mount loses at most what was closed in the
         last ``COMMIT_DELAY`` (and the time to store it)."""
         if not f.pending():
             return
-        if self.may_close_behind(f) and await f.store_behind(store=not self.room_behind()):
+        # a file an earlier close left to its commit stays so: this close
+        # must not fail (and drop) what that one promised
+        if self.may_close_behind(f) and await f.store_behind(
+                store=not (f.due or self.room_behind())):
             self.due[f.ino] = f
             if not self.committing and self.nursery is not None:
                 self.committing = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import filecmp
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from typing import Callable, Iterator
 import httpx
 import pytest
 
+from fusefront.fs import ROOM_BEHIND
 from storagenode import blockformat
 from storagenode.ids import new_object_id
 
@@ -400,3 +402,43 @@ def test_a_piece_lost_without_a_report_is_found_and_restored(healing: Cluster,
     assert "missing pieces found" in status.stdout, status.stderr
     subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
     assert (mnt / "f").read_bytes() == data
+
+
+def test_files_closed_while_every_data_node_hangs_land_when_they_answer(
+        healing: Cluster, tmp_path: Path) -> None:
+    """With room on the volume, a close leaves storing its data to the
+    commit after it: a cp whose data nodes all hang returns, keeps the
+    data, and stores and commits it once they answer again; then another
+    mount reads it.  An fsync meanwhile reports the failure."""
+    if shutil.disk_usage(tmp_path).free < ROOM_BEHIND + (1 << 30):
+        pytest.skip("the disk has too little room for closes to store behind")
+    c = healing
+    mnt, other = tmp_path / "mnt", tmp_path / "other"
+    c.mount(mnt)
+    c.mount(other)
+    (mnt / "before").write_bytes(b"x" * 100_000)     # the mount has asked for the free space
+    fsync_all(mnt)
+    time.sleep(0.5)
+    data = {f"f{i}": os.urandom(300_000 + 70_001 * i) for i in range(4)}
+    hung = [node for node in c.data if node.proc is not None]
+    for node in hung:
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGSTOP)
+    try:
+        for name, content in data.items():
+            (mnt / name).write_bytes(content)        # returns: stored after the close
+        fd = os.open(mnt / "f0", os.O_RDONLY)
+        try:
+            with pytest.raises(OSError):
+                os.fsync(fd)                         # durable it is not: fsync says so
+        finally:
+            os.close(fd)
+        time.sleep(2)
+    finally:
+        for node in hung:
+            assert node.proc is not None
+            node.proc.send_signal(signal.SIGCONT)
+    for name, content in data.items():
+        assert wait_for(f"{name} seen by another mount",
+                        lambda: (other / name).exists() and (other / name).read_bytes() == content,
+                        timeout=60) >= 0
