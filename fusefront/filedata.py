@@ -673,6 +673,11 @@ class FileData:
             self.v.inflight.release()
             done.set()
 
+    def stores_inline(self) -> bool:
+        """Would storing what is buffered ask no data node (at most block 0,
+        and it goes inline)?"""
+        return not self.inflight and self.dirty.keys() <= {0} and self._may_inline(0)
+
     def _may_inline(self, idx: int) -> bool:
         """Would block ``idx`` go inline if flushed now?"""
         return idx == 0 and self.size <= INLINE_MAX

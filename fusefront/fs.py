@@ -1369,10 +1369,12 @@ class Operations(pyfuse3.Operations):
         last ``COMMIT_DELAY`` (and the time to store it)."""
         if not f.pending():
             return
-        # a file an earlier close left to its commit stays so: this close
-        # must not fail (and drop) what that one promised
+        # A small file's "store" is its bytes made inline: no data node, and
+        # its block leaves the dirty ones (which count whole blocks against
+        # the mount's limit).  A file an earlier close left to its commit
+        # stays so: this close must not fail (and drop) what that one promised.
         if self.may_close_behind(f) and await f.store_behind(
-                store=not (f.due or self.room_behind())):
+                store=f.stores_inline() or not (f.due or self.room_behind())):
             self.due[f.ino] = f
             if not self.committing and self.nursery is not None:
                 self.committing = True
