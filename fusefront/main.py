@@ -28,9 +28,9 @@ from storagenode.dataclient import DataClient
 from storagenode.metaclient import BadRequest, MetaClient, MetaError, MetaUnavailable
 
 from .blockcache import BlockCache
-from .datapath import BlockStore, ClusterView
+from .datapath import BlockStore, ClusterView, DataUnavailable
 from .filedata import Volume
-from .fs import Operations
+from .fs import COMMIT_RETRY_DELAY, Operations, first_cause
 from .metacache import CacheFile
 from .options import MountConfig, UsageError, parse_args
 
@@ -41,6 +41,7 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 2 << 20  # buffers this big are mapped on their own
 TRIM_THRESHOLD = 32 << 20
 KERNEL_READAHEAD_KB = 1024
+UNMOUNT_RETRY_FOR = 60.0  # seconds an unmount retries flushes that met no node
 
 
 class MountError(Exception):
@@ -198,11 +199,25 @@ async def _flush_all(ops: Operations) -> None:
         await ops.queue.drain()
     except Exception:
         log.exception("could not send %d queued namespace ops at unmount", len(ops.queue))
-    for f in list(ops.files.values()):
-        try:
-            await f.flush()
-        except Exception:
-            log.exception("could not flush inode %d at unmount", f.ino)
+    # Files closed here may still be unstored (Operations.close_behind): a
+    # metadata or data node out of reach for a moment does not lose them.
+    left = list(ops.files.values())
+    deadline = trio.current_time() + UNMOUNT_RETRY_FOR
+    while left:
+        again = []
+        for f in left:
+            try:
+                await f.flush()
+            except Exception as exc:
+                if isinstance(first_cause(exc), (MetaUnavailable, DataUnavailable)) \
+                        and trio.current_time() < deadline:
+                    log.warning("flush of inode %d at unmount waits: %s", f.ino, first_cause(exc))
+                    again.append(f)
+                else:
+                    log.exception("could not flush inode %d at unmount", f.ino)
+        left = again
+        if left:
+            await trio.sleep(COMMIT_RETRY_DELAY)
 
 
 def mount(cfg: MountConfig) -> None:
