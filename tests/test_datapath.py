@@ -200,7 +200,7 @@ def wait_for(predicate, timeout: float = 30.0) -> bool:  # type: ignore[no-untyp
 def test_unreferenced_blocks_are_deleted(cluster: Cluster, mnt: Path) -> None:
     (mnt / "a").write_bytes(os.urandom(12 * MiB))      # 3 blocks
     (mnt / "b").write_bytes(os.urandom(8 * MiB))       # 2 blocks
-    assert len(stored_objects(cluster)) == 5
+    assert wait_for(lambda: len(stored_objects(cluster)) == 5)   # just after the closes
     with open(mnt / "a", "r+b") as f:                  # overwrite one block
         f.write(os.urandom(4 * MiB))
     assert wait_for(lambda: len(stored_objects(cluster)) == 5)

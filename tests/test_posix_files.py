@@ -44,7 +44,7 @@ def test_unlinked_open_file_lives_until_last_close(cluster: Cluster, mnt: Path) 
     wait_for(lambda: stored_objects(cluster) == 3)
     data = os.urandom(9 * MiB)                 # three blocks, three copies each
     (mnt / "ghost").write_bytes(data)
-    assert stored_objects(cluster) == 12
+    wait_for(lambda: stored_objects(cluster) == 12)   # stored just after the close
     first = os.open(mnt / "ghost", os.O_RDWR)
     second = os.open(mnt / "ghost", os.O_RDONLY)
     os.unlink(mnt / "ghost")
