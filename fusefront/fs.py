@@ -11,8 +11,9 @@ File data goes through ``FileData`` (buffered writes, committed block maps,
 shared clean cache).  ``files`` holds the FileData of every inode open in
 this mount; it is kept while any handle is open or data is unflushed, and
 its size and mtime override the metadata node's in ``getattr`` while writes
-are buffered.  ``flush`` (every close) and ``fsync`` commit buffered data,
-which gives close-to-open consistency.
+are buffered.  ``fsync`` commits buffered data; a close commits it just
+after it returns (``close_behind``: others see it from the close on, through
+the recall of the WRITE lease), which gives close-to-open consistency.
 
 An unlinked file that is still open here stays on the metadata node as an
 orphan (the unlink names the open inodes); the last ``release`` purges it.
@@ -1361,9 +1362,10 @@ class Operations(pyfuse3.Operations):
         the metadata node after it returned, when it may
         (``may_close_behind``; a tar or cp then waits for no commit), else
         before.  Storing them on the data nodes follows the close too while
-        the volume has room to spare and the mount's buffers are under their
-        limit (``room_behind``), or when an earlier close left the file's
-        commit behind; else the close stores them, and reports what failed.  So a close promises what it promises on a local
+        the volume has room to spare and the mount's buffers are under
+        their limit (``room_behind``), or when an earlier close left the
+        file's commit behind; else the close stores them, and reports what
+        failed.  So a close promises what it promises on a local
         filesystem: others see the data from now on; it is durable after
         fsync.  A crash of this mount loses at most what was closed in the
         last ``COMMIT_DELAY`` (and the time to store it)."""
