@@ -23,6 +23,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from storagenode import gctune
 from storagenode.auth import SecretError, load_secret
 from storagenode.dataclient import DataClient
 from storagenode.metaclient import BadRequest, MetaClient, MetaError, MetaUnavailable
@@ -249,6 +250,7 @@ def mount(cfg: MountConfig) -> None:
         daemonize()
     setup_logging(cfg, cache)
     limit_malloc_arenas()
+    gctune.tune()
     if not cfg.noleases:     # opened after the fork: SQLite connections do not survive one
         ops.cache_file = CacheFile.open(cache / "metadata.sqlite",
                                         f"{cfg.meta}/{cfg.volume}#{volume['vol']}")

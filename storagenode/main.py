@@ -11,6 +11,7 @@ from typing import Callable, TypeVar
 
 import trio
 
+from . import gctune
 from .auth import SecretError, load_secret
 
 T = TypeVar("T", int, float)
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except SecretError as exc:
         print(f"objfs-node: {exc}", file=sys.stderr)
         return 2
+    gctune.tune()
     try:
         trio.run(_run, args, secret)
     except KeyboardInterrupt:
