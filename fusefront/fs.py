@@ -1371,18 +1371,31 @@ class Operations(pyfuse3.Operations):
         last ``COMMIT_DELAY`` (and the time to store it)."""
         if not f.pending():
             return
+        if f.due:
+            # An earlier close left the file to its commit, which takes
+            # whatever is buffered by then (writes wait for a commit in
+            # progress): this close adds nothing, must not fail and drop what
+            # that one promised, and must not wait for the file's lock, which
+            # that commit holds while the metadata node is out of reach (a
+            # forked child closing an inherited descriptor would hang, and
+            # with it the parent's fork).
+            self.commit_soon(f)
+            return
         # A small file's "store" is its bytes made inline: no data node, and
         # its block leaves the dirty ones (which count whole blocks against
-        # the mount's limit).  A file an earlier close left to its commit
-        # stays so: this close must not fail (and drop) what that one promised.
+        # the mount's limit).
         if self.may_close_behind(f) and await f.store_behind(
-                store=f.stores_inline() or not (f.due or self.room_behind())):
-            self.due[f.ino] = f
-            if not self.committing and self.nursery is not None:
-                self.committing = True
-                self.nursery.start_soon(self.commit_due)
+                store=f.stores_inline() or not self.room_behind()):
+            self.commit_soon(f)
             return
         await f.flush()
+
+    def commit_soon(self, f: FileData) -> None:
+        """Have ``commit_due`` commit ``f`` at its next turn."""
+        self.due[f.ino] = f
+        if not self.committing and self.nursery is not None:
+            self.committing = True
+            self.nursery.start_soon(self.commit_due)
 
     async def commit_due(self) -> None:
         """Commit every file closed here since the last turn, together."""

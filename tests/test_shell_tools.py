@@ -75,6 +75,38 @@ def test_data_survives_restart_of_every_node(cluster: Cluster, mnt: Path) -> Non
     assert (mnt / "after").read_text() == "written after restart"
 
 
+def test_another_close_of_a_file_whose_commit_waits_returns(cluster: Cluster,
+                                                            mnt: Path) -> None:
+    """The metadata node is down and a file's commit, left behind by its
+    close, waits for it.  Another close of the same open file (a forked
+    child closing the descriptor it inherited does this before its exec)
+    returns at once instead of waiting for the node, so the parent can
+    still start the node again; then the file is there whole."""
+    data = os.urandom(200_000)
+    (mnt / "warm").write_bytes(b"w" * 100_000)      # the mount knows the free space
+    fd = os.open(mnt / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    other = os.dup(fd)
+    time.sleep(0.5)                                  # the create has landed
+    cluster.meta.kill()
+    os.write(fd, data)
+    os.close(fd)                                     # the commit follows, and waits
+    time.sleep(1)
+    closed = threading.Event()
+    closer = threading.Thread(target=lambda: (os.close(other), closed.set()))
+    closer.start()
+    returned = closed.wait(10)
+    cluster.meta.start()
+    closer.join(120)
+    assert returned, "a second close of the file waited for the metadata node"
+    deadline = time.monotonic() + 60
+    while not ((mnt / "f").exists() and (mnt / "f").stat().st_size == len(data)):
+        assert time.monotonic() < deadline, "the file's commit never landed"
+        time.sleep(0.25)
+    cluster.umount(mnt)
+    cluster.mount(mnt)
+    assert (mnt / "f").read_bytes() == data
+
+
 def test_a_metadata_node_restart_under_a_writer(cluster: Cluster, mnt: Path) -> None:
     """The metadata node is killed and restarted while a loop writes files.
     Every file whose close returned is there whole.  (A mount answers
