@@ -4,8 +4,10 @@ unmount/remount and a restart of every node."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
+import sys
 import sysconfig
 import threading
 import time
@@ -75,6 +77,23 @@ def test_data_survives_restart_of_every_node(cluster: Cluster, mnt: Path) -> Non
     assert (mnt / "after").read_text() == "written after restart"
 
 
+WRITER = """
+import hashlib, json, os, sys
+d, stop = sys.argv[1], sys.argv[2]
+closed, failed, i = {}, [], 0
+while not os.path.exists(stop):
+    data = os.urandom(1000 + (i * 7919) % 100_000)
+    try:
+        with open(os.path.join(d, f"f{i}"), "wb") as f:
+            f.write(data)
+        closed[f"f{i}"] = hashlib.md5(data).hexdigest()
+    except OSError:
+        failed.append(f"f{i}")
+    i += 1
+print(json.dumps({"closed": closed, "failed": failed}))
+"""
+
+
 def test_another_close_of_a_file_whose_commit_waits_returns(cluster: Cluster,
                                                             mnt: Path) -> None:
     """The metadata node is down and a file's commit, left behind by its
@@ -121,22 +140,13 @@ def test_a_metadata_node_restart_under_a_writer(cluster: Cluster, mnt: Path) -> 
     the restart succeed (the restarted node counted the data nodes as down
     until their next heartbeat: closes failed with EIO for a second or two)."""
     (mnt / "w").mkdir()
-    closed: dict[str, str] = {}
-    failed: list[str] = []
-    stop = threading.Event()
-
-    def writer() -> None:
-        i = 0
-        while not stop.is_set():
-            data = os.urandom(1000 + (i * 7919) % 100_000)
-            try:
-                (mnt / "w" / f"f{i}").write_bytes(data)
-                closed[f"f{i}"] = hashlib.md5(data).hexdigest()
-            except OSError:
-                failed.append(f"f{i}")
-            i += 1
-    thread = threading.Thread(target=writer)
-    thread.start()
+    stop = mnt.parent / "stop-writing"
+    # The writer is a process of its own: this one forks the restarted node,
+    # and a forked child closes every descriptor it inherited (a FLUSH,
+    # which waits for the metadata node while it is out of reach), so a
+    # file the writer holds open here would hang the fork.
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(mnt / "w"), str(stop)],
+                              stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(1.5)
         cluster.meta.kill()
@@ -144,8 +154,11 @@ def test_a_metadata_node_restart_under_a_writer(cluster: Cluster, mnt: Path) -> 
         cluster.meta.start()
         time.sleep(1.5)
     finally:
-        stop.set()
-        thread.join()
+        stop.touch()
+        out, _ = writer.communicate(timeout=300)
+    result = json.loads(out)
+    closed: dict[str, str] = result["closed"]
+    failed: list[str] = result["failed"]
     for i in range(3):
         (mnt / f"after{i}").write_bytes(b"a" * (1 << 20))
     lost = [n for n, h in closed.items() if not (mnt / "w" / n).exists()
