@@ -94,36 +94,57 @@ print(json.dumps({"closed": closed, "failed": failed}))
 """
 
 
+CLOSER = """
+import hashlib, os, sys, time
+path = sys.argv[1]
+data = os.urandom(200_000)
+fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+other = os.dup(fd)
+print("ready", hashlib.md5(data).hexdigest(), flush=True)
+sys.stdin.readline()                     # the metadata node is down now
+os.write(fd, data)
+os.close(fd)                             # the commit follows, and waits
+time.sleep(1)
+started = time.monotonic()
+os.close(other)
+print(f"{time.monotonic() - started:.3f}", flush=True)
+"""
+
+
 def test_another_close_of_a_file_whose_commit_waits_returns(cluster: Cluster,
                                                             mnt: Path) -> None:
     """The metadata node is down and a file's commit, left behind by its
     close, waits for it.  Another close of the same open file (a forked
     child closing the descriptor it inherited does this before its exec)
-    returns at once instead of waiting for the node, so the parent can
-    still start the node again; then the file is there whole."""
-    data = os.urandom(200_000)
+    returns at once instead of waiting for the node; then the file is there
+    whole.  (The file is written by a process of its own: this one forks the
+    restarted node.)"""
     (mnt / "warm").write_bytes(b"w" * 100_000)      # the mount knows the free space
-    fd = os.open(mnt / "f", os.O_WRONLY | os.O_CREAT, 0o644)
-    other = os.dup(fd)
-    time.sleep(0.5)                                  # the create has landed
-    cluster.meta.kill()
-    os.write(fd, data)
-    os.close(fd)                                     # the commit follows, and waits
-    time.sleep(1)
-    closed = threading.Event()
-    closer = threading.Thread(target=lambda: (os.close(other), closed.set()))
-    closer.start()
-    returned = closed.wait(10)
-    cluster.meta.start()
-    closer.join(120)
-    assert returned, "a second close of the file waited for the metadata node"
+    closer = subprocess.Popen([sys.executable, "-c", CLOSER, str(mnt / "f")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert closer.stdin is not None and closer.stdout is not None
+    try:
+        ready, md5 = closer.stdout.readline().split()
+        assert ready == "ready"
+        time.sleep(0.5)                              # the create has landed
+        cluster.meta.kill()
+        closer.stdin.write("go\n")
+        closer.stdin.flush()
+        took: list[str] = []
+        reader = threading.Thread(target=lambda: took.append(closer.stdout.readline()))
+        reader.start()
+        reader.join(15)
+    finally:
+        cluster.meta.start()
+        closer.wait(120)
+    assert took and float(took[0]) < 5, "a second close of the file waited for the metadata node"
     deadline = time.monotonic() + 60
-    while not ((mnt / "f").exists() and (mnt / "f").stat().st_size == len(data)):
+    while not ((mnt / "f").exists() and (mnt / "f").stat().st_size == 200_000):
         assert time.monotonic() < deadline, "the file's commit never landed"
         time.sleep(0.25)
     cluster.umount(mnt)
     cluster.mount(mnt)
-    assert (mnt / "f").read_bytes() == data
+    assert hashlib.md5((mnt / "f").read_bytes()).hexdigest() == md5
 
 
 def test_a_metadata_node_restart_under_a_writer(cluster: Cluster, mnt: Path) -> None:
