@@ -1206,10 +1206,14 @@ class Operations(pyfuse3.Operations):
         a = await self.attrs_of(ino)
         if stat.S_ISDIR(a["mode"]):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        f = self.file(a)
-        direct = self.direct_writes(a, flags) and \
-            CAPABILITY not in await self.names_of(ino)
-        info = self.new_handle(f, direct=direct, writing=writing)
+        direct = self.direct_writes(a, flags)
+        if direct:
+            direct = CAPABILITY not in await self.names_of(ino)
+            a = await self.attrs_of(ino)        # as of now, after that wait
+        # No wait from here to the handle: a file with no handle open here is
+        # forgotten by any commit that ends meanwhile (``settle``), and a
+        # handle on a forgotten FileData writes where nobody else looks.
+        info = self.new_handle(self.file(a), direct=direct, writing=writing)
         try:
             await self.pages.fence(ino)     # no piece read before lands after this open
             if flags & os.O_TRUNC and writing:
