@@ -62,6 +62,13 @@ NAME_MAX = 255              # bytes in one name
 SYMLINK_MAX = 4095          # bytes in a symlink target (PATH_MAX - 1)
 XATTR_NAME_MAX = 255
 XATTR_VALUE_MAX = 64 * 1024
+# One inode's xattrs: their names as listxattr returns them ("name\0" each)
+# fit the kernel's 64 KiB list buffer (XATTR_LIST_MAX), else no tool could
+# list or copy them; names and values together stay under 1 MiB (every one
+# is read with the inode).  Past either, setxattr says ENOSPC, as ext4 does
+# when an inode's xattr space is full.
+XATTR_LIST_MAX = 64 * 1024
+XATTR_TOTAL_MAX = 1 << 20
 COMMIT_MAX_AGE_NS = 1800 * 10**9   # default: objects older than 30 min are not committed
 LIST_MAX = 10000            # most rows one readdir / pending_deletes answers
 REVALIDATE_MAX = 4096       # most inodes one revalidate checks
@@ -1050,6 +1057,13 @@ def _op_setxattr(st: MetaState, a: Args, now: int) -> Any:
         raise MetaError(errno.EEXIST, f"xattr {a['name']!r:.300} exists")
     if not exists and a["flags"] & XATTR_REPLACE:
         raise MetaError(errno.ENODATA, f"no xattr {a['name']!r:.300}")
+    names, total = st._one(
+        "SELECT COALESCE(SUM(LENGTH(name) + 1), 0), COALESCE(SUM(LENGTH(name) + LENGTH(value)), 0) "
+        "FROM xattrs WHERE vol = ? AND ino = ? AND name != ?", a["vol"], a["ino"], a["name"])
+    if names + len(a["name"]) + 1 > XATTR_LIST_MAX \
+            or total + len(a["name"]) + len(a["value"]) > XATTR_TOTAL_MAX:
+        raise MetaError(errno.ENOSPC, f"no room for another xattr on inode {a['ino']} "
+                        f"(names {XATTR_LIST_MAX} bytes, all {XATTR_TOTAL_MAX} at most)")
     st._exec("INSERT OR REPLACE INTO xattrs VALUES (?, ?, ?, ?)",
              a["vol"], a["ino"], a["name"], a["value"])
     inode.ctime_ns = now

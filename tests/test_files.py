@@ -238,6 +238,24 @@ def test_xattrs(mnt: Path) -> None:
     assert "user.empty" in run.stdout
 
 
+def test_xattrs_until_the_inode_is_full(mnt: Path) -> None:
+    """Adding xattrs ends in ENOSPC (as on ext4), with every one kept still
+    listed and copied by the usual tools."""
+    p = mnt / "tagged"
+    p.write_text("x")
+    added = []
+    with pytest.raises(OSError) as exc:
+        for i in range(1000):
+            name = f"user.{i:04d}" + "t" * 240
+            os.setxattr(p, name, b"v")
+            added.append(name)
+    assert exc.value.errno == errno.ENOSPC and len(added) > 200
+    assert sorted(os.listxattr(p)) == added
+    run = subprocess.run(["cp", "-a", str(p), str(mnt / "copy")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert sorted(os.listxattr(mnt / "copy")) == added
+
+
 def test_statfs_reports_node_capacity(mnt: Path, cluster: Cluster) -> None:
     st = os.statvfs(mnt)
     nodes = cluster.call("cluster_map")["nodes"]

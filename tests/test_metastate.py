@@ -591,6 +591,25 @@ def test_xattrs(fs: FS) -> None:
     assert fs.conn.execute("SELECT COUNT(*) FROM xattrs").fetchone()[0] == 0
 
 
+def test_xattrs_of_one_inode_stay_listable(fs: FS) -> None:
+    """ENOSPC before the names outgrow listxattr's 64 KiB, or names and
+    values together 1 MiB; a value replaced in place still fits."""
+    x = dict(vol=fs.vol, ino=fs.create(ROOT, b"f")["ino"])
+    names = [b"user." + b"%03d" % i + b"n" * 247 for i in range(256)]     # 256 bytes listed each
+    for name in names:
+        fs.op("setxattr", **x, name=name, value=b"v")
+    fs.fails(errno.ENOSPC, "setxattr", **x, name=b"user.more", value=b"v")
+    assert sum(len(n) + 1 for n in fs.q("listxattr", **x)) == 65536
+    fs.op("setxattr", **x, name=names[0], value=b"w" * 65536)     # replaced: same name
+    fs.op("removexattr", **x, name=names[1])
+    fs.op("setxattr", **x, name=b"user.more", value=b"v")
+    y = dict(vol=fs.vol, ino=fs.create(ROOT, b"g")["ino"])
+    for i in range(15):
+        fs.op("setxattr", **y, name=b"user.%d" % i, value=b"v" * 65536)
+    fs.fails(errno.ENOSPC, "setxattr", **y, name=b"user.16", value=b"v" * 65536)
+    fs.op("setxattr", **y, name=b"user.16", value=b"v" * 1000)
+
+
 def test_lookup_and_readdir_errors(fs: FS) -> None:
     f = fs.create(ROOT, b"f")
     fs.fails(errno.ENOENT, "lookup", vol=fs.vol, parent=ROOT, name=b"g")
