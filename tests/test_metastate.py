@@ -610,6 +610,17 @@ def test_xattrs_of_one_inode_stay_listable(fs: FS) -> None:
     fs.op("setxattr", **y, name=b"user.16", value=b"v" * 1000)
 
 
+def test_the_log_is_trimmed_to_what_is_kept_in_steps(fs: FS) -> None:
+    def entries() -> int:
+        return fs.conn.execute("SELECT COUNT(*) FROM oplog").fetchone()[0]
+    seen = set()
+    for i in range(300):
+        fs.create(ROOT, b"f%d" % i)
+        fs.st.trim_log(100)
+        seen.add(entries())
+    assert min(seen - set(range(100))) == 100 and max(seen) == 110      # in steps of 10
+
+
 def test_lookup_and_readdir_errors(fs: FS) -> None:
     f = fs.create(ROOT, b"f")
     fs.fails(errno.ENOENT, "lookup", vol=fs.vol, parent=ROOT, name=b"g")
