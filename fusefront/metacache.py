@@ -159,6 +159,10 @@ class MetaCache:
             return 0
         return found
 
+    def knows_all(self, ino: int) -> bool:
+        """Is every name in directory ``ino`` known (absent ones too)?"""
+        return self.valid(ino) and ino in self.whole
+
     def known_empty(self, ino: int) -> bool:
         """Is directory ``ino`` known to have no entries (every name known)?"""
         return self.valid(ino) and ino in self.whole \

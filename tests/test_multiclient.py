@@ -505,9 +505,9 @@ def test_two_mounts_taking_turns_at_writing_and_truncating_see_each_others_turns
                      "--noise", "read"]) == 0
 
 
-def meta_rpcs(c: Cluster, method: str) -> float:
+def meta_rpcs(c: Cluster, method: str, outcome: str = "ok") -> float:
     text = httpx.get(f"http://{c.meta.address}/metrics").text
-    prefix = f'objfs_meta_rpc_total{{method="{method}",outcome="ok"}} '
+    prefix = f'objfs_meta_rpc_total{{method="{method}",outcome="{outcome}"}} '
     return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
 
 
@@ -755,3 +755,33 @@ def test_a_mount_gives_back_leases_it_no_longer_uses_and_stays_fast_and_right(
             assert (a / name).read_bytes() == data, name
             assert (b / name).read_bytes() == data, name
         assert sorted(p.name for p in (a / "d5").iterdir()) == sorted(f"f{i}" for i in range(30))
+
+
+def test_many_new_names_in_a_directory_made_elsewhere_cost_few_lookups(
+        two: tuple[Cluster, Path, Path]) -> None:
+    """A creates 300 files in a directory B made and filled: after a few
+    lookups of absent names A reads the listing once and answers the rest
+    itself (fusefront/fs.py, learn_listing).  What B adds to the directory
+    later is seen by A at once, and A cannot create over it."""
+    c, a, b = two
+
+    def lookups() -> float:
+        return sum(meta_rpcs(c, "lookup", outcome) for outcome in ("ok", "error"))
+
+    (b / "d").mkdir()
+    for i in range(100):
+        (b / "d" / f"old{i}").write_text(f"old {i}")
+    before = lookups()
+    for i in range(300):
+        (a / "d" / f"new{i}").write_text(f"new {i}")
+    assert lookups() - before < 50
+    assert all((a / "d" / f"old{i}").read_text() == f"old {i}" for i in range(100))
+    names = {f"old{i}" for i in range(100)} | {f"new{i}" for i in range(300)}
+    assert set(os.listdir(a / "d")) == set(os.listdir(b / "d")) == names
+    (b / "d" / "late").write_text("from B")
+    assert (a / "d" / "late").read_text() == "from B"
+    with pytest.raises(FileExistsError):
+        os.open(a / "d" / "late", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.mkdir(b / "d" / "sub")
+    assert (a / "d" / "sub").is_dir()
+
