@@ -136,9 +136,9 @@ def to_fuse_error(operation: str, exc: Exception) -> pyfuse3.FUSEError:
 
 WRITE_LEASE_TRIES = 100         # a write retried under a new WRITE lease after a recall
 DIR_BATCH = 512                 # directory entries one readdir round trip fetches
-# After LEARN_AFTER lookups of absent names in one directory, its listing is
-# read whole when it has at most LEARN_MAX entries; a bigger one is tried
-# again after LEARN_AGAIN more (``learn_listing``).
+# After LEARN_AFTER names made here in one directory whose listing is not
+# known whole, it is read whole when it has at most LEARN_MAX entries; a
+# bigger one is tried again after LEARN_AGAIN more (``learn_listing``).
 LEARN_AFTER, LEARN_MAX, LEARN_AGAIN = 8, 8 * DIR_BATCH, 1000
 
 
@@ -212,7 +212,7 @@ class Operations(pyfuse3.Operations):
             volume.retake = self.retake
         self.dirs: dict[int, DirHandle] = {}
         self.xattr_names: dict[int, tuple[float, frozenset[bytes]]] = {}
-        self.missed: dict[int, int] = {}     # directory -> lookups of absent names (learn_listing)
+        self.missed: dict[int, int] = {}     # directory -> names made in it (learn_listing)
         # read accesses on their way to the metadata node: inode -> (atime, sent)
         self.atime_pending: dict[int, tuple[int, trio.Event]] = {}
         self.atime_unsent: set[int] = set()        # of those, not sent yet
@@ -521,8 +521,6 @@ class Operations(pyfuse3.Operations):
         a = self.cache.attr(known) if known else None
         if known is None or (known and a is None):
             a = await self.leased("lookup", parent, parent=parent, name=name)
-            if a is None and self.leases is not None:
-                self.missed[parent] = self.missed.get(parent, 0) + 1
         if self.leases is not None:
             self.leases.note_name(parent, name)
         if a is not None:
@@ -534,9 +532,17 @@ class Operations(pyfuse3.Operations):
         return negative
 
     def missed_names(self, parent: int) -> bool:
-        """Have lookups in ``parent`` missed often enough (``LEARN_AFTER``
-        names absent on the node) that its listing is worth learning?"""
+        """Has this mount made names in ``parent`` often enough
+        (``LEARN_AFTER``), each found absent by a lookup that asked the node,
+        that its listing is worth learning?  (Not for lookups alone: a
+        listing brings leases on every entry, and a mount that only looks
+        would then hold up another that removes them.)"""
         return self.missed.get(parent, 0) >= LEARN_AFTER
+
+    def made_in(self, parent: int) -> None:
+        """A name made in ``parent`` here; counted while its listing is not whole."""
+        if not self.cache.knows_all(parent):
+            self.missed[parent] = self.missed.get(parent, 0) + 1
 
     async def learn_listing(self, parent: int) -> None:
         """Read the whole of directory ``parent``, up to ``LEARN_MAX``
@@ -546,7 +552,7 @@ class Operations(pyfuse3.Operations):
         once, not once a name (each lookup of an absent name was a round trip:
         514 mkdirs a second against 4,500 in a directory made here).  A
         bigger directory is left to per-name lookups, and tried again only
-        after ``LEARN_AGAIN`` more misses."""
+        after ``LEARN_AGAIN`` more names made."""
         assert self.leases is not None
         if len(self.missed) > 10_000:
             self.missed.clear()
@@ -879,6 +885,7 @@ class Operations(pyfuse3.Operations):
         self.cache.touched([parent], [changed], since)
         stamp = self.cache.stamp()
         self.cache.put_attr(ino, a, stamp, True)
+        self.made_in(parent)
         self.cache.put_entry(parent, name, ino, stamp)
         # what a create leaves as it was (rm -rf lists the directory, "..")
         self.cache.grow_listing(parent, rows, name, ino)
