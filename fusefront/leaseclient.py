@@ -449,8 +449,18 @@ class Leases:
             nursery.cancel_scope.cancel()
 
     async def _invalidate_attrs_later(self, ino: int) -> None:
+        """(See ``_kernel_forget``.)  Not once a new lease on ``ino`` is held:
+        what this mount answers now is the node's fresh view, and an
+        invalidation while the kernel waits for such an answer makes it
+        drop it (its attribute version is older), keeping the old size,
+        which a reader then took for the end of the file (a ``tail -f`` of
+        a file the other mount appends to read nothing after an fstat had
+        shown the new size)."""
         for delay in LATE_INVALIDATIONS:
             await trio.sleep(delay)
+            held = self.held.get(ino)
+            if held is not None and held.epoch > 0 and held.epoch not in self.recalled:
+                return
             self._invalidate_attrs(ino)
 
     async def _wait_invalidated(self, ino: int, done: trio.Event) -> None:

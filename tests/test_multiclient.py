@@ -784,4 +784,3 @@ def test_many_new_names_in_a_directory_made_elsewhere_cost_few_lookups(
         os.open(a / "d" / "late", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     os.mkdir(b / "d" / "sub")
     assert (a / "d" / "sub").is_dir()
-
