@@ -516,7 +516,10 @@ class Operations(pyfuse3.Operations):
         self.check_name(name)
         known = self.cache.entry(parent, name)
         if known is None and self.leases is not None and self.missed_names(parent):
-            await self.learn_listing(parent)
+            try:
+                await self.learn_listing(parent)
+            except MetaError as exc:        # the lookup below answers for itself
+                log.debug("listing of directory %d not learned: %s", parent, exc)
             known = self.cache.entry(parent, name)
         a = self.cache.attr(known) if known else None
         if known is None or (known and a is None):

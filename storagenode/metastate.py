@@ -61,7 +61,6 @@ MAX_FILE_SIZE = 2**44 - 4096   # largest file size in bytes: ext4's with 4 KiB b
 NAME_MAX = 255              # bytes in one name
 SYMLINK_MAX = 4095          # bytes in a symlink target (PATH_MAX - 1)
 XATTR_NAME_MAX = 255
-TRIM_SLACK = 2000             # log entries past the kept ones before a trim
 XATTR_VALUE_MAX = 64 * 1024
 # One inode's xattrs: their names as listxattr returns them ("name\0" each)
 # fit the kernel's 64 KiB list buffer (XATTR_LIST_MAX), else no tool could
@@ -71,6 +70,7 @@ XATTR_VALUE_MAX = 64 * 1024
 XATTR_LIST_MAX = 64 * 1024
 XATTR_TOTAL_MAX = 1 << 20
 COMMIT_MAX_AGE_NS = 1800 * 10**9   # default: objects older than 30 min are not committed
+TRIM_SLACK = 2000           # log entries gathered past the kept ones before a trim
 LIST_MAX = 10000            # most rows one readdir / pending_deletes answers
 REVALIDATE_MAX = 4096       # most inodes one revalidate checks
 BLOCK_SPAN_MAX = 65536      # most blocks one get_blocks or commit_blocks covers
@@ -408,11 +408,10 @@ class MetaState:
 
     def trim_log(self, keep: int) -> None:
         """Drop all but the newest ``keep`` log entries, once ``TRIM_SLACK``
-        (or a tenth of ``keep``, if less) more have gathered (a trim at every group commit rewrote the oldest
-        pages of the log each time: a fifth of the node's time in a run of
-        mkdirs)."""
-        # (two subqueries: each is one step down the index; one MIN and MAX
-        # together scan the whole log)
+        (or a tenth of ``keep``, if less) more have gathered: a trim at
+        every group commit was a fifth of the node's time in a run of
+        mkdirs.  (Two subqueries, each one step down the index: a MIN and a
+        MAX in one query scan the whole log.)"""
         first, last = self.conn.execute(
             "SELECT (SELECT MIN(idx) FROM oplog), (SELECT MAX(idx) FROM oplog)").fetchone()
         if first is None or last - first < keep + min(TRIM_SLACK, keep // 10):
