@@ -354,14 +354,14 @@ class MetaNode:
                         session: str) -> tuple[Any, Any, list[int]]:
         """An op whose resulting attributes the client may cache: a lease on
         the inode it made or changed (WRITE for a new regular file, so its
-        creator can buffer writes, and for a new directory, so that it can
-        remove what it makes there, and the directory, on its own: see
-        ``batch``; READ otherwise), taken after the op (now or never), then
+        creator can buffer writes, and for a new directory or symlink, so
+        that it can remove what it makes there, and the directory or the
+        symlink, on its own: see ``batch``; READ otherwise), taken after the op (now or never), then
         the attributes read again, so that any change made between the op
         and the grant is in the answer."""
         result, touched = await self.op_touching(method, args, session)
         key = LeaseKey(VolumeId(args["vol"]), InodeId(result["ino"]))
-        mode = Mode.WRITE if method == "mkdir" or (
+        mode = Mode.WRITE if method in ("mkdir", "symlink") or (
             method == "mknod" and stat.S_ISREG(result["mode"])) else Mode.READ
         grant = await self.leases.acquire(session, key, mode, cache=True, wait=False)
         if grant is None:

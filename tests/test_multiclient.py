@@ -784,3 +784,19 @@ def test_many_new_names_in_a_directory_made_elsewhere_cost_few_lookups(
         os.open(a / "d" / "late", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     os.mkdir(b / "d" / "sub")
     assert (a / "d" / "sub").is_dir()
+
+
+def test_symlinks_a_mount_made_it_removes_on_its_own(two: tuple[Cluster, Path, Path]) -> None:
+    """A new symlink comes with a WRITE lease, as a new file does: its
+    maker removes it without a round trip (rm -rf of a tree with links
+    went one unlink op a link).  The other mount reads one on the way."""
+    c, a, b = two
+    (a / "d").mkdir()
+    for i in range(50):
+        os.symlink(f"target{i}", a / "d" / f"l{i}")
+    assert os.readlink(b / "d" / "l7") == "target7"
+    unlinks = meta_rpcs(c, "unlink")
+    for i in range(50):
+        os.unlink(a / "d" / f"l{i}")
+    assert meta_rpcs(c, "unlink") - unlinks < 5
+    assert os.listdir(b / "d") == [] and os.listdir(a / "d") == []
