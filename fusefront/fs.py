@@ -212,7 +212,8 @@ class Operations(pyfuse3.Operations):
             volume.retake = self.retake
         self.dirs: dict[int, DirHandle] = {}
         self.xattr_names: dict[int, tuple[float, frozenset[bytes]]] = {}
-        self.missed: dict[int, int] = {}     # directory -> names made in it (learn_listing)
+        # directory -> names made in it while its listing was not whole (learn_listing)
+        self.made_unlisted: dict[int, int] = {}
         # read accesses on their way to the metadata node: inode -> (atime, sent)
         self.atime_pending: dict[int, tuple[int, trio.Event]] = {}
         self.atime_unsent: set[int] = set()        # of those, not sent yet
@@ -515,7 +516,7 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self.check_name(name)
         known = self.cache.entry(parent, name)
-        if known is None and self.leases is not None and self.missed_names(parent):
+        if known is None and self.leases is not None and self.listing_worth_learning(parent):
             try:
                 await self.learn_listing(parent)
             except MetaError as exc:        # the lookup below answers for itself
@@ -534,18 +535,19 @@ class Operations(pyfuse3.Operations):
             if self.name_covered(parent, name, 0) else 0.0
         return negative
 
-    def missed_names(self, parent: int) -> bool:
+    def listing_worth_learning(self, parent: int) -> bool:
         """Has this mount made names in ``parent`` often enough
-        (``LEARN_AFTER``), each found absent by a lookup that asked the node,
-        that its listing is worth learning?  (Not for lookups alone: a
+        (``LEARN_AFTER``) while its listing was not known whole (each such
+        name cost a lookup that asked the node) that the listing is worth
+        learning?  (Not for lookups alone: a
         listing brings leases on every entry, and a mount that only looks
         would then hold up another that removes them.)"""
-        return self.missed.get(parent, 0) >= LEARN_AFTER
+        return self.made_unlisted.get(parent, 0) >= LEARN_AFTER
 
     def made_in(self, parent: int) -> None:
         """A name made in ``parent`` here; counted while its listing is not whole."""
         if not self.cache.knows_all(parent):
-            self.missed[parent] = self.missed.get(parent, 0) + 1
+            self.made_unlisted[parent] = self.made_unlisted.get(parent, 0) + 1
 
     async def learn_listing(self, parent: int) -> None:
         """Read the whole of directory ``parent``, up to ``LEARN_MAX``
@@ -557,9 +559,9 @@ class Operations(pyfuse3.Operations):
         bigger directory is left to per-name lookups, and tried again only
         after ``LEARN_AGAIN`` more names made."""
         assert self.leases is not None
-        if len(self.missed) > 10_000:
-            self.missed.clear()
-        self.missed[parent] = LEARN_AFTER - LEARN_AGAIN
+        if len(self.made_unlisted) > 10_000:
+            self.made_unlisted.clear()
+        self.made_unlisted[parent] = LEARN_AFTER - LEARN_AGAIN
         since, epoch = self.cache.stamp(), None
         rows: list[Any] = []
         while len(rows) < LEARN_MAX:
@@ -573,7 +575,7 @@ class Operations(pyfuse3.Operations):
                 self.cache.put_listing(parent, [(c, n, a["ino"]) for c, n, a in rows], since,
                                        epoch is not None and epoch == self.leases.epoch(parent))
                 if self.cache.knows_all(parent):
-                    self.missed.pop(parent, None)
+                    self.made_unlisted.pop(parent, None)
                 return
 
     async def change(self, method: str, **args: Any) -> Any:
