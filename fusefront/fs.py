@@ -807,11 +807,15 @@ class Operations(pyfuse3.Operations):
         here (``removable_here``) and this mount holds a WRITE cache lease on
         the directory too (``directory_leased``).  False: do it the usual way."""
         leases = self.leases
-        if leases is None or self.queue.stalled \
-                or not self.removable_here(method, parent, name):
+        if leases is None or self.queue.stalled:
             return False
-        dir_epoch = await self.directory_leased(parent)
-        child = self.removable_here(method, parent, name)      # again, after the wait
+        child = self.removable_here(method, parent, name)
+        if not child:
+            return False
+        dir_epoch = leases.write_epoch(parent)
+        if dir_epoch is None:
+            dir_epoch = await self.directory_leased(parent)
+            child = self.removable_here(method, parent, name)      # again, after the wait
         child_epoch = leases.write_epoch(child)
         d, a = self.cache.attr(parent), self.cache.attr(child)
         if not child or dir_epoch is None or child_epoch is None or d is None or a is None:

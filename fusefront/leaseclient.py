@@ -104,6 +104,9 @@ class Leases:
         self._recalling: set[int] = set()      # epochs whose recall is running
         self._session_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None       # run()'s, for late invalidations
+        # trio.current_time, bound to the running clock once it runs (see
+        # _bind_clock): serves() asks it several times per kernel request
+        self._now: Callable[[], float] = trio.current_time
 
     # ---- session
 
@@ -112,14 +115,22 @@ class Leases:
         one (a call without any would be refused as malformed, or run
         unfenced); a failure leaves it there, refused with ENOTCONN, so the
         next call that meets the refusal tries again."""
+        self._bind_clock()
         sent = trio.current_time()
         answer = await self.meta.call("open_session")
         self.meta.session = answer["session"]
         self.lease_time, self.margin = answer["lease_time"], answer["skew_margin"]
         self.valid_until = sent + self.lease_time - self.margin
 
+    def _bind_clock(self) -> None:
+        """Read the running trio clock directly from now on: the same time as
+        trio.current_time(), without its two calls of lookups (a tenth of
+        the mount's time in an rm -rf went to serves() and the clock)."""
+        self._now = trio.lowlevel.current_clock().current_time
+
     async def run(self) -> None:
         """Renewals and recalls, until cancelled (unmount)."""
+        self._bind_clock()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._renew_loop)
@@ -204,12 +215,12 @@ class Leases:
         if held is None:
             return False
         self.held[ino] = held
-        return self.valid_until > trio.current_time()
+        return self.valid_until > self._now()
 
     def cache_time(self, ino: int) -> float:
         if ino not in self.held:
             return 0.0
-        return max(0.0, min(CACHE_MAX, self.valid_until - trio.current_time()))
+        return max(0.0, min(CACHE_MAX, self.valid_until - self._now()))
 
     def note(self, ino: int, grant: dict[str, Any] | None) -> None:
         """Hold the lease ``grant`` on ``ino`` (None: nothing was granted).
