@@ -957,6 +957,9 @@ class Operations(pyfuse3.Operations):
                 self.cache.forget(op.made)
             elif type(answer.get("cursor")) is int:
                 self.cache.place_entry(op.parent, op.name, op.made, answer["cursor"])
+        if code is None and op.child and answer.get("released") is True \
+                and self.leases is not None:
+            self.leases.ended(op.child)     # the node freed it, and ended the lease
         if code is None or (code == errno.ENOENT and not op.made):
             return
         self.queued_op_failed(op, str(answer.get("error", code)))

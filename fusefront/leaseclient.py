@@ -294,6 +294,16 @@ class Leases:
             del self.held[ino]
             self._drop(ino)
 
+    def ended(self, ino: int) -> None:
+        """The node freed ``ino`` (an unlink of its last name, an rmdir this
+        mount queued) and ended this mount's lease on it with it: nothing
+        is kept of it (else each file an rm -rf removed stayed held until
+        ``_trim`` gave it back)."""
+        if self.held.pop(ino, None) is not None:
+            self._drop(ino)
+        self.names.pop(ino, None)
+        self.created.pop(ino, None)
+
     def note_name(self, parent: int, name: bytes) -> None:
         if parent in self.held:
             self.names.setdefault(parent, set()).add(name)

@@ -409,6 +409,10 @@ class LeaseTable:
         ks = self._keys.get(key)
         return [] if ks is None else [w.ticket for w in ks.queue]
 
+    def lease_count(self) -> int:
+        """Leases held now, of every session and kind (a metric)."""
+        return len(self._leases)
+
     def session_expires(self, session: SessionId) -> float | None:
         s = self._sessions.get(session)
         return None if s is None else s.expires

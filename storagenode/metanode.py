@@ -118,6 +118,9 @@ class _Metrics:
             Gauge(f"objfs_orphans_{name}", f"orphan objects {name}",
                   registry=self.registry).set_function(
                 functools.partial(lambda n: float(getattr(node.orphans, n)), name))
+        Gauge("objfs_meta_leases", "leases held now (every session; cache and op leases)",
+              registry=self.registry).set_function(
+            lambda: float(node.leases.table.lease_count()))
         self.rpcs = Counter("objfs_meta_rpc", "metadata RPCs by method and outcome",
                             ["method", "outcome"], registry=self.registry)
         self.commit_seconds = Histogram(
@@ -492,6 +495,7 @@ class MetaNode:
         # looked at all the others: quadratic in the batch)
         pinned: dict[int, int] = {}
         taken_back: set[int] = set()    # of those, leases of before a restart (_reclaim)
+        ended: list[int] = []           # leases on inodes an unlink or rmdir freed
         try:
             for method, op_args, fences, made_on, at_ns, req in ops:
                 grants: list[Any] = []
@@ -552,12 +556,16 @@ class MetaNode:
                 except trio.WouldBlock:
                     await self._send.send(pending)
             results: list[dict[str, Any]] = []
-            for (item, _), (method, op_args, *_) in zip(admitted, ops):
+            for (item, _), (method, op_args, fences, *_) in zip(admitted, ops):
                 new = made.get(op_args["ino"]) if method in CREATES else None
                 try:
                     if isinstance(item, MetaError):
                         raise item
                     answer = {"result": await self._outcome(item)}
+                    epoch = self._lease_of_freed(vol, method, answer["result"], fences, known)
+                    if epoch:
+                        ended.append(epoch)
+                        answer["released"] = True
                     if new is not None:
                         answer["lease"] = grant_map(new, self._monotonic())
                     if method in CREATES:
@@ -574,7 +582,28 @@ class MetaNode:
         finally:
             for _, grants in admitted:
                 self.leases.unhold(grants)
+        self.leases.release(session, ended)
         return {"result": results}
+
+    def _lease_of_freed(self, vol: int, method: str, result: Any, fences: dict[int, int],
+                        known: dict[int, int]) -> int:
+        """The epoch of the WRITE cache lease a batched unlink or rmdir went
+        under on the inode it removed, if that inode is gone now (its last
+        name, not open: not an orphan); else 0.  Such a lease guards
+        nothing any more: the batch ends it and says so ("released"), and
+        the mount forgets it.  Kept, every file an rm -rf removed left one
+        behind on both sides, until the mount held ``TRIM_AT`` and spent
+        its time giving them back."""
+        if method not in ("unlink", "rmdir") or not isinstance(result, dict):
+            return 0
+        ino = result.get("ino")
+        if type(ino) is not int or result.get("nlink", 0) != 0:
+            return 0
+        try:
+            self._reader.inode(vol, ino)
+            return 0                    # an orphan: open on the mount, still fenced
+        except MetaError:
+            return fences.get(ino) or known.get(ino, 0)
 
     def _reclaim(self, session: str, vol: int, ino: int, epoch: int, ctime: int) -> Any:
         """An op lease for an op a mount queued under WRITE lease ``epoch``

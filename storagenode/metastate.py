@@ -796,7 +796,7 @@ def _op_rmdir(st: MetaState, a: Args, now: int) -> Any:
     parent.nlink -= 1
     st.touch_dir(parent, now)
     st.free(inode, now)
-    return {}
+    return {"ino": inode.ino}
 
 
 @dataclass
