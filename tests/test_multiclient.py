@@ -4,6 +4,7 @@ processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -727,17 +728,24 @@ def test_small_files_read_in_a_row_cost_few_round_trips_and_changes_still_show(
     assert meta_rpcs(c, "get_blocks") + meta_rpcs(c, "small_maps") - asked < 20
 
 
+@contextlib.contextmanager
+def few_leases_on_a(tmp_path: Path) -> Iterator[tuple[Cluster, Path, Path]]:
+    """A cluster with two mounts: a may hold 200 leases, b the default."""
+    with checked_cluster(tmp_path / "cluster", meta_args=["--lease-time", str(LEASE_TIME)]) as c:
+        c.create_volume("vol")
+        a, b = tmp_path / "a", tmp_path / "b"
+        c.mount(a, options="max_leases=200")
+        c.mount(b)
+        yield c, a, b
+
+
 def test_a_mount_gives_back_leases_it_no_longer_uses_and_stays_fast_and_right(
         tmp_path: Path) -> None:
     """A mount that may hold 200 leases makes 900 files in 30 directories:
     it gives back the leases it used longest ago (release calls), its
     creates stay batched (none sent alone), and every file reads back right
     there and on another mount, also after the other mount changed some."""
-    with checked_cluster(tmp_path / "cluster", meta_args=["--lease-time", str(LEASE_TIME)]) as c:
-        c.create_volume("vol")
-        a, b = tmp_path / "a", tmp_path / "b"
-        c.mount(a, options="max_leases=200")
-        c.mount(b)
+    with few_leases_on_a(tmp_path) as (c, a, b):
         released = meta_rpcs(c, "release")
         alone = meta_rpcs(c, "mknod") + meta_rpcs(c, "mkdir")
         expect = {}
@@ -766,11 +774,7 @@ def test_removing_what_a_mount_made_leaves_no_leases_behind(tmp_path: Path) -> N
     removed file stayed leased until the mount gave the leases back,
     which slowed each later rm -rf.  The other mount then sees none of
     it, and a name made again."""
-    with checked_cluster(tmp_path / "cluster", meta_args=["--lease-time", str(LEASE_TIME)]) as c:
-        c.create_volume("vol")
-        a, b = tmp_path / "a", tmp_path / "b"
-        c.mount(a, options="max_leases=200")
-        c.mount(b)
+    with few_leases_on_a(tmp_path) as (c, a, b):
         released = meta_rpcs(c, "release")
         for n in range(4):
             (a / "d").mkdir()
