@@ -779,12 +779,20 @@ class FileData:
             self.uploaded[idx] = ref
 
         outgrown = self.uploaded.get(0)      # inline at a flush that failed, file grew since
-        async with trio.open_nursery() as nursery:
-            for idx, data in snapshot.items():
-                nursery.start_soon(upload, idx, data)
-            if outgrown and outgrown.data is not None and 0 not in snapshot \
-                    and not self._may_inline(0):
-                nursery.start_soon(upload, 0, outgrown.data)
+        if outgrown and outgrown.data is not None and 0 not in snapshot \
+                and not self._may_inline(0):
+            blocks: list[tuple[int, bytes | bytearray]] = [*snapshot.items(),
+                                                            (0, outgrown.data)]
+        else:
+            blocks = list(snapshot.items())
+        if len(blocks) == 1:
+            # one block, as a small file has: stored here, without a nursery
+            # and a task of its own (a third of a small file's close)
+            await upload(*blocks[0])
+        else:
+            async with trio.open_nursery() as nursery:
+                for idx, data in blocks:
+                    nursery.start_soon(upload, idx, data)
         for idx in snapshot:
             self._forget_dirty(idx)
 
