@@ -800,6 +800,7 @@ class Operations(pyfuse3.Operations):
         result = await self.call("unlink", parent=parent, name=name, open_inos=self.open_inos())
         removed()
         self.note_maybe_orphan(result["ino"])
+        self.lease_ended_with(result, "ino")
 
     async def remove_here(self, method: str, parent: int, name: bytes) -> bool:
         """Apply an unlink or rmdir of ``name`` to this mount's cache and
@@ -987,7 +988,7 @@ class Operations(pyfuse3.Operations):
         if await self.remove_here("rmdir", parent, name):
             return
         removed = self.cache.removing(parent, name)
-        await self.call("rmdir", parent=parent, name=name)
+        self.lease_ended_with(await self.call("rmdir", parent=parent, name=name), "ino")
         removed()
 
     @fuse_op
@@ -1013,6 +1014,14 @@ class Operations(pyfuse3.Operations):
                 self.cache.put_entry(parent_new, name_new, moved, self.cache.stamp())
         if result.get("replaced"):
             self.note_maybe_orphan(result["replaced"])
+            self.lease_ended_with(result, "replaced")
+
+    def lease_ended_with(self, result: dict[str, Any], key: str) -> None:
+        """The node freed the inode ``result[key]`` names and ended this
+        mount's lease on it with it (metanode._freed): forget that lease."""
+        if result.get("released") is True and type(result.get(key)) is int \
+                and self.leases is not None:
+            self.leases.ended(result[key])
 
     async def rename_here(self, parent: int, name: bytes, new_name: bytes, flags: int) -> bool:
         """Apply a rename within one directory to this mount's cache and

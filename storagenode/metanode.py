@@ -414,6 +414,14 @@ class MetaNode:
             touched.append(args["ino"])
         elif method == "touch_atimes":
             touched.extend(ino for ino, _ in args["touches"])
+        freed = self._freed(args["vol"], method, result) if session else 0
+        if freed:
+            mine = [g.epoch for g in self.leases.table.holders(
+                        LeaseKey(VolumeId(args["vol"]), InodeId(freed)))
+                    if g.session == session and g.cache]
+            if mine:
+                self.leases.release(session, mine)
+                result = dict(result, released=True)
         return result, touched
 
     async def reserve_inodes(self, args: Any, session: str | None) -> dict[str, Any]:
@@ -562,7 +570,8 @@ class MetaNode:
                     if isinstance(item, MetaError):
                         raise item
                     answer = {"result": await self._outcome(item)}
-                    epoch = self._lease_of_freed(vol, method, answer["result"], fences, known)
+                    freed = self._freed(vol, method, answer["result"])
+                    epoch = (fences.get(freed) or known.get(freed, 0)) if freed else 0
                     if epoch:
                         ended.append(epoch)
                         answer["released"] = True
@@ -585,25 +594,24 @@ class MetaNode:
         self.leases.release(session, ended)
         return {"result": results}
 
-    def _lease_of_freed(self, vol: int, method: str, result: Any, fences: dict[int, int],
-                        known: dict[int, int]) -> int:
-        """The epoch of the WRITE cache lease a batched unlink or rmdir went
-        under on the inode it removed, if that inode is gone now (its last
-        name, not open: not an orphan); else 0.  Such a lease guards
-        nothing any more: the batch ends it and says so ("released"), and
-        the mount forgets it.  Kept, every file an rm -rf removed left one
-        behind on both sides, until the mount held ``TRIM_AT`` and spent
-        its time giving them back."""
-        if method not in ("unlink", "rmdir") or not isinstance(result, dict):
+    def _freed(self, vol: int, method: str, result: Any) -> int:
+        """The inode an applied unlink, rmdir or rename over a file removed
+        for good (its last name, not open anywhere: not an orphan), or 0.
+        A lease on it guards nothing any more: the session that removed it
+        gives its own back with it (``batch``, ``op_touching``), and is told
+        so ("released").  Kept, every file an rm -rf removed (or an
+        editor's save replaced) left one behind on both sides, until the
+        mount held ``TRIM_AT`` and spent its time giving them back."""
+        if method not in ("unlink", "rmdir", "rename") or not isinstance(result, dict):
             return 0
-        ino = result.get("ino")
+        ino = result.get("replaced" if method == "rename" else "ino")
         if type(ino) is not int or result.get("nlink", 0) != 0:
             return 0
         try:
             self._reader.inode(vol, ino)
-            return 0                    # an orphan: open on the mount, still fenced
+            return 0                    # an orphan: open on a mount, still fenced
         except MetaError:
-            return fences.get(ino) or known.get(ino, 0)
+            return ino
 
     def _reclaim(self, session: str, vol: int, ino: int, epoch: int, ctime: int) -> Any:
         """An op lease for an op a mount queued under WRITE lease ``epoch``

@@ -772,8 +772,9 @@ def test_removing_what_a_mount_made_leaves_no_leases_behind(tmp_path: Path) -> N
     has more than 200 to give back (no release calls), and the node holds
     a handful of leases at the end (objfs_meta_leases); before, every
     removed file stayed leased until the mount gave the leases back,
-    which slowed each later rm -rf.  The other mount then sees none of
-    it, and a name made again."""
+    which slowed each later rm -rf.  So does each file replaced by a
+    rename (300 saves the way an editor saves).  The other mount then
+    sees the last save, none of the rest, and a name made again."""
     with few_leases_on_a(tmp_path) as (c, a, b):
         released = meta_rpcs(c, "release")
         for n in range(4):
@@ -784,10 +785,15 @@ def test_removing_what_a_mount_made_leaves_no_leases_behind(tmp_path: Path) -> N
             for i in range(150):
                 os.unlink(a / "d" / f"f{i}")
             os.rmdir(a / "d")
+        for n in range(300):            # an editor saving: a new file renamed over the old
+            (a / "saved.tmp").write_text(f"version {n}")
+            os.rename(a / "saved.tmp", a / "saved")
+        assert (a / "saved").read_text() == "version 299"
         assert meta_rpcs(c, "release") - released <= 1      # (a recall's, maybe)
         held = httpx.get(f"http://{c.meta.address}/metrics").text
         assert float(held.split("\nobjfs_meta_leases ")[1].split()[0]) < 20
         assert not (b / "d").exists()
+        assert (b / "saved").read_text() == "version 299"
         (a / "d").mkdir()
         (a / "d" / "f7").write_text("made again")
         assert (b / "d" / "f7").read_text() == "made again"
