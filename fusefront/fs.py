@@ -800,7 +800,7 @@ class Operations(pyfuse3.Operations):
         result = await self.call("unlink", parent=parent, name=name, open_inos=self.open_inos())
         removed()
         self.note_maybe_orphan(result["ino"])
-        self.lease_ended_with(result, "ino")
+        self.lease_ended_with(result, result["ino"])
 
     async def remove_here(self, method: str, parent: int, name: bytes) -> bool:
         """Apply an unlink or rmdir of ``name`` to this mount's cache and
@@ -958,9 +958,8 @@ class Operations(pyfuse3.Operations):
                 self.cache.forget(op.made)
             elif type(answer.get("cursor")) is int:
                 self.cache.place_entry(op.parent, op.name, op.made, answer["cursor"])
-        if code is None and op.child and answer.get("released") is True \
-                and self.leases is not None:
-            self.leases.ended(op.child)     # the node freed it, and ended the lease
+        if code is None:
+            self.lease_ended_with(answer, op.child)
         if code is None or (code == errno.ENOENT and not op.made):
             return
         self.queued_op_failed(op, str(answer.get("error", code)))
@@ -988,7 +987,8 @@ class Operations(pyfuse3.Operations):
         if await self.remove_here("rmdir", parent, name):
             return
         removed = self.cache.removing(parent, name)
-        self.lease_ended_with(await self.call("rmdir", parent=parent, name=name), "ino")
+        result = await self.call("rmdir", parent=parent, name=name)
+        self.lease_ended_with(result, result.get("ino"))
         removed()
 
     @fuse_op
@@ -1014,14 +1014,15 @@ class Operations(pyfuse3.Operations):
                 self.cache.put_entry(parent_new, name_new, moved, self.cache.stamp())
         if result.get("replaced"):
             self.note_maybe_orphan(result["replaced"])
-            self.lease_ended_with(result, "replaced")
+            self.lease_ended_with(result, result["replaced"])
 
-    def lease_ended_with(self, result: dict[str, Any], key: str) -> None:
-        """The node freed the inode ``result[key]`` names and ended this
-        mount's lease on it with it (metanode._freed): forget that lease."""
-        if result.get("released") is True and type(result.get(key)) is int \
+    def lease_ended_with(self, answer: dict[str, Any], ino: Any) -> None:
+        """If ``answer`` says so, the node freed ``ino`` and ended this
+        mount's lease on it with it (metanode._leases_of_freed): forget
+        that lease."""
+        if answer.get("released") is True and type(ino) is int and ino > 0 \
                 and self.leases is not None:
-            self.leases.ended(result[key])
+            self.leases.ended(ino)
 
     async def rename_here(self, parent: int, name: bytes, new_name: bytes, flags: int) -> bool:
         """Apply a rename within one directory to this mount's cache and

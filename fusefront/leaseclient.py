@@ -295,8 +295,8 @@ class Leases:
             self._drop(ino)
 
     def ended(self, ino: int) -> None:
-        """The node freed ``ino`` (an unlink of its last name, an rmdir this
-        mount queued) and ended this mount's lease on it with it: nothing
+        """The node freed ``ino`` (an unlink of its last name, an rmdir, a
+        rename over it) and ended this mount's lease on it with it: nothing
         is kept of it (else each file an rm -rf removed stayed held until
         ``_trim`` gave it back)."""
         if self.held.pop(ino, None) is not None:

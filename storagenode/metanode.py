@@ -414,14 +414,10 @@ class MetaNode:
             touched.append(args["ino"])
         elif method == "touch_atimes":
             touched.extend(ino for ino, _ in args["touches"])
-        freed = self._freed(args["vol"], method, result) if session else 0
-        if freed:
-            mine = [g.epoch for g in self.leases.table.holders(
-                        LeaseKey(VolumeId(args["vol"]), InodeId(freed)))
-                    if g.session == session and g.cache]
-            if mine:
-                self.leases.release(session, mine)
-                result = dict(result, released=True)
+        ended = self._leases_of_freed(session, args.get("vol"), method, result)
+        if ended:
+            self.leases.release(session, ended)
+            result = dict(result, released=True)
         return result, touched
 
     async def reserve_inodes(self, args: Any, session: str | None) -> dict[str, Any]:
@@ -503,7 +499,7 @@ class MetaNode:
         # looked at all the others: quadratic in the batch)
         pinned: dict[int, int] = {}
         taken_back: set[int] = set()    # of those, leases of before a restart (_reclaim)
-        ended: list[int] = []           # leases on inodes an unlink or rmdir freed
+        ended: list[int] = []           # this session's leases on inodes its ops freed
         try:
             for method, op_args, fences, made_on, at_ns, req in ops:
                 grants: list[Any] = []
@@ -564,16 +560,15 @@ class MetaNode:
                 except trio.WouldBlock:
                     await self._send.send(pending)
             results: list[dict[str, Any]] = []
-            for (item, _), (method, op_args, fences, *_) in zip(admitted, ops):
+            for (item, _), (method, op_args, *_) in zip(admitted, ops):
                 new = made.get(op_args["ino"]) if method in CREATES else None
                 try:
                     if isinstance(item, MetaError):
                         raise item
                     answer = {"result": await self._outcome(item)}
-                    freed = self._freed(vol, method, answer["result"])
-                    epoch = (fences.get(freed) or known.get(freed, 0)) if freed else 0
-                    if epoch:
-                        ended.append(epoch)
+                    mine = self._leases_of_freed(session, vol, method, answer["result"])
+                    if mine:        # released once the batch's op leases are
+                        ended.extend(mine)
                         answer["released"] = True
                     if new is not None:
                         answer["lease"] = grant_map(new, self._monotonic())
@@ -594,24 +589,29 @@ class MetaNode:
         self.leases.release(session, ended)
         return {"result": results}
 
-    def _freed(self, vol: int, method: str, result: Any) -> int:
-        """The inode an applied unlink, rmdir or rename over a file removed
-        for good (its last name, not open anywhere: not an orphan), or 0.
-        A lease on it guards nothing any more: the session that removed it
-        gives its own back with it (``batch``, ``op_touching``), and is told
-        so ("released").  Kept, every file an rm -rf removed (or an
-        editor's save replaced) left one behind on both sides, until the
-        mount held ``TRIM_AT`` and spent its time giving them back."""
-        if method not in ("unlink", "rmdir", "rename") or not isinstance(result, dict):
-            return 0
+    def _leases_of_freed(self, session: str | None, vol: Any, method: str,
+                         result: Any) -> list[int]:
+        """The epochs of ``session``'s cache leases on the inode an applied
+        unlink, rmdir or rename over a file removed for good (its last
+        name, not open anywhere: not an orphan).  Such a lease guards
+        nothing any more: the caller gives them back and tells the mount
+        so ("released"), which forgets them.  Kept, every file an rm -rf
+        removed (or an editor's save replaced) left one behind on both
+        sides, until the mount held ``TRIM_AT`` and spent its time giving
+        them back."""
+        if not session or method not in ("unlink", "rmdir", "rename") \
+                or type(vol) is not int or not isinstance(result, dict):
+            return []
         ino = result.get("replaced" if method == "rename" else "ino")
         if type(ino) is not int or result.get("nlink", 0) != 0:
-            return 0
+            return []
         try:
             self._reader.inode(vol, ino)
-            return 0                    # an orphan: open on a mount, still fenced
+            return []                   # an orphan: open on a mount, still fenced
         except MetaError:
-            return ino
+            pass
+        return [g.epoch for g in self.leases.table.holders(LeaseKey(VolumeId(vol), InodeId(ino)))
+                if g.session == session and g.cache]
 
     def _reclaim(self, session: str, vol: int, ino: int, epoch: int, ctime: int) -> Any:
         """An op lease for an op a mount queued under WRITE lease ``epoch``
