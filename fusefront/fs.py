@@ -49,6 +49,8 @@ from .nsqueue import NamespaceQueue, QueuedOp
 from .blockcache import Block
 from .filedata import BlockRef, FileData, Volume, atime_due, spans_bytes, view_of
 from .pagepush import PagePush
+from . import perms
+from .perms import R, W, X
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -199,6 +201,10 @@ class Operations(pyfuse3.Operations):
         self.v = volume
         self.meta: MetaClient = volume.meta
         self.attr_timeout = attr_timeout
+        # without leases only: directory -> its mode, and the names in it the
+        # kernel was told it may cache (Leases.names has them with leases)
+        self.dir_modes: dict[int, int] = {}
+        self.told_names: dict[int, set[bytes]] = {}
         self.entry_timeout = entry_timeout
         self.replicas = replicas
         self.relatime = relatime
@@ -457,9 +463,123 @@ class Operations(pyfuse3.Operations):
         e.st_mtime_ns = a["mtime_ns"]
         e.st_ctime_ns = a["ctime_ns"]
         e.attr_timeout = self.attr_time(a["ino"]) if covered else 0.0
+        if self.leases is None and stat.S_ISDIR(a["mode"]):
+            # no cache without leases: the modes ``searchable`` looks at
+            if len(self.dir_modes) > 100_000:
+                self.dir_modes.clear()
+                self.told_names.clear()
+            self.dir_modes[a["ino"]] = a["mode"]
         e.entry_timeout = self.entry_time(parent) if parent is not None \
-            and self.name_covered(parent, name, a["ino"]) else 0.0
+            and self.name_covered(parent, name, a["ino"]) and self.searchable(parent) else 0.0
+        if e.entry_timeout and parent is not None and name:
+            # a recall of the directory's lease makes the kernel forget it
+            # (its name may go, or the directory's mode change meanwhile)
+            if self.leases is not None:
+                self.leases.note_name(parent, name)
+            else:
+                self.told_names.setdefault(parent, set()).add(name)
         return e
+
+    def searchable(self, parent: int) -> bool:
+        """May the kernel cache names in directory ``parent``?  Only if
+        everyone may search it: the kernel walks through cached names
+        without asking (no ``default_permissions``), so a name under a
+        directory some may not search is looked up, and checked, each time."""
+        if self.leases is None:
+            mode = self.dir_modes.get(parent)
+            return mode is not None and perms.all_search(mode)
+        a = self.cache.attr(parent)
+        return a is not None and perms.all_search(a["mode"])
+
+    # ----- permissions (perms.py)
+    async def perm_attrs(self, ino: int) -> dict[str, Any]:
+        """``ino``'s attributes as a permission check sees them: with a
+        change of mode or owner still buffered here."""
+        a = await self.attrs_of(ino)
+        f = self.files.get(ino)
+        return f.overlay(a) if f is not None else a
+
+    async def allow(self, ctx: Any, ino: int, want: int) -> None:
+        """EACCES unless the caller may ``want`` (R|W|X) on ``ino``.  Root
+        reads and writes anything without a look at its attributes."""
+        if ctx is None or not want or (ctx.uid == 0 and not want & X):
+            return
+        perms.check(ctx, await self.perm_attrs(ino), want)
+
+    async def allow_dir_change(self, ctx: Any, parent: int) -> None:
+        """EACCES unless the caller may make or remove names in ``parent``."""
+        if ctx is not None and ctx.uid != 0:
+            perms.check(ctx, await self.perm_attrs(parent), W | X)
+
+    async def allow_removal(self, ctx: Any, parent: int, name: bytes) -> int | None:
+        """EACCES/EPERM unless the caller may remove or rename ``name`` from
+        ``parent`` (write and search on it, the sticky rule); the inode of
+        ``name`` if it was looked up for that (a sticky directory)."""
+        if ctx is None or ctx.uid == 0:
+            return None
+        d = await self.perm_attrs(parent)
+        perms.check(ctx, d, W | X)
+        if not d["mode"] & stat.S_ISVTX or ctx.uid == d["uid"]:
+            return None
+        child = await self.child_attrs(parent, name)
+        perms.check_sticky(ctx, d, child)
+        return int(child["ino"])
+
+    async def child_attrs(self, parent: int, name: bytes) -> dict[str, Any]:
+        a = await self.maybe_child(parent, name)
+        if a is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return a
+
+    async def maybe_child(self, parent: int, name: bytes) -> dict[str, Any] | None:
+        known = self.cache.entry(parent, name)
+        a = self.cache.attr(known) if known else None
+        if a is None and known != 0:
+            a = await self.leased("lookup", parent, parent=parent, name=name)
+        return None if a is None else await self.perm_attrs(a["ino"])
+
+    async def allow_rename(self, ctx: Any, parent_old: int, name_old: bytes, parent_new: int,
+                           name_new: bytes, flags: int) -> None:
+        """EACCES/EPERM unless the caller may rename: write and search on
+        both directories, the sticky rule for the name moved and the one
+        replaced, and write on a directory moved to another parent."""
+        if ctx is None or ctx.uid == 0:
+            return
+        d_old = await self.perm_attrs(parent_old)
+        perms.check(ctx, d_old, W | X)
+        d_new = d_old if parent_new == parent_old else await self.perm_attrs(parent_new)
+        perms.check(ctx, d_new, W | X)
+        moved = await self.child_attrs(parent_old, name_old)
+        perms.check_sticky(ctx, d_old, moved)
+        target = await self.maybe_child(parent_new, name_new)
+        if target is not None:
+            perms.check_sticky(ctx, d_new, target)
+        if parent_new != parent_old:
+            if stat.S_ISDIR(moved["mode"]):
+                perms.check(ctx, moved, W)          # its ".." changes
+            if flags & RENAME_EXCHANGE and target is not None and stat.S_ISDIR(target["mode"]):
+                perms.check(ctx, target, W)
+
+    def forget_names_under(self, ino: int) -> None:
+        """Directory ``ino`` may no longer be searched by everyone: have the
+        kernel forget the names in it it caches (in a thread, as a recall
+        does: FACTS.md 6), so that the next walk through them is checked."""
+        names = set(self.cache.entries.get(ino, {})) | self.told_names.pop(ino, set())
+        if self.leases is not None:
+            names.update(self.leases.names.get(ino, ()))
+
+        def forget() -> None:
+            for name in names:
+                try:
+                    pyfuse3.invalidate_entry(ino, name)
+                except OSError:
+                    pass                # not cached
+        if names:
+            self.spawn(functools.partial(trio.to_thread.run_sync, forget))
+
+    @fuse_op
+    async def access(self, ino: int, mode: int, ctx: Any) -> bool:
+        return perms.permits(ctx, await self.perm_attrs(ino), mode & (R | W | X))
 
     def merged(self, a: dict[str, Any], parent: int | None = None,
                name: bytes | None = None) -> pyfuse3.EntryAttributes:
@@ -515,6 +635,7 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self.check_name(name)
+        await self.allow(ctx, parent, X)
         known = self.cache.entry(parent, name)
         if known is None and self.leases is not None and self.listing_worth_learning(parent):
             try:
@@ -525,14 +646,14 @@ class Operations(pyfuse3.Operations):
         a = self.cache.attr(known) if known else None
         if known is None or (known and a is None):
             a = await self.leased("lookup", parent, parent=parent, name=name)
-        if self.leases is not None:
-            self.leases.note_name(parent, name)
         if a is not None:
             return self.merged(a, parent, name)
+        if self.leases is not None:
+            self.leases.note_name(parent, name)
         negative = pyfuse3.EntryAttributes()     # st_ino 0: the kernel caches the absence
         negative.st_ino = 0
         negative.entry_timeout = self.entry_time(parent) \
-            if self.name_covered(parent, name, 0) else 0.0
+            if self.name_covered(parent, name, 0) and self.searchable(parent) else 0.0
         return negative
 
     def listing_worth_learning(self, parent: int) -> bool:
@@ -665,27 +786,43 @@ class Operations(pyfuse3.Operations):
             changes["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
-        if fields.update_size and attr.st_size > MAX_FILE_SIZE:
+        if fields.update_size:
+            changes["size"] = attr.st_size
+        before = None
+        if ctx is not None and ctx.uid != 0:
+            before = await self.perm_attrs(ino)
+            changes = perms.checked_setattr(ctx, before, changes, fh, time.time_ns())
+        e = await self.set_attrs(ino, changes, fh)
+        if "mode" in changes and stat.S_ISDIR(e.st_mode) and not perms.all_search(e.st_mode):
+            self.forget_names_under(ino)
+        return e
+
+    async def set_attrs(self, ino: int, wanted: dict[str, Any],
+                        fh: int | None) -> pyfuse3.EntryAttributes:
+        """setattr's work, the caller's right to ``wanted`` checked."""
+        changes = {k: v for k, v in wanted.items() if k != "size"}
+        update_size = "size" in wanted
+        if update_size and wanted["size"] > MAX_FILE_SIZE:
             raise pyfuse3.FUSEError(errno.EFBIG)
         pending = self.atime_pending.get(ino)
         if pending is not None and "atime_ns" in changes:
             await pending[1].wait()        # an explicit atime lands after the read's
         f = self.files.get(ino)
         a = None
-        if changes and not fields.update_size and f is not None and f.opens > 0 \
+        if changes and not update_size and f is not None and f.opens > 0 \
                 and self.leases is not None \
                 and await f.buffer_attrs(changes, functools.partial(self.leases.write_epoch, ino)):
             return self.merged(await self.attrs_of(ino))   # under our lease: known here
-        if changes and not fields.update_size and f is None:
+        if changes and not update_size and f is None:
             a = self.setattr_here(ino, changes)
             if a is not None:
                 return self.merged(a)
-        if changes and not fields.update_size and f is not None:
+        if changes and not update_size and f is not None:
             a = await f.flush_with(changes)
         if a is None:
             await self.flush_inode(ino)
-            if fields.update_size:
-                a = await self.truncate(ino, attr.st_size, changes)
+            if update_size:
+                a = await self.truncate(ino, wanted["size"], changes)
             else:
                 a = await self.change("setattr", ino=ino, **changes)
         if f is not None and "atime_ns" in changes:
@@ -759,6 +896,7 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
+        await self.allow_dir_change(ctx, parent)
         return self.entry(await self.change("mknod", parent=parent, name=name,
                                           mode=mode & ~ctx.umask, rdev=rdev,
                                           uid=ctx.uid, gid=ctx.gid), parent, name)
@@ -766,6 +904,7 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
+        await self.allow_dir_change(ctx, parent)
         args = dict(parent=parent, name=name, mode=mode & ~ctx.umask, uid=ctx.uid, gid=ctx.gid)
         made = await self.make_here("mkdir", args)
         if made is not None:
@@ -779,6 +918,7 @@ class Operations(pyfuse3.Operations):
     async def symlink(self, parent: int, name: bytes, target: bytes,
                       ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
+        await self.allow_dir_change(ctx, parent)
         return self.entry(await self.change("symlink", parent=parent, name=name, target=target,
                                           uid=ctx.uid, gid=ctx.gid), parent, name)
 
@@ -786,6 +926,7 @@ class Operations(pyfuse3.Operations):
     async def link(self, ino: int, new_parent: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(new_name)
+        await self.allow_dir_change(ctx, new_parent)
         await self.commit_first(ino)
         return self.merged(await self.change("link", ino=ino, parent=new_parent, name=new_name),
                            new_parent, new_name)
@@ -793,6 +934,7 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def unlink(self, parent: int, name: bytes, ctx: Any) -> None:
         self.check_name(name)
+        await self.allow_removal(ctx, parent, name)
         await self.commit_first(self.cache.entry(parent, name) or 0)
         if await self.remove_here("unlink", parent, name):
             return
@@ -984,6 +1126,7 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def rmdir(self, parent: int, name: bytes, ctx: Any) -> None:
         self.check_name(name)
+        await self.allow_removal(ctx, parent, name)
         if await self.remove_here("rmdir", parent, name):
             return
         removed = self.cache.removing(parent, name)
@@ -996,6 +1139,7 @@ class Operations(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: Any) -> None:
         self.check_name(name_old)
         self.check_name(name_new)
+        await self.allow_rename(ctx, parent_old, name_old, parent_new, name_new, flags)
         await self.commit_first(self.cache.entry(parent_old, name_old) or 0,
                                 self.cache.entry(parent_new, name_new) or 0)
         if parent_old == parent_new and await self.rename_here(parent_old, name_old, name_new,
@@ -1094,6 +1238,7 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def setxattr(self, ino: int, name: bytes, value: bytes, ctx: Any) -> None:
         self.check_not_acl(name)
+        await self.allow(ctx, ino, W if perms.xattr_wants(name) else 0)
         self.xattr_names.pop(ino, None)
         await self.call("setxattr", ino=ino, name=name, value=value, flags=0)
         self.xattr_names.pop(ino, None)     # a listing stored meanwhile is older
@@ -1104,6 +1249,7 @@ class Operations(pyfuse3.Operations):
         # stops asking for the rest of the mount (it remembers a device
         # without ACLs) instead of costing one request per file.
         self.check_not_acl(name)
+        await self.allow(ctx, ino, R if perms.xattr_wants(name) else 0)
         # The kernel asks for security.capability before every write; answer
         # "none" from a short-lived copy of the inode's xattr names.
         if name not in await self.names_of(ino):
@@ -1136,6 +1282,7 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def removexattr(self, ino: int, name: bytes, ctx: Any) -> None:
         self.check_not_acl(name)
+        await self.allow(ctx, ino, W if perms.xattr_wants(name) else 0)
         self.xattr_names.pop(ino, None)
         await self.call("removexattr", ino=ino, name=name)
         self.xattr_names.pop(ino, None)     # a listing stored meanwhile is older
@@ -1146,6 +1293,7 @@ class Operations(pyfuse3.Operations):
         a = await self.attrs_of(ino)
         if not stat.S_ISDIR(a["mode"]):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        await self.allow(ctx, ino, R)
         fh = self.next_fh
         self.next_fh += 1
         self.dirs[fh] = DirHandle(ino)
@@ -1178,8 +1326,6 @@ class Operations(pyfuse3.Operations):
             self.listing_from_cache(d)
         while True:
             for cursor, name, attrs in d.rows_after(after):
-                if self.leases is not None:
-                    self.leases.note_name(d.ino, name)
                 if not pyfuse3.readdir_reply(token, name, self.merged(attrs, d.ino, name),
                                              cursor + 2):
                     return
@@ -1271,6 +1417,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     async def open(self, ino: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        await self.allow(ctx, ino, perms.open_wants(flags))
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY
         if self.leases is not None:
             # a READ lease makes a writer elsewhere flush first (close-to-open
@@ -1300,6 +1447,7 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self.check_name(name)
+        await self.allow_dir_change(ctx, parent)
         args = dict(parent=parent, name=name, mode=(mode & ~ctx.umask & 0o7777) | stat.S_IFREG,
                     rdev=0, uid=ctx.uid, gid=ctx.gid)
         a = await self.make_here("mknod", args) or \

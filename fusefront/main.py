@@ -233,11 +233,11 @@ def mount(cfg: MountConfig) -> None:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise MountError(f"cannot create cache folder {cache}: {exc.strerror}") from None
-    options = set(cfg.fuse_options) | {f"fsname={cfg.source}", "subtype=objfs",
-                                       "default_permissions"}
+    # No default_permissions: the mount checks permissions itself (perms.py),
+    # one request fewer per change in a directory.
+    options = set(cfg.fuse_options) | {f"fsname={cfg.source}", "subtype=objfs"}
     if os.getuid() == 0:
-        # A volume root mounts is for every user, like any other filesystem;
-        # the kernel checks permissions (default_permissions).
+        # A volume root mounts is for every user, like any other filesystem.
         options.add("allow_other")
     options.discard("rw")
     ops = build(cfg, secret, volume)

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                 f"objfs options (-o name=value,...):\n{own}\n\n"
                 f"Mount options passed to the kernel: {passed}.\n"
                 "Mounted by root, a volume is open to every user (allow_other); the\n"
-                "kernel checks permissions from the mode bits (default_permissions).\n"
+                "mount checks permissions from the mode bits as the kernel would.\n"
                 "Options for mount/fstab only (ignored here): "
                 + ", ".join(sorted(DROP_OPTIONS)) + ".\n\n"
                 "fstab example:\n"

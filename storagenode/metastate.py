@@ -36,8 +36,9 @@ Invariants (``fsck`` checks all of them):
 Semantics follow a local Linux filesystem (ext4): errno and the order in
 which errors are checked mirror the kernel's ``do_renameat2``, ``vfs_link``
 and friends.  Directories are never orphans: rmdir and rename over a
-directory free it at once.  Access permissions are checked by the kernel
-(``default_permissions``), not here.  atime is changed only by setattr.
+directory free it at once.  Access permissions are checked by the mount
+(``fusefront/perms.py``), not here: a mount holding the volume's secret is
+trusted.  atime is changed only by setattr.
 """
 
 from __future__ import annotations

@@ -231,6 +231,7 @@ def test_the_kernel_caches_only_what_the_mounts_cache_keeps() -> None:
         sent = ops.cache.stamp()
         ops.leases.note(1, {"epoch": 1, "mode": "read"})        # the directory
         ops.leases.note(5, {"epoch": 2, "mode": "read"})        # begins after ``sent``
+        ops.cache.put_attr(1, dict(full, ino=1, mode=0o40755), ops.cache.stamp())
         late = dict(full)
         ops.cache.put_attr(5, late, sent)
         ops.cache.put_entry(1, b"f", 5, sent)
@@ -242,6 +243,13 @@ def test_the_kernel_caches_only_what_the_mounts_cache_keeps() -> None:
         e = ops.entry(kept, 1, b"f")
         assert e.attr_timeout > 20 and e.entry_timeout > 20
         assert ops.entry(late).attr_timeout == 0      # not the answer kept
+        # a directory not everyone may search: the kernel walks cached names
+        # without asking, so it caches none of its names
+        ops.cache.put_attr(1, dict(full, ino=1, mode=0o40711), ops.cache.stamp())
+        assert ops.entry(kept, 1, b"f").entry_timeout > 20
+        ops.cache.put_attr(1, dict(full, ino=1, mode=0o40750), ops.cache.stamp())
+        e = ops.entry(kept, 1, b"f")
+        assert e.attr_timeout > 20 and e.entry_timeout == 0
     trio.run(main)
 
 
