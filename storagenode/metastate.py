@@ -556,24 +556,24 @@ class MetaState:
         """One name of a non-directory is gone: orphan or free it at nlink 0."""
         inode.nlink -= 1
         inode.ctime_ns = now
-        self.save(inode)
-        if inode.nlink > 0:
-            return
-        if inode.ino in open_inos:
-            self._exec("INSERT INTO orphans VALUES (?, ?)", inode.vol, inode.ino)
+        if inode.nlink > 0 or inode.ino in open_inos:
+            self.save(inode)
+            if inode.nlink == 0:
+                self._exec("INSERT INTO orphans VALUES (?, ?)", inode.vol, inode.ino)
         else:
-            self.free(inode, now)
+            self.free(inode, now, orphan=False)     # (its row goes: no update first)
 
-    def free(self, inode: Inode, now: int) -> None:
-        """Delete an inode with its xattrs and blocks (objects go to pending deletes)."""
+    def free(self, inode: Inode, now: int, *, orphan: bool = True) -> None:
+        """Delete an inode with its xattrs and blocks (objects go to pending
+        deletes); ``orphan``: it may be in the orphans (not when it just
+        lost its last name, nor a directory, which is never one)."""
         key = (inode.vol, inode.ino)
-        dropped = self._exec("SELECT oid, nodes FROM blocks WHERE vol = ? AND ino = ?",
+        dropped = self._exec("DELETE FROM blocks WHERE vol = ? AND ino = ? RETURNING oid, nodes",
                              *key).fetchall()
-        self._exec("DELETE FROM blocks WHERE vol = ? AND ino = ?", *key)
         for oid, nodes in dropped:
             if oid is not None:         # inline data went with the row
                 self.queue_delete(inode.vol, oid, nodes, now)
-        for table in ("xattrs", "orphans", "inodes"):
+        for table in ("xattrs", "orphans", "inodes") if orphan else ("xattrs", "inodes"):
             self._exec(f"DELETE FROM {table} WHERE vol = ? AND ino = ?", *key)
 
     def queue_delete(self, vol: int, oid: str, nodes: str, now: int) -> None:
@@ -796,7 +796,7 @@ def _op_rmdir(st: MetaState, a: Args, now: int) -> Any:
     st.remove_entry(entry)
     parent.nlink -= 1
     st.touch_dir(parent, now)
-    st.free(inode, now)
+    st.free(inode, now, orphan=False)
     return {"ino": inode.ino}
 
 
