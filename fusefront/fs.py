@@ -89,6 +89,7 @@ DIR_LOCKING = {"lookup": (0,), "create": (0,), "mknod": (0,), "mkdir": (0,),
 
 
 CAPABILITY = b"security.capability"     # file capabilities, dropped by writes
+TOLD_MAX = 100_000          # without leases: directory modes, names told the kernel
 
 
 def fuse_op(fn: F) -> F:
@@ -205,6 +206,7 @@ class Operations(pyfuse3.Operations):
         # kernel was told it may cache (Leases.names has them with leases)
         self.dir_modes: dict[int, int] = {}
         self.told_names: dict[int, set[bytes]] = {}
+        self.told_count = 0
         self.entry_timeout = entry_timeout
         self.replicas = replicas
         self.relatime = relatime
@@ -465,9 +467,8 @@ class Operations(pyfuse3.Operations):
         e.attr_timeout = self.attr_time(a["ino"]) if covered else 0.0
         if self.leases is None and stat.S_ISDIR(a["mode"]):
             # no cache without leases: the modes ``searchable`` looks at
-            if len(self.dir_modes) > 100_000:
+            if len(self.dir_modes) > TOLD_MAX:
                 self.dir_modes.clear()
-                self.told_names.clear()
             self.dir_modes[a["ino"]] = a["mode"]
         e.entry_timeout = self.entry_time(parent) if parent is not None \
             and self.name_covered(parent, name, a["ino"]) and self.searchable(parent) else 0.0
@@ -477,8 +478,19 @@ class Operations(pyfuse3.Operations):
             if self.leases is not None:
                 self.leases.note_name(parent, name)
             else:
-                self.told_names.setdefault(parent, set()).add(name)
+                self.tell_name(parent, name)
         return e
+
+    def tell_name(self, parent: int, name: bytes) -> None:
+        """Without leases: note a name the kernel may cache for the fixed
+        entry time, for ``forget_names_under``.  At most ``TOLD_MAX`` are
+        kept; past that the oldest are dropped (a chmod then reaches those
+        within the entry time, 1 s by default)."""
+        if self.told_count > TOLD_MAX:
+            self.told_names.clear()
+            self.told_count = 0
+        self.told_names.setdefault(parent, set()).add(name)
+        self.told_count += 1
 
     def searchable(self, parent: int) -> bool:
         """May the kernel cache names in directory ``parent``?  Only if
@@ -511,19 +523,15 @@ class Operations(pyfuse3.Operations):
         if ctx is not None and ctx.uid != 0:
             perms.check(ctx, await self.perm_attrs(parent), W | X)
 
-    async def allow_removal(self, ctx: Any, parent: int, name: bytes) -> int | None:
-        """EACCES/EPERM unless the caller may remove or rename ``name`` from
-        ``parent`` (write and search on it, the sticky rule); the inode of
-        ``name`` if it was looked up for that (a sticky directory)."""
+    async def allow_removal(self, ctx: Any, parent: int, name: bytes) -> None:
+        """EACCES/EPERM unless the caller may remove ``name`` from ``parent``
+        (write and search on it, the sticky rule)."""
         if ctx is None or ctx.uid == 0:
-            return None
+            return
         d = await self.perm_attrs(parent)
         perms.check(ctx, d, W | X)
-        if not d["mode"] & stat.S_ISVTX or ctx.uid == d["uid"]:
-            return None
-        child = await self.child_attrs(parent, name)
-        perms.check_sticky(ctx, d, child)
-        return int(child["ino"])
+        if d["mode"] & stat.S_ISVTX and ctx.uid != d["uid"]:
+            perms.check_sticky(ctx, d, await self.child_attrs(parent, name))
 
     async def child_attrs(self, parent: int, name: bytes) -> dict[str, Any]:
         a = await self.maybe_child(parent, name)
@@ -635,7 +643,8 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self.check_name(name)
-        await self.allow(ctx, parent, X)
+        if ctx is not None and ctx.uid != 0:     # root searches every directory
+            await self.allow(ctx, parent, X)
         known = self.cache.entry(parent, name)
         if known is None and self.leases is not None and self.listing_worth_learning(parent):
             try:
@@ -788,10 +797,9 @@ class Operations(pyfuse3.Operations):
             changes["mtime_ns"] = attr.st_mtime_ns
         if fields.update_size:
             changes["size"] = attr.st_size
-        before = None
         if ctx is not None and ctx.uid != 0:
-            before = await self.perm_attrs(ino)
-            changes = perms.checked_setattr(ctx, before, changes, fh, time.time_ns())
+            changes = perms.checked_setattr(ctx, await self.perm_attrs(ino), changes, fh,
+                                            time.time_ns())
         e = await self.set_attrs(ino, changes, fh)
         if "mode" in changes and stat.S_ISDIR(e.st_mode) and not perms.all_search(e.st_mode):
             self.forget_names_under(ino)
