@@ -40,7 +40,7 @@ from storagenode.dataclient import NodeError
 from storagenode.metaclient import BadRequest, MetaClient, MetaError, MetaUnavailable
 from storagenode.metastate import (ATIME_BATCH_MAX, INLINE_MAX, LINK_MAX, MAX_FILE_SIZE,
                                    RENAME_EXCHANGE, RENAME_NOREPLACE, REVALIDATE_MAX,
-                                   SMALL_MAPS_MAX, check_op, version_of)
+                                   SMALL_MAPS_MAX, SYMLINK_MAX, check_op, version_of)
 
 from .datapath import DataUnavailable, NoSpace
 from .leaseclient import TRIM_AT, Leases
@@ -926,9 +926,16 @@ class Operations(pyfuse3.Operations):
     async def symlink(self, parent: int, name: bytes, target: bytes,
                       ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
+        if not target:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if len(target) > SYMLINK_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         await self.allow_dir_change(ctx, parent)
-        return self.entry(await self.change("symlink", parent=parent, name=name, target=target,
-                                          uid=ctx.uid, gid=ctx.gid), parent, name)
+        args = dict(parent=parent, name=name, target=target, uid=ctx.uid, gid=ctx.gid)
+        made = await self.make_here("symlink", args)
+        if made is not None:
+            return self.entry(made, parent, name)
+        return self.entry(await self.change("symlink", **args), parent, name)
 
     @fuse_op
     async def link(self, ino: int, new_parent: int, new_name: bytes,
@@ -1003,8 +1010,8 @@ class Operations(pyfuse3.Operations):
         return self.leases.write_epoch(parent)
 
     async def make_here(self, method: str, args: dict[str, Any]) -> dict[str, Any] | None:
-        """Apply a mkdir, or a create of a regular file, to this mount's cache
-        and queue it for the node (nsqueue), when this mount holds a WRITE
+        """Apply a mkdir, a symlink, or a create of a regular file, to this
+        mount's cache and queue it for the node (nsqueue), when this mount holds a WRITE
         cache lease on the directory (``directory_leased``) and knows the
         name is absent: the new inode's
         attributes, as the node will make them (with this mount's clock,
@@ -1027,15 +1034,19 @@ class Operations(pyfuse3.Operations):
                 self.spare.appendleft(ino)      # still the lowest: handed out in order
             return None
         now = time.time_ns()
+        size = 0
         if method == "mkdir":
             mode = stat.S_IFDIR | (args["mode"] & 0o1777) | (d["mode"] & stat.S_ISGID)
             changed = dict(d, nlink=d["nlink"] + 1, mtime_ns=now, ctime_ns=now)
+        elif method == "symlink":
+            mode, size = stat.S_IFLNK | 0o777, len(args["target"])
+            changed = dict(d, mtime_ns=now, ctime_ns=now)
         else:
             mode = stat.S_IFREG | (args["mode"] & 0o7777)
             changed = dict(d, mtime_ns=now, ctime_ns=now)
         a = {"ino": ino, "mode": mode, "nlink": 2 if method == "mkdir" else 1,
              "uid": args["uid"], "gid": d["gid"] if d["mode"] & stat.S_ISGID else args["gid"],
-             "rdev": 0, "size": 0, "blocks": 0, "atime_ns": now, "mtime_ns": now,
+             "rdev": 0, "size": size, "blocks": 0, "atime_ns": now, "mtime_ns": now,
              "ctime_ns": now, "generation": 0}
         since = self.cache.stamp()
         self.queue.add(QueuedOp(method, dict(args, ino=ino), [[parent, dir_epoch]],

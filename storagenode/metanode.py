@@ -73,9 +73,9 @@ SOFT = ("heartbeat", "repair_status", "fsck") + LEASE_RPCS   # answered from mem
 # A create names its inode (reserved ahead by ``reserve_inodes``) and gets a
 # WRITE cache lease on it; a ``commit_blocks`` of a file the same batch made
 # rides along (fence 0: the lease that create granted).
-BATCHABLE = frozenset({"unlink", "rmdir", "rename", "mkdir", "mknod", "commit_blocks",
-                       "setattr"})
-CREATES = ("mkdir", "mknod")
+BATCHABLE = frozenset({"unlink", "rmdir", "rename", "mkdir", "mknod", "symlink",
+                       "commit_blocks", "setattr"})
+CREATES = ("mkdir", "mknod", "symlink")
 BATCH_MAX = 256
 RESERVED_SESSIONS_MAX = 10_000  # sessions with inode numbers kept (ended ones pruned)
 LEASED_QUERIES = ("lookup", "getattr", "readdir", "revalidate")
