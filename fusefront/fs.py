@@ -40,7 +40,8 @@ from storagenode.dataclient import NodeError
 from storagenode.metaclient import BadRequest, MetaClient, MetaError, MetaUnavailable
 from storagenode.metastate import (ATIME_BATCH_MAX, INLINE_MAX, LINK_MAX, MAX_FILE_SIZE,
                                    RENAME_EXCHANGE, RENAME_NOREPLACE, REVALIDATE_MAX,
-                                   SMALL_MAPS_MAX, SYMLINK_MAX, check_op, version_of)
+                                   SMALL_MAPS_MAX, check_op, check_target,
+                                   version_of)
 
 from .datapath import DataUnavailable, NoSpace
 from .leaseclient import TRIM_AT, Leases
@@ -511,17 +512,13 @@ class Operations(pyfuse3.Operations):
         f = self.files.get(ino)
         return f.overlay(a) if f is not None else a
 
-    async def allow(self, ctx: Any, ino: int, want: int) -> None:
+    async def allow(self, ctx: Any, ino: int, want: int, *, directory: bool = False) -> None:
         """EACCES unless the caller may ``want`` (R|W|X) on ``ino``.  Root
-        reads and writes anything without a look at its attributes."""
-        if ctx is None or not want or (ctx.uid == 0 and not want & X):
+        reads and writes anything, and searches any ``directory``, without
+        a look at its attributes."""
+        if ctx is None or not want or (ctx.uid == 0 and (directory or not want & X)):
             return
         perms.check(ctx, await self.perm_attrs(ino), want)
-
-    async def allow_dir_change(self, ctx: Any, parent: int) -> None:
-        """EACCES unless the caller may make or remove names in ``parent``."""
-        if ctx is not None and ctx.uid != 0:
-            perms.check(ctx, await self.perm_attrs(parent), W | X)
 
     async def allow_removal(self, ctx: Any, parent: int, name: bytes) -> None:
         """EACCES/EPERM unless the caller may remove ``name`` from ``parent``
@@ -575,15 +572,9 @@ class Operations(pyfuse3.Operations):
         names = set(self.cache.entries.get(ino, {})) | self.told_names.pop(ino, set())
         if self.leases is not None:
             names.update(self.leases.names.get(ino, ()))
-
-        def forget() -> None:
-            for name in names:
-                try:
-                    pyfuse3.invalidate_entry(ino, name)
-                except OSError:
-                    pass                # not cached
         if names:
-            self.spawn(functools.partial(trio.to_thread.run_sync, forget))
+            self.spawn(functools.partial(trio.to_thread.run_sync, self.kernel_forget, ino,
+                                         sorted(names)))
 
     @fuse_op
     async def access(self, ino: int, mode: int, ctx: Any) -> bool:
@@ -643,8 +634,7 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def lookup(self, parent: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self.check_name(name)
-        if ctx is not None and ctx.uid != 0:     # root searches every directory
-            await self.allow(ctx, parent, X)
+        await self.allow(ctx, parent, X, directory=True)
         known = self.cache.entry(parent, name)
         if known is None and self.leases is not None and self.listing_worth_learning(parent):
             try:
@@ -904,7 +894,7 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
-        await self.allow_dir_change(ctx, parent)
+        await self.allow(ctx, parent, W | X, directory=True)
         return self.entry(await self.change("mknod", parent=parent, name=name,
                                           mode=mode & ~ctx.umask, rdev=rdev,
                                           uid=ctx.uid, gid=ctx.gid), parent, name)
@@ -912,7 +902,7 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
-        await self.allow_dir_change(ctx, parent)
+        await self.allow(ctx, parent, W | X, directory=True)
         args = dict(parent=parent, name=name, mode=mode & ~ctx.umask, uid=ctx.uid, gid=ctx.gid)
         made = await self.make_here("mkdir", args)
         if made is not None:
@@ -926,11 +916,8 @@ class Operations(pyfuse3.Operations):
     async def symlink(self, parent: int, name: bytes, target: bytes,
                       ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(name)
-        if not target:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        if len(target) > SYMLINK_MAX:
-            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
-        await self.allow_dir_change(ctx, parent)
+        check_target(target)        # here: a queued symlink's refusal would come too late
+        await self.allow(ctx, parent, W | X, directory=True)
         args = dict(parent=parent, name=name, target=target, uid=ctx.uid, gid=ctx.gid)
         made = await self.make_here("symlink", args)
         if made is not None:
@@ -941,7 +928,7 @@ class Operations(pyfuse3.Operations):
     async def link(self, ino: int, new_parent: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
         self.check_name(new_name)
-        await self.allow_dir_change(ctx, new_parent)
+        await self.allow(ctx, new_parent, W | X, directory=True)
         await self.commit_first(ino)
         return self.merged(await self.change("link", ino=ino, parent=new_parent, name=new_name),
                            new_parent, new_name)
@@ -1466,7 +1453,7 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self.check_name(name)
-        await self.allow_dir_change(ctx, parent)
+        await self.allow(ctx, parent, W | X, directory=True)
         args = dict(parent=parent, name=name, mode=(mode & ~ctx.umask & 0o7777) | stat.S_IFREG,
                     rdev=0, uid=ctx.uid, gid=ctx.gid)
         a = await self.make_here("mknod", args) or \

@@ -744,12 +744,17 @@ def _op_mkdir(st: MetaState, a: Args, now: int) -> Any:
     return _make(st, a, parent, now, mode, nlink=2).attrs()
 
 
-def _op_symlink(st: MetaState, a: Args, now: int) -> Any:
-    target = a["target"]
+def check_target(target: bytes) -> None:
+    """A symlink target as a local filesystem takes one (MetaError if not)."""
     if not target:
         raise MetaError(errno.ENOENT, "empty symlink target")
     if len(target) > SYMLINK_MAX:
         raise MetaError(errno.ENAMETOOLONG, f"symlink target over {SYMLINK_MAX} bytes")
+
+
+def _op_symlink(st: MetaState, a: Args, now: int) -> Any:
+    target = a["target"]
+    check_target(target)
     return _create(st, a, now, stat.S_IFLNK | 0o777, nlink=1, size=len(target),
                    target=target).attrs()
 
