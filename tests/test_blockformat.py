@@ -1,6 +1,7 @@
 """The stored object format: round trips, compression choice, corruption."""
 
 import os
+import struct
 
 import pytest
 from hypothesis import given, strategies as st
@@ -129,3 +130,41 @@ def test_what_decoding_only_checks_and_what_encoding_only_hashes() -> None:
     assert bf.decoding_is_checking(bf.encode(packed, compress=False))
     with pytest.raises(bf.CorruptedObject):
         bf.decoding_is_checking(b"not an object")
+
+
+def _blake3_pieced(obj: bytes) -> bytes:
+    """``obj`` as written before 2026-12-07: the same layout, its pieces'
+    digests the first 16 bytes of their BLAKE3 (checksum algorithm 1)."""
+    import blake3
+    header = bf.parse_header(obj)
+    table = bf.read_table(header, obj)
+    entries, pos = [], header.payload_offset
+    for piece in table:
+        stored = obj[pos:pos + piece.stored_length]
+        entries.append(struct.pack("<IB16s", piece.stored_length, piece.codec,
+                                   blake3.blake3(stored).digest(length=16)))
+        pos += piece.stored_length
+    fixed = bytearray(obj[:32])
+    fixed[5] = 1
+    listed = b"".join(entries)
+    checksum = blake3.blake3(bytes(fixed) + listed).digest()
+    return bytes(fixed) + checksum + listed + obj[header.payload_offset:]
+
+
+@pytest.mark.parametrize("kind", ["random", "text"])
+def test_objects_with_blake3_pieces_are_still_read_and_checked(kind: str) -> None:
+    size = 3 * bf.PIECE_SIZE + 77
+    data = os.urandom(size) if kind == "random" else (b"old text %d " * 30_000)[:size]
+    new = bf.encode(data)
+    assert bf.verify(new).algo == bf.HASH_XXH3
+    old = _blake3_pieced(new)
+    assert bf.verify(old).algo == bf.HASH_BLAKE3
+    assert bytes(bf.decode_view(old)) == data
+    start, got = bf.decode_range(_pieces_body(old, 1, 2), 1, 2)
+    assert bytes(got) == data[start:3 * bf.PIECE_SIZE]
+    header = bf.parse_header(old)
+    for pos in (header.payload_offset + 3, len(old) - 1):
+        bad = bytearray(old)
+        bad[pos] ^= 0x01
+        with pytest.raises(bf.CorruptedObject):
+            bf.decode(bytes(bad))
