@@ -49,6 +49,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import trio
 
+from storagenode import buffers
 from storagenode.blockformat import PIECE_SHIFT, PIECE_SIZE
 from storagenode.ids import InodeId, ObjectId
 from storagenode.metaclient import MetaClient, MetaUnavailable
@@ -133,7 +134,7 @@ class Volume:
         self.cache = cache
         self.readahead = readahead
         self.upload_slots = trio.CapacityLimiter(upload_slots)
-        self._zeros = bytes(block_size)
+        self._zeros = bytearray(block_size)
         self.retry_window = 60.0
         self.dirty_limit = dirty_limit
         self.dirty_blocks = 0         # dirty block buffers over all files of the mount
@@ -260,13 +261,77 @@ class Volume:
         return answer["result"], list(answer.get("leases") or [])
 
     def is_zero(self, data: Block) -> bool:
-        return data == self._zeros[:len(data)]
+        """Is ``data`` all zeros?  A ``bytearray`` on the left of ``==``
+        compares with any buffer by ``memcmp``; a ``memoryview`` on the left
+        goes byte by byte (9 ms for a block of zeros)."""
+        zeros = self._zeros if len(data) == len(self._zeros) else bytearray(len(data))
+        return zeros == data
 
 
 def view_of(attrs: dict[str, Any]) -> tuple[int, int, int]:
     """What tells one state of a file on the metadata node from another: any
     change there sets its ctime (the node's clock)."""
     return attrs["size"], attrs["mtime_ns"], attrs["ctime_ns"]
+
+
+class DirtyBlock:
+    """A block being written: its first ``len()`` bytes are the block's.
+
+    A file written in order fills each block from many writes.  Grown as a
+    ``bytearray``, each block was fresh memory from the kernel, every 4 KiB
+    page of it faulted in and zeroed before being overwritten: a quarter of
+    the mount's loop thread while writing a large file.  So once a block
+    grows past ``buffers.MAPPED_FROM`` its bytes move into a buffer of the
+    whole block's size from the process's recycler, which hands out again
+    the buffers of blocks uploaded and let go (what lies past ``len()`` in
+    it is anything: it is never read).  A small file's block stays a small
+    ``bytearray``."""
+
+    __slots__ = ("buf", "n", "size")
+
+    def __init__(self, size: int, base: Block = b"") -> None:
+        self.size = size             # the block size: the most it holds
+        self.n = 0
+        self.buf: buffers.Buffer = bytearray()
+        self.write(0, base)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def view(self) -> memoryview:
+        """The block's bytes, not copied (an upload keeps its view: see copy)."""
+        return memoryview(self.buf)[:self.n]
+
+    def copy(self) -> DirtyBlock:
+        """A block of the same bytes that writes may change while this one is uploaded."""
+        twin = DirtyBlock(self.size)
+        twin._reserve(self.n)
+        twin.buf[:self.n] = self.view()
+        twin.n = self.n
+        return twin
+
+    def write(self, at: int, data: Block) -> None:
+        """Put ``data`` at ``at`` (at most ``size``), zeros in any gap before it."""
+        end = at + len(data)
+        self._reserve(end)
+        if at > self.n:
+            self.buf[self.n:at] = bytes(at - self.n)
+        self.buf[at:end] = data
+        self.n = max(self.n, end)
+
+    def _reserve(self, end: int) -> None:
+        if end <= len(self.buf) or isinstance(self.buf, bytearray) and \
+                (end < buffers.MAPPED_FROM or self.size < buffers.MAPPED_FROM):
+            return
+        big = buffers.scratch(self.size)
+        big[:self.n] = memoryview(self.buf)[:self.n]
+        self.buf = big
+
+    def cached(self) -> Block:
+        """What the block cache keeps once it is uploaded: this buffer when
+        the block fills it, else a copy of its bytes (a short block would
+        hold a whole block's memory that the cache does not count)."""
+        return self.view() if self.n == len(self.buf) else bytes(self.view())
 
 
 class FileData:
@@ -282,7 +347,7 @@ class FileData:
         self.bs = volume.block_size
         self.spans: dict[int, dict[int, BlockRef]] = {}   # span number -> its block refs
         self.map_gen = 0              # commits and truncates so far (see _span)
-        self.dirty: dict[int, bytearray] = {}
+        self.dirty: dict[int, DirtyBlock] = {}
         self.gen: dict[int, int] = {}          # writes into each dirty buffer so far
         self.uploaded: dict[int, BlockRef | None] = {}   # stored, not yet committed
         self.inflight: dict[int, trio.Event] = {}         # background uploads running
@@ -348,9 +413,9 @@ class FileData:
             return memoryview(b"")
         return memoryview(await self._fetch(ref))[:ref.length]
 
-    async def _content(self, idx: int) -> memoryview | bytearray:
+    async def _content(self, idx: int) -> memoryview:
         buf = self.dirty.get(idx)
-        return buf if buf is not None else await self._stored(idx)
+        return buf.view() if buf is not None else await self._stored(idx)
 
     # ----- reading
     def atime_due(self, now: int) -> bool:
@@ -535,9 +600,7 @@ class FileData:
                 idx, boff = divmod(offset + pos, self.bs)
                 n = min(self.bs - boff, len(data) - pos)
                 buf = await self._dirty_block(idx, whole=(boff == 0 and n == self.bs))
-                if len(buf) < boff:
-                    buf.extend(bytes(boff - len(buf)))
-                buf[boff:boff + n] = data[pos:pos + n]
+                buf.write(boff, memoryview(data)[pos:pos + n])
                 self.gen[idx] = self.gen.get(idx, 0) + 1
                 if boff + n == self.bs:
                     passed.append(idx)
@@ -617,16 +680,16 @@ class FileData:
             a = dict(a, atime_ns=self.atime_ns)      # a read access still on its way
         return a
 
-    async def _dirty_block(self, idx: int, whole: bool) -> bytearray:
+    async def _dirty_block(self, idx: int, whole: bool) -> DirtyBlock:
         buf = self.dirty.get(idx)
         if buf is not None and idx in self.inflight:
-            buf = self.dirty[idx] = bytearray(buf)    # the upload keeps the old one
+            buf = self.dirty[idx] = buf.copy()    # the upload keeps the old one
         elif buf is None:
             base = memoryview(b"") if whole else await self._stored(idx)
             if idx in self.uploaded:          # rewritten before its commit
                 self._drop_uploaded(idx)
             valid = max(0, min(len(base), self.size - idx * self.bs))
-            buf = self.dirty[idx] = bytearray(base[:valid])
+            buf = self.dirty[idx] = DirtyBlock(self.bs, base[:valid])
             self.v.dirty_blocks += 1
         return buf
 
@@ -653,7 +716,7 @@ class FileData:
         spawn(functools.partial(self._background_upload, idx, self.dirty[idx],
                                 self.gen[idx], done))
 
-    async def _background_upload(self, idx: int, data: bytearray, gen: int,
+    async def _background_upload(self, idx: int, data: DirtyBlock, gen: int,
                                  done: trio.Event) -> None:
         """Upload the dirty buffer ``data`` of block ``idx`` as it is: no
         write changes it meanwhile (``_dirty_block`` gives a write to a block
@@ -682,21 +745,24 @@ class FileData:
         """Would block ``idx`` go inline if flushed now?"""
         return idx == 0 and self.size <= INLINE_MAX
 
-    async def _store(self, idx: int, data: bytes | bytearray) -> BlockRef | None:
+    async def _store(self, idx: int, data: Block | DirtyBlock) -> BlockRef | None:
         """Block ``idx`` made ready to commit: inline if it may be, else uploaded."""
-        if self._may_inline(idx) and not self.v.is_zero(data):
-            return BlockRef(None, len(data), (), bytes(data))
+        block = data.view() if isinstance(data, DirtyBlock) else data
+        if self._may_inline(idx) and not self.v.is_zero(block):
+            return BlockRef(None, len(block), (), bytes(block))
         return await self._upload(data)
 
-    async def _upload(self, data: Block) -> BlockRef | None:
+    async def _upload(self, data: Block | DirtyBlock) -> BlockRef | None:
         """Store one block as an object; None for an all-zero block (a hole,
         nothing stored)."""
-        if self.v.is_zero(data):
+        block = data.view() if isinstance(data, DirtyBlock) else data
+        if self.v.is_zero(block):
             return None
         async with self.v.upload_slots:
-            oid, nodes = await self.v.store.upload(data)
-        self.v.cache.put(oid, data)     # a buffer no write changes once uploaded
-        return BlockRef(oid, len(data), tuple(nodes))
+            oid, nodes = await self.v.store.upload(block)
+        # a buffer no write changes once uploaded
+        self.v.cache.put(oid, data.cached() if isinstance(data, DirtyBlock) else block)
+        return BlockRef(oid, len(block), tuple(nodes))
 
     async def _wait_uploads(self) -> None:
         while self.inflight:
@@ -772,7 +838,7 @@ class FileData:
         # and a later write to the block starts a new buffer.
         snapshot = dict(self.dirty)
 
-        async def upload(idx: int, data: bytes | bytearray) -> None:
+        async def upload(idx: int, data: Block | DirtyBlock) -> None:
             ref = await self._store(idx, data)
             if idx in self.uploaded:         # stored by a flush that failed later
                 self._drop_uploaded(idx)
@@ -781,8 +847,8 @@ class FileData:
         outgrown = self.uploaded.get(0)      # inline at a flush that failed, file grew since
         if outgrown and outgrown.data is not None and 0 not in snapshot \
                 and not self._may_inline(0):
-            blocks: list[tuple[int, bytes | bytearray]] = [*snapshot.items(),
-                                                            (0, outgrown.data)]
+            blocks: list[tuple[int, Block | DirtyBlock]] = [*snapshot.items(),
+                                                             (0, outgrown.data)]
         else:
             blocks = list(snapshot.items())
         if len(blocks) == 1:

@@ -76,3 +76,29 @@ def test_trimming_lets_go_of_unused_buffers_without_waiting_for_a_take() -> None
     recycler.trim()
     assert len(recycler.kept) == 2              # the one in use and one unused
     assert held[0] in recycler.kept
+
+
+def test_a_block_being_written_shows_zeros_in_its_gaps_whatever_its_buffer_held() -> None:
+    """A mount's dirty block moves into a recycled buffer once it grows
+    large; that buffer may hold an earlier block's bytes, none of which may
+    show through a gap the writes left."""
+    from fusefront.filedata import DirtyBlock
+    size = 4 << 20
+    for _ in range(3):                         # recycled buffers full of old bytes
+        old = buffers.scratch(size)
+        old[:] = b"\xee" * size
+        del old
+    block = DirtyBlock(size, b"base" * 10)
+    block.write(100, b"a" * 1000)              # a gap 40..100, small buffer
+    block.write(3 << 20, b"b" * 5000)          # a gap of 3 MiB, now a recycled buffer
+    expected = bytearray(b"base" * 10) + bytes(60) + b"a" * 1000
+    expected += bytes((3 << 20) - len(expected)) + b"b" * 5000
+    assert len(block) == len(expected)
+    assert bytes(block.view()) == bytes(expected)
+    twin = block.copy()
+    twin.write(size - 1, b"z")
+    expected_twin = expected + bytes(size - 1 - len(expected)) + b"z"
+    assert bytes(twin.view()) == bytes(expected_twin) and len(twin) == size
+    assert bytes(block.view()) == bytes(expected)            # the copy is its own
+    assert isinstance(twin.cached(), memoryview)             # full: the buffer itself
+    assert bytes(block.cached()) == bytes(expected) and isinstance(block.cached(), bytes)
