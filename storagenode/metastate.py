@@ -510,15 +510,15 @@ class MetaState:
             self._exec("UPDATE volumes SET next_ino = next_ino + 1 WHERE vol = ?", vol)
         elif reserved >= ino:
             raise MetaError(errno.EINVAL, f"inode number {reserved} was never reserved")
-        elif self._one("SELECT 1 FROM inodes WHERE vol = ? AND ino = ?", vol,
-                       reserved) is not None:
-            raise MetaError(errno.EEXIST, f"inode number {reserved} is taken")
         else:
             ino = reserved
-        return self.insert_inode(Inode(**{
-            "vol": vol, "ino": ino, "size": 0, "stored": 0, "atime_ns": now,
-            "mtime_ns": now, "ctime_ns": now, "rdev": 0, "generation": 0,
-            "target": None, **values}))
+        try:                   # a reserved number already used fails here: no look first
+            return self.insert_inode(Inode(**{
+                "vol": vol, "ino": ino, "size": 0, "stored": 0, "atime_ns": now,
+                "mtime_ns": now, "ctime_ns": now, "rdev": 0, "generation": 0,
+                "target": None, **values}))
+        except sqlite3.IntegrityError:
+            raise MetaError(errno.EEXIST, f"inode number {ino} is taken") from None
 
     def take_inodes(self, vol: int, count: int) -> int:
         """The first of ``count`` inode numbers taken from the volume's counter."""
@@ -831,7 +831,12 @@ def _load_rename(st: MetaState, a: Args) -> _Rename:
 
 
 def _check_rename_traps(st: MetaState, r: _Rename, exchange: bool) -> None:
-    """A directory cannot move below itself (EINVAL) nor replace an ancestor of its source."""
+    """A directory cannot move below itself (EINVAL) nor replace an ancestor
+    of its source.  Within one directory neither can happen (a name in a
+    directory is never that directory or one above it), and the walk up
+    the tree is not made."""
+    if r.src_dir is r.dst_dir:
+        return
     vol = r.src.vol
     if r.src.is_dir and st.is_ancestor_or_self(vol, r.src.ino, r.dst_dir.ino):
         raise MetaError(errno.EINVAL, "cannot move a directory into its own subtree")
@@ -870,7 +875,8 @@ def _finish_rename(st: MetaState, r: _Rename, now: int) -> None:
     r.src.ctime_ns = now
     st.save(r.src)
     st.touch_dir(r.src_dir, now)
-    st.touch_dir(r.dst_dir, now)
+    if r.dst_dir is not r.src_dir:
+        st.touch_dir(r.dst_dir, now)
 
 
 def _move(st: MetaState, r: _Rename, new_name: bytes, now: int) -> Any:

@@ -1009,3 +1009,18 @@ def test_revalidate_tells_unchanged_changed_and_gone(fs: FS) -> None:
     assert answers[2] == 0                            # gone
     assert isinstance(answers[3], dict)               # the root lost an entry
     assert fs.attrs(g["ino"])["xattrs"] == 1 and fs.attrs(f["ino"])["xattrs"] == 0
+
+
+def test_a_reserved_inode_number_names_one_inode_only(fs: FS) -> None:
+    """A mount names what it makes with numbers it reserved; a number used
+    already, or never handed out, is refused and changes nothing."""
+    first = fs.op("reserve_inodes", vol=fs.vol, count=2)["first"]
+    made = fs.op("mkdir", vol=fs.vol, parent=ROOT, name=b"a", mode=0o755, uid=0, gid=0,
+                 ino=first)
+    assert made["ino"] == first
+    fs.fails(errno.EEXIST, "mknod", vol=fs.vol, parent=ROOT, name=b"b",
+             mode=stat.S_IFREG | 0o644, rdev=0, uid=0, gid=0, ino=first)
+    fs.fails(errno.EINVAL, "mknod", vol=fs.vol, parent=ROOT, name=b"c",
+             mode=stat.S_IFREG | 0o644, rdev=0, uid=0, gid=0, ino=first + 1000)
+    assert fs.names(ROOT) == [b"a"]
+    assert fs.attrs(first)["mode"] == stat.S_IFDIR | 0o755
