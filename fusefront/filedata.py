@@ -66,6 +66,7 @@ Spawn = Callable[[Callable[[], Awaitable[Any]]], None]
 RELATIME_NS = 24 * 3600 * 10**9
 MAX_INFLIGHT = 8        # background block uploads over the whole mount
 MAX_PREFETCH = 8        # read-ahead fetches over the whole mount
+RECYCLED_FROM = 512 * 1024   # a block being written this long moves to a recycled buffer
 COMMIT_BATCH = 256      # uploaded blocks that force a commit
 MAP_SPAN = 65536        # block map entries fetched per request
 MAP_REF_BYTES = 200     # about what one loaded block map entry costs in memory
@@ -281,11 +282,12 @@ class DirtyBlock:
     ``bytearray``, each block was fresh memory from the kernel, every 4 KiB
     page of it faulted in and zeroed before being overwritten: a quarter of
     the mount's loop thread while writing a large file.  So once a block
-    grows past ``buffers.MAPPED_FROM`` its bytes move into a buffer of the
+    grows past ``RECYCLED_FROM`` its bytes move into a buffer of the
     whole block's size from the process's recycler, which hands out again
     the buffers of blocks uploaded and let go (what lies past ``len()`` in
     it is anything: it is never read).  A small file's block stays a small
-    ``bytearray``."""
+    ``bytearray``: the whole block's buffer, in 2 MiB huge pages, would
+    hold four times the bytes of a 512 KiB one until its upload."""
 
     __slots__ = ("buf", "n", "size")
 
@@ -321,7 +323,7 @@ class DirtyBlock:
 
     def _reserve(self, end: int) -> None:
         if end <= len(self.buf) or isinstance(self.buf, bytearray) and \
-                (end < buffers.MAPPED_FROM or self.size < buffers.MAPPED_FROM):
+                (end < RECYCLED_FROM or self.size < RECYCLED_FROM):
             return
         big = buffers.scratch(self.size)
         big[:self.n] = memoryview(self.buf)[:self.n]

@@ -91,6 +91,7 @@ def test_a_block_being_written_shows_zeros_in_its_gaps_whatever_its_buffer_held(
     block = DirtyBlock(size, b"base" * 10)
     block.write(100, b"a" * 1000)              # a gap 40..100, small buffer
     block.write(3 << 20, b"b" * 5000)          # a gap of 3 MiB, now a recycled buffer
+    assert not isinstance(block.buf, bytearray)
     expected = bytearray(b"base" * 10) + bytes(60) + b"a" * 1000
     expected += bytes((3 << 20) - len(expected)) + b"b" * 5000
     assert len(block) == len(expected)
