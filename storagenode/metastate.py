@@ -517,7 +517,9 @@ class MetaState:
                 "vol": vol, "ino": ino, "size": 0, "stored": 0, "atime_ns": now,
                 "mtime_ns": now, "ctime_ns": now, "rdev": 0, "generation": 0,
                 "target": None, **values}))
-        except sqlite3.IntegrityError:
+        except sqlite3.IntegrityError as exc:
+            if reserved is None or exc.sqlite_errorname != "SQLITE_CONSTRAINT_PRIMARYKEY":
+                raise                          # any other broken constraint is a bug
             raise MetaError(errno.EEXIST, f"inode number {ino} is taken") from None
 
     def take_inodes(self, vol: int, count: int) -> int:
