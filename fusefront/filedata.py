@@ -306,11 +306,7 @@ class DirtyBlock:
 
     def copy(self) -> DirtyBlock:
         """A block of the same bytes that writes may change while this one is uploaded."""
-        twin = DirtyBlock(self.size)
-        twin._reserve(self.n)
-        twin.buf[:self.n] = self.view()
-        twin.n = self.n
-        return twin
+        return DirtyBlock(self.size, self.view())
 
     def write(self, at: int, data: Block) -> None:
         """Put ``data`` at ``at`` (at most ``size``), zeros in any gap before it."""

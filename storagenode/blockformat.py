@@ -133,6 +133,7 @@ def _blake3_16(piece: Buf) -> bytes:
 
 _PIECE_DIGESTS: dict[int, Callable[[Buf], bytes]] = {
     HASH_BLAKE3: _blake3_16, HASH_XXH3: xxhash.xxh3_128_digest}
+WRITTEN_ALGO = HASH_XXH3    # the pieces' digest of what is written now
 
 
 def encode(data: Buf, *, level: int = ZSTD_LEVEL, compress: bool = True,
@@ -165,6 +166,7 @@ def encode_parts(data: Buf, *, level: int = ZSTD_LEVEL, compress: bool = True,
 
 def _encode_pieces(raw: memoryview, compressor: zstandard.ZstdCompressor | None
                    ) -> tuple[bytes, bytes | memoryview]:
+    digest = _PIECE_DIGESTS[WRITTEN_ALGO]
     stored: list[Buf] = []
     table = []
     for start in range(0, len(raw), PIECE_SIZE):
@@ -176,11 +178,11 @@ def _encode_pieces(raw: memoryview, compressor: zstandard.ZstdCompressor | None
             if len(packed) <= len(piece) * (1 - MIN_SAVING):
                 codec, out = CODEC_ZSTD, packed
         stored.append(out)
-        table.append(_ENTRY.pack(len(out), codec, xxhash.xxh3_128_digest(out)))
+        table.append(_ENTRY.pack(len(out), codec, digest(out)))
     compressed = any(len(s) != PIECE_SIZE for s in stored[:-1]) or \
         (bool(stored) and len(stored[-1]) != len(raw) - (len(stored) - 1) * PIECE_SIZE)
     payload: bytes | memoryview = b"".join(stored) if compressed else raw
-    fixed = _HEAD2.pack(MAGIC, VERSION_PIECES, HASH_XXH3, 0, PIECE_SHIFT, len(raw),
+    fixed = _HEAD2.pack(MAGIC, VERSION_PIECES, WRITTEN_ALGO, 0, PIECE_SHIFT, len(raw),
                         len(payload), len(stored), 0)
     listed = b"".join(table)
     return b"".join((fixed, _checksum(fixed, listed), listed)), payload
